@@ -1,0 +1,1 @@
+"""The vocabulary of sparsity: layer-wise distributions, mask construction, structures, scores, schedules."""
