@@ -12,6 +12,8 @@ from collections.abc import Iterator
 import typer
 from rich.console import Console
 
+from sparsearch.study.commands import report_command, study_command
+
 app = typer.Typer(
     name="sparsearch",
     help="Find, train, compare and ship sparse neural networks.",
@@ -31,6 +33,10 @@ def user_errors() -> Iterator[None]:
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
         error_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
         raise typer.Exit(code=2) from None
+
+
+app.command("study")(study_command)
+app.command("report")(report_command)
 
 
 @app.callback()

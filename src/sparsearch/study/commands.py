@@ -1,0 +1,100 @@
+"""The ``sparsearch study`` and ``sparsearch report`` commands (registered on the app in ``sparsearch.cli``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+console = Console()
+
+
+def _show_report(store_path: Path, study: str | None, folder: Path | None) -> Path:
+    from sparsearch.report import rich_comparison, rich_table, write_report
+
+    report = write_report(store_path, study, folder)
+    console.print(rich_table(report.rows, title=f"study {report.study}"))
+    if report.comparison:
+        console.print(rich_comparison(report.comparison))
+    console.print(f"report: {report.files.html}", highlight=False, soft_wrap=True)
+    console.print(
+        f"        (plots, summary.csv, results.json and summary.md in {report.files.folder})", highlight=False
+    )
+    return report.files.html
+
+
+def study_command(
+    config: Annotated[
+        Path | None, typer.Argument(help="Study file (TOML). Without it: the Random Search baseline on MNIST-1D.")
+    ] = None,
+    store: Annotated[Path | None, typer.Option(help="SQLite results store (default: from the study file).")] = None,
+    workers: Annotated[int | None, typer.Option(help="Parallel trials (default: every core).")] = None,
+    report: Annotated[bool, typer.Option(help="Write the report when the study is done.")] = True,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar with ETA.")] = True,
+) -> None:
+    """Run a sparse-architecture study; re-running the same command resumes it."""
+    from sparsearch.cli import user_errors  # imported here: sparsearch.cli imports this module
+
+    with user_errors():
+        from sparsearch.study.config import default_study_config, load_study_config
+        from sparsearch.study.runner import run_study
+
+        study = load_study_config(config) if config is not None else default_study_config()
+        store_path = study.store_path(store)
+        console.print(
+            f"study [bold]{study.name}[/] -> {store_path} "
+            f"({study.worker_count(workers)} workers, executor {study.executor})",
+            highlight=False,
+        )
+        run = run_study(study, store_path=store, workers=workers, console=console, show_progress=progress)
+        console.print(
+            f"{len(run.finished)} trials run, {run.already_done} already done, {len(run.failed)} failed "
+            f"({run.total_trials} in the study) in {run.seconds:.1f} s",
+            highlight=False,
+        )
+        if report and (run.finished or run.already_done):
+            _show_report(store_path, study.name, None)
+        if run.failed:
+            first_key, first_error = next(iter(run.failed.items()))
+            last_line = first_error.strip().splitlines()[-1]
+            console.print(
+                f"[bold red]{len(run.failed)} trials failed[/] (first: {first_key}: {last_line}); "
+                "the errors are in the store; re-run the same command to retry them",
+                highlight=False,
+                soft_wrap=True,
+            )
+            raise typer.Exit(code=1)
+
+
+def _resolve_store(target: str | None) -> Path:
+    from sparsearch.study.config import DEFAULT_STORE_DIR, default_study_config
+
+    if target is None:
+        return DEFAULT_STORE_DIR / f"{default_study_config().name}.sqlite"
+    path = Path(target)
+    if path.exists() or path.suffix in (".sqlite", ".db", ".sqlite3"):
+        return path
+    by_name = DEFAULT_STORE_DIR / f"{target}.sqlite"
+    if not by_name.exists():
+        raise FileNotFoundError(
+            f"no results store {target!r} and no study named {target!r} in {DEFAULT_STORE_DIR}/; "
+            "give the path of a .sqlite store or the name of a study run from this folder"
+        )
+    return by_name
+
+
+def report_command(
+    target: Annotated[
+        str | None,
+        typer.Argument(help="Results store (.sqlite) or study name (default: the default study's store)."),
+    ] = None,
+    study: Annotated[str | None, typer.Option(help="Study to report when the store holds several.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Folder for the report (default: next to the store).")] = None,
+) -> None:
+    """Render a study's table, plots, HTML, CSV and JSON from its results store alone."""
+    from sparsearch.cli import user_errors  # imported here: sparsearch.cli imports this module
+
+    with user_errors():
+        _show_report(_resolve_store(target), study, out)

@@ -1,0 +1,271 @@
+"""The study file: a validated description of one sparse-architecture study (data, model, sparsities, arms,
+seeds, budgets, search settings, store and executor), read from TOML and checked with pydantic.
+
+Every problem in a study file becomes one line naming the key, the bad value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tomllib
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from sparsearch.sparsity.distribution import DISTRIBUTIONS
+from sparsearch.study.training import TrainBudget
+
+BASE_ARMS = ("dense", "random-node", "random-weight", "search-node", "search-weight")
+"""Arms every study knows: the dense parent, random sparse sub-networks, and Random-Search winners."""
+
+MASK_ARM_KINDS = ("random", "search")
+DEFAULT_STORE_DIR = Path("sparsearch-runs")
+# keys that choose where and how a study runs, not what it computes: they stay out of the config hash
+RUN_ONLY_KEYS = frozenset({"store", "workers", "executor", "ray_address"})
+
+
+def search_spaces() -> tuple[str, ...]:
+    """Names of the search spaces a mask arm (``random-<space>`` / ``search-<space>``) may use."""
+    from sparsearch.search import SPACES
+
+    return tuple(SPACES)
+
+
+def algorithm_arms() -> tuple[str, ...]:
+    """Arms contributed by ``sparsearch.algorithms.ALGORITHM_ARMS`` (empty until that registry exists)."""
+    try:
+        from sparsearch.algorithms import ALGORITHM_ARMS
+    except ImportError:
+        return ()
+    return tuple(name for name in ALGORITHM_ARMS if name not in BASE_ARMS)
+
+
+def known_arms() -> tuple[str, ...]:
+    """Every arm name a study file may list."""
+    return BASE_ARMS + algorithm_arms()
+
+
+def _allowed(values: tuple[str, ...] | list[str]) -> str:
+    return ", ".join(values)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSpec(_Strict):
+    """The over-parameterised parent network every arm starts from."""
+
+    arch: str = "mlp"
+    widths: tuple[int, ...] | None = Field(
+        default=None, description="MLP hidden widths or CNN channels; default: the architecture's own"
+    )
+
+    @field_validator("arch")
+    @classmethod
+    def _known_arch(cls, arch: str) -> str:
+        from sparsearch.models import ARCHITECTURES
+
+        if arch not in ARCHITECTURES:
+            raise ValueError(f"unknown model arch {arch!r}; allowed: {_allowed(ARCHITECTURES)}")
+        return arch
+
+    @field_validator("widths")
+    @classmethod
+    def _positive_widths(cls, widths: tuple[int, ...] | None) -> tuple[int, ...] | None:
+        if widths is not None and (not widths or any(w < 1 for w in widths)):
+            raise ValueError(f"widths must be a non-empty list of positive integers, got {list(widths)}")
+        return widths
+
+
+class SearchSpec(_Strict):
+    """How Random Search scores candidates, and how the weight space spreads sparsity over layers."""
+
+    n_candidates: int = Field(default=8, ge=1)
+    scorer: str = "short-train"
+    short_train_steps: int = Field(default=50, ge=1)
+    batch_size: int = Field(default=128, ge=1)
+    distribution: str = Field(
+        default="erk", description="layer-wise distribution of the weight space (random and search arms alike)"
+    )
+
+    @field_validator("scorer")
+    @classmethod
+    def _known_scorer(cls, scorer: str) -> str:
+        from sparsearch.search import SCORERS
+
+        if scorer not in SCORERS:
+            raise ValueError(f"unknown scorer {scorer!r}; allowed: {_allowed(SCORERS)}")
+        return scorer
+
+    @field_validator("distribution")
+    @classmethod
+    def _known_distribution(cls, distribution: str) -> str:
+        if distribution not in DISTRIBUTIONS:
+            raise ValueError(f"unknown distribution {distribution!r}; allowed: {_allowed(DISTRIBUTIONS)}")
+        return distribution
+
+
+class StudyConfig(_Strict):
+    """One study: every arm x sparsity x seed trained under the same budget on the same data."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=100)
+    dataset: str = "mnist1d"
+    data_dir: Path | None = None
+    model: ModelSpec = ModelSpec()
+    sparsities: tuple[float, ...]
+    arms: tuple[str, ...] = BASE_ARMS
+    seeds: tuple[int, ...] = (0, 1, 2)
+    budget: TrainBudget = TrainBudget()
+    search: SearchSpec = SearchSpec()
+    store: Path | None = None
+    workers: int | None = Field(default=None, ge=1)
+    executor: Literal["process", "ray"] = "process"
+    ray_address: str | None = None
+
+    @field_validator("dataset")
+    @classmethod
+    def _known_dataset(cls, dataset: str) -> str:
+        from sparsearch.data import DATASETS
+
+        if dataset not in DATASETS:
+            raise ValueError(f"unknown dataset {dataset!r}; allowed: {_allowed(DATASETS)}")
+        return dataset
+
+    @field_validator("sparsities")
+    @classmethod
+    def _valid_sparsities(cls, sparsities: tuple[float, ...]) -> tuple[float, ...]:
+        if not sparsities:
+            raise ValueError("sparsities is empty; give at least one sparsity in [0, 1), e.g. [0.5, 0.9]")
+        for value in sparsities:
+            if math.isnan(value) or not 0.0 <= value < 1.0:
+                raise ValueError(
+                    f"sparsity {value!r} is outside [0, 1); sparsity is the fraction of zero weights, "
+                    "so use e.g. 0.9 for 90%"
+                )
+        if len(set(sparsities)) != len(sparsities):
+            raise ValueError(f"sparsities has duplicates: {list(sparsities)}")
+        return tuple(sorted(sparsities))
+
+    @field_validator("arms")
+    @classmethod
+    def _known_arm_names(cls, arms: tuple[str, ...]) -> tuple[str, ...]:
+        if not arms:
+            raise ValueError(f"arms is empty; allowed: {_allowed(known_arms())}")
+        allowed = known_arms()
+        for arm in arms:
+            if arm in allowed:
+                continue
+            kind, _, space = arm.partition("-")
+            if kind in MASK_ARM_KINDS and space and space not in search_spaces():
+                raise ValueError(
+                    f"unknown search space {space!r} in arm {arm!r}; allowed spaces: {_allowed(search_spaces())}"
+                )
+            raise ValueError(f"unknown arm {arm!r}; allowed: {_allowed(allowed)}")
+        if len(set(arms)) != len(arms):
+            raise ValueError(f"arms has duplicates: {list(arms)}")
+        return arms
+
+    @field_validator("seeds")
+    @classmethod
+    def _valid_seeds(cls, seeds: tuple[int, ...]) -> tuple[int, ...]:
+        if not seeds:
+            raise ValueError("seeds is empty; give at least one seed, e.g. [0, 1, 2]")
+        if any(seed < 0 for seed in seeds):
+            raise ValueError(f"seeds must be non-negative integers, got {list(seeds)}")
+        if len(set(seeds)) != len(seeds):
+            raise ValueError(f"seeds has duplicates: {list(seeds)}")
+        return seeds
+
+    @model_validator(mode="after")
+    def _ray_address_needs_ray(self) -> StudyConfig:
+        if self.ray_address is not None and self.executor != "ray":
+            raise ValueError("ray_address is set but executor is 'process'; set executor = \"ray\" to use it")
+        return self
+
+    # ------------------------------------------------------------------------------------ derived
+    def content(self) -> dict[str, Any]:
+        """The settings that decide the study's results (JSON-ready; run-only keys such as store left out)."""
+        return self.model_dump(mode="json", exclude=set(RUN_ONLY_KEYS))
+
+    def config_hash(self) -> str:
+        """Stable hash of ``content()``: a store refuses to mix trials of two different studies."""
+        canonical = json.dumps(self.content(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+    def store_path(self, override: str | Path | None = None) -> Path:
+        """Where the results go: ``override``, else the file's ``store``, else ./sparsearch-runs/<name>.sqlite."""
+        if override is not None:
+            return Path(override)
+        return self.store if self.store is not None else DEFAULT_STORE_DIR / f"{self.name}.sqlite"
+
+    def worker_count(self, override: int | None = None) -> int:
+        """Parallel trials: ``override``, else the file's ``workers``, else every core."""
+        if override is not None and override < 1:
+            raise ValueError(f"workers must be at least 1, got {override}")
+        return override or self.workers or os.cpu_count() or 1
+
+
+def _describe_location(location: tuple[int | str, ...]) -> str:
+    return ".".join(str(part) for part in location) if location else "(top level)"
+
+
+def _keys_at(location: tuple[int | str, ...]) -> tuple[str, ...]:
+    """Allowed keys of the (sub-)table at ``location`` in a study file."""
+    model: type[BaseModel] = StudyConfig
+    for part in location:
+        annotation = model.model_fields[str(part)].annotation if str(part) in model.model_fields else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return ()
+        model = annotation
+    return tuple(model.model_fields)
+
+
+def describe_validation_error(error: ValidationError) -> list[str]:
+    """One readable line per problem: which key, what value, what is allowed."""
+    lines = []
+    for problem in error.errors():
+        location = tuple(problem["loc"])
+        if problem["type"] == "extra_forbidden":
+            where = f" in [{_describe_location(location[:-1])}]" if len(location) > 1 else ""
+            allowed = _allowed(_keys_at(location[:-1]))
+            lines.append(f"unknown config key {location[-1]!r}{where}; allowed: {allowed}")
+            continue
+        message = problem["msg"].removeprefix("Value error, ")
+        if problem["type"] in ("value_error", "assertion_error"):
+            lines.append(f"{_describe_location(location)}: {message}")
+        else:
+            lines.append(f"{_describe_location(location)}: {message} (got {problem.get('input')!r})")
+    return lines
+
+
+def parse_study_config(data: dict[str, Any], source: str = "study file") -> StudyConfig:
+    """Validate a study given as a mapping; raise ValueError with one line per problem."""
+    try:
+        return StudyConfig.model_validate(data)
+    except ValidationError as error:
+        problems = "\n  ".join(describe_validation_error(error))
+        raise ValueError(f"invalid {source}:\n  {problems}") from None
+
+
+def load_study_config(path: str | Path) -> StudyConfig:
+    """Read and validate a TOML study file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"study file {str(path)!r} does not exist (give the path of a .toml study file)")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as error:
+        raise ValueError(f"study file {str(path)!r} is not valid TOML: {error}") from None
+    return parse_study_config(data, f"study file {str(path)!r}")
+
+
+def default_study_config() -> StudyConfig:
+    """The embedded default: the Random Search baseline study on MNIST-1D (see ``default.toml``)."""
+    text = resources.files("sparsearch.study").joinpath("default.toml").read_text(encoding="utf-8")
+    return parse_study_config(tomllib.loads(text), "embedded default study")

@@ -1,0 +1,179 @@
+"""One trial of a study, end to end: data, parent model, the arm's mask or sparsifier, training, metrics.
+
+Arms:
+- ``dense``: the parent, trained as is (once per seed).
+- ``random-<space>``: one unscored sample from the space at the target sparsity, trained with fixed masks.
+- ``search-<space>``: Random Search over the same space (N scored candidates), the winner trained with fixed
+  masks. The random counterpart and the candidates come from independent generators derived from
+  (seed, sparsity, arm), so neither sees the other's draws.
+- every name in ``sparsearch.algorithms.ALGORITHM_ARMS``: that algorithm's sparsifier drives training.
+
+Every arm at a seed starts from the same parent initialisation and sees the same data order and budget.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import inspect
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from sparsearch.engine.sparsifier import Sparsifier, StaticMaskSparsifier, default_sparsifiable_parameters
+from sparsearch.study.config import StudyConfig
+from sparsearch.study.store import EpochRow, TrialOutcome, TrialSpec
+from sparsearch.study.training import EpochMetrics, train
+
+
+def derive_seed(*parts: object) -> int:
+    """A 63-bit seed that depends on every part (stable across processes and Python versions)."""
+    digest = hashlib.sha256(repr(parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_dataset(name: str, seed: int, root: str | None) -> Any:
+    from sparsearch.data import load_dataset
+
+    return load_dataset(name, seed=seed, root=root)
+
+
+def load_trial_data(config: StudyConfig, seed: int) -> Any:
+    """The study's data splits for ``seed`` (loaded once per process)."""
+    root = str(config.data_dir) if config.data_dir is not None else None
+    return _cached_dataset(config.dataset, seed, root)
+
+
+def _make_space(space: str, model: nn.Module, sparsity: float, distribution: str) -> Any:
+    from sparsearch.search import NodeSpace, WeightSpace
+
+    if space == "node":
+        return NodeSpace(model, sparsity)
+    return WeightSpace(model, sparsity, distribution)
+
+
+def _weight_masks(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Where the masked (Linear/Conv) weights are non-zero after training."""
+    return {name: param.detach() != 0 for name, param in default_sparsifiable_parameters(model).items()}
+
+
+def _algorithm_factory(
+    config: StudyConfig, spec: TrialSpec, data: Any, steps_per_epoch: int
+) -> Callable[[int], Sparsifier]:
+    from sparsearch.algorithms import ALGORITHM_ARMS
+
+    factory = ALGORITHM_ARMS[spec.arm]
+    keyword: dict[str, Any] = {}
+    if "batch" in inspect.signature(factory).parameters:
+        generator = torch.Generator().manual_seed(derive_seed(spec.seed, spec.sparsity, spec.arm, "batch"))
+        rows = torch.randperm(len(data.y_train), generator=generator)[: config.budget.batch_size]
+        keyword["batch"] = (data.x_train[rows], data.y_train[rows])
+
+    def build(total_steps: int) -> Sparsifier:
+        return factory(
+            spec.sparsity,
+            total_steps=total_steps,
+            steps_per_epoch=steps_per_epoch,
+            seed=derive_seed(spec.seed, spec.sparsity, spec.arm),
+            distribution=config.search.distribution,
+            **keyword,
+        )
+
+    return build
+
+
+def run_trial(config: StudyConfig, spec: TrialSpec, on_epoch: Callable[[EpochRow], None] | None = None) -> TrialOutcome:
+    """Run one trial and return its final metrics and curve; ``on_epoch`` sees each epoch as it ends."""
+    from sparsearch.models import build_model, count_flops, parameter_counts
+    from sparsearch.search import node_sparsity, random_search, weight_sparsity
+
+    started = time.perf_counter()
+    data = load_trial_data(config, spec.seed)
+
+    def parent() -> nn.Module:
+        return build_model(
+            config.model.arch, data.input_shape, data.num_classes, widths=config.model.widths, seed=spec.seed
+        )
+
+    model = parent()
+    kind, _, space_name = spec.arm.partition("-")
+    search_info: dict[str, Any] | None = None
+    sparsifier_factory: Callable[[int], Sparsifier] | None = None
+    if spec.arm == "dense":
+        pass
+    elif kind == "random" and space_name:
+        space = _make_space(space_name, model, spec.sparsity, config.search.distribution)
+        masks = space.sample(torch.Generator().manual_seed(derive_seed(spec.seed, spec.sparsity, spec.arm)))
+        sparsifier_factory = _static(masks)
+    elif kind == "search" and space_name:
+        space = _make_space(space_name, model, spec.sparsity, config.search.distribution)
+        result = random_search(
+            space,
+            parent,
+            data,
+            scorer=config.search.scorer,
+            n_candidates=config.search.n_candidates,
+            seed=derive_seed(spec.seed, spec.sparsity, spec.arm),
+            short_train_steps=config.search.short_train_steps,
+            batch_size=config.search.batch_size,
+        )
+        search_info = {
+            "scorer": config.search.scorer,
+            "n_candidates": config.search.n_candidates,
+            "scores": [float(score) for score in result.scores],
+            "best_index": int(result.best_index),
+            "seconds": float(result.seconds),
+        }
+        sparsifier_factory = _static(result.best_masks)
+    else:
+        steps_per_epoch = math.ceil(len(data.y_train) / config.budget.batch_size)
+        sparsifier_factory = _algorithm_factory(config, spec, data, steps_per_epoch)
+
+    def report_epoch(metrics: EpochMetrics) -> None:
+        if on_epoch is not None:
+            on_epoch(_epoch_row(metrics))
+
+    trained = train(
+        model, data, config.budget, seed=spec.seed, sparsifier_factory=sparsifier_factory, on_epoch=report_epoch
+    )
+    params_total, params_nonzero = parameter_counts(model)
+    flops = count_flops(model, data.input_shape)
+    final_masks = _weight_masks(model)
+    return TrialOutcome(
+        test_accuracy=float(trained.final_test_accuracy),
+        val_accuracy=float(trained.final_val_accuracy),
+        params_total=int(params_total),
+        params_nonzero=int(params_nonzero),
+        flops_dense=int(flops.dense),
+        flops_nonzero=int(flops.nonzero),
+        train_flops=int(trained.train_flops),
+        weight_sparsity=float(weight_sparsity(final_masks)),
+        node_sparsity=float(node_sparsity(model, final_masks)),
+        train_seconds=float(trained.seconds),
+        wall_seconds=time.perf_counter() - started,
+        epochs=tuple(_epoch_row(metrics) for metrics in trained.epochs),
+        search=search_info,
+    )
+
+
+def _static(masks: dict[str, torch.Tensor]) -> Callable[[int], Sparsifier]:
+    def build(total_steps: int) -> Sparsifier:
+        return StaticMaskSparsifier(masks)
+
+    return build
+
+
+def _epoch_row(metrics: EpochMetrics) -> EpochRow:
+    return EpochRow(
+        epoch=int(metrics.epoch),
+        step=int(metrics.step),
+        train_loss=float(metrics.train_loss),
+        val_accuracy=float(metrics.val_accuracy),
+        test_accuracy=float(metrics.test_accuracy),
+        seconds=float(metrics.seconds),
+    )
