@@ -1,1 +1,32 @@
-"""sparsearch.search"""
+"""Sparse-architecture search: node and weight search spaces, candidate scorers, Random Search."""
+
+from sparsearch.search.random_search import SearchResult, check_scorer, random_search
+from sparsearch.search.scorers import SCORERS, short_train_score, snip_score, synflow_score
+from sparsearch.search.spaces import (
+    SPACES,
+    NodeSpace,
+    SearchSpace,
+    WeightSpace,
+    hidden_layers_of,
+    make_space,
+    node_sparsity,
+    weight_sparsity,
+)
+
+__all__ = [
+    "SCORERS",
+    "SPACES",
+    "NodeSpace",
+    "SearchResult",
+    "SearchSpace",
+    "WeightSpace",
+    "check_scorer",
+    "hidden_layers_of",
+    "make_space",
+    "node_sparsity",
+    "random_search",
+    "short_train_score",
+    "snip_score",
+    "synflow_score",
+    "weight_sparsity",
+]

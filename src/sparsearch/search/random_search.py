@@ -1,0 +1,100 @@
+"""Random Search over a search space: sample N candidates, score each, keep the best.
+
+Candidate ``i`` is the ``i``-th sample of ``space.sample(torch.Generator().manual_seed(seed))``; the
+"random counterpart" of a search is one unscored sample from the same space at the same sparsity (note: a
+counterpart drawn with the same seed IS candidate 0). Every candidate is scored on a fresh model from
+``model_factory`` (pass a factory that builds the parent with the study seed, so that the winner is scored
+with the initialisation it will be trained from). Ties keep the earliest candidate; a NaN score ranks last.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from sparsearch.data.datasets import DataSplits
+from sparsearch.search.scorers import SCORERS, short_train_score, snip_score, synflow_score
+from sparsearch.search.spaces import SearchSpace
+from sparsearch.study.training import TrainBudget
+
+
+@dataclass
+class SearchResult:
+    """The winning candidate's masks, every candidate's score (in sampling order) and the search time."""
+
+    best_masks: dict[str, Tensor]
+    scores: list[float]
+    best_index: int
+    seconds: float
+
+
+def check_scorer(scorer: str) -> str:
+    """Return ``scorer`` if it is one of ``SCORERS``, else raise a ValueError naming the allowed ones."""
+    if scorer not in SCORERS:
+        raise ValueError(f"unknown scorer {scorer!r}; allowed: {', '.join(SCORERS)}")
+    return scorer
+
+
+def random_search(
+    space: SearchSpace,
+    model_factory: Callable[[], nn.Module],
+    data: DataSplits,
+    *,
+    scorer: str,
+    n_candidates: int,
+    seed: int,
+    short_train_steps: int = 50,
+    batch_size: int = 128,
+    budget: TrainBudget | None = None,
+) -> SearchResult:
+    """Score ``n_candidates`` random samples of ``space`` with ``scorer`` and return the best.
+
+    Args:
+        space: a ``NodeSpace`` or ``WeightSpace`` (anything with ``sample(generator)``).
+        model_factory: builds a fresh parent model (same seed every call, normally).
+        data: splits; SNIP uses one training batch, short-train trains on train and judges on validation.
+        scorer: "synflow", "snip" or "short-train".
+        n_candidates: number of candidates sampled and scored (>= 1).
+        seed: seeds the candidate sampler, the SNIP batch and the short-train batch order.
+        short_train_steps: optimizer steps per candidate for "short-train".
+        batch_size: batch size of the SNIP batch and of short-train.
+        budget: optimizer settings for short-train (its learning rate is used constant); default TrainBudget().
+    """
+    check_scorer(scorer)
+    if isinstance(n_candidates, bool) or not isinstance(n_candidates, int) or n_candidates < 1:
+        raise ValueError(f"n_candidates must be a positive integer, got {n_candidates!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if scorer == "short-train" and (
+        isinstance(short_train_steps, bool) or not isinstance(short_train_steps, int) or short_train_steps < 1
+    ):
+        raise ValueError(f"short_train_steps must be a positive integer, got {short_train_steps!r}")
+    started = time.perf_counter()
+    sampler = torch.Generator().manual_seed(seed)
+    batch_indices = torch.randperm(len(data.y_train), generator=torch.Generator().manual_seed(seed))[:batch_size]
+    snip_batch = (data.x_train[batch_indices], data.y_train[batch_indices])
+    scores: list[float] = []
+    best_masks: dict[str, Tensor] = {}
+    best_index = -1
+    for index in range(n_candidates):
+        masks = space.sample(sampler)
+        model = model_factory()
+        if scorer == "synflow":
+            score = synflow_score(model, masks, data.input_shape)
+        elif scorer == "snip":
+            score = snip_score(model, masks, snip_batch)
+        else:
+            score = short_train_score(
+                model, masks, data, steps=short_train_steps, batch_size=batch_size, budget=budget, seed=seed
+            )
+        scores.append(score)
+        if best_index < 0 or (not math.isnan(score) and (math.isnan(scores[best_index]) or score > scores[best_index])):
+            best_index, best_masks = index, masks
+    return SearchResult(
+        best_masks=best_masks, scores=scores, best_index=best_index, seconds=time.perf_counter() - started
+    )

@@ -1,0 +1,225 @@
+"""The deterministic training loop every study arm shares: same budget, same seed -> same numbers.
+
+``train(model, data, budget, seed=...)`` trains with SGD (momentum) or AdamW and a constant or per-step cosine
+learning rate, optionally under a Sparsifier built by ``sparsifier_factory(total_steps)``, and evaluates the
+validation and test accuracy after every epoch. Determinism: the weights come from the model's own seed
+(``build_model(seed=...)``); the loop seeds torch with ``seed``, shuffles with a ``torch.Generator`` seeded
+with ``seed``, and runs with ``torch.use_deterministic_algorithms(True)`` (restored afterwards). Results are
+bit-identical for the same seed, torch build and thread count.
+
+Training FLOPs count 3x the non-zero forward FLOPs per sample seen (forward, input-gradient and
+weight-gradient passes), measured on the weights at every step, and the dense weight-gradient pass instead
+of the sparse one on the steps where the sparsifier asked for dense gradients (``dense_gradient_steps``).
+
+Cost on this project's machine (AMD EPYC, 1 thread, other load present), MLP (512, 512, 256) on MNIST-1D
+(7,200 train samples), batch 128: see benchmarks/results/training_speed.md (``python
+benchmarks/training_speed.py``).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Literal
+
+import pydantic
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from sparsearch.data.datasets import DataSplits
+from sparsearch.engine.sparsifier import Sparsifier
+from sparsearch.models.flops import FlopCount, count_flops, weight_positions
+
+EVAL_BATCH_SIZE = 1024
+
+
+class TrainBudget(pydantic.BaseModel):
+    """How long and how a network is trained; every arm of a study gets the same budget."""
+
+    model_config = pydantic.ConfigDict(frozen=True, extra="forbid")
+
+    epochs: int = pydantic.Field(20, ge=1)
+    batch_size: int = pydantic.Field(128, ge=1)
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float = pydantic.Field(0.05, gt=0)
+    momentum: float = pydantic.Field(0.9, ge=0, lt=1)
+    weight_decay: float = pydantic.Field(5e-4, ge=0)
+    lr_schedule: Literal["constant", "cosine"] = "cosine"
+
+    def steps_per_epoch(self, n_train: int) -> int:
+        """Optimizer steps in one epoch over ``n_train`` samples (the last batch may be smaller)."""
+        return math.ceil(n_train / self.batch_size)
+
+    def total_steps(self, n_train: int) -> int:
+        """Optimizer steps of the whole budget: epochs * ceil(n_train / batch_size)."""
+        return self.epochs * self.steps_per_epoch(n_train)
+
+
+@dataclass
+class EpochMetrics:
+    """What one epoch produced; ``step`` is the number of optimizer steps done so far."""
+
+    epoch: int
+    train_loss: float
+    val_accuracy: float
+    test_accuracy: float
+    seconds: float
+    step: int
+
+
+@dataclass
+class TrainResult:
+    """Per-epoch metrics and the final state of one training run."""
+
+    epochs: list[EpochMetrics]
+    final_val_accuracy: float
+    final_test_accuracy: float
+    seconds: float
+    train_flops: int
+    forward_flops: FlopCount | None = None  # of the trained model, per sample (dense and non-zero)
+
+
+def make_optimizer(model: nn.Module, budget: TrainBudget) -> torch.optim.Optimizer:
+    """The budget's optimizer over all parameters of ``model``."""
+    if budget.optimizer == "sgd":
+        return torch.optim.SGD(
+            model.parameters(), lr=budget.lr, momentum=budget.momentum, weight_decay=budget.weight_decay
+        )
+    return torch.optim.AdamW(model.parameters(), lr=budget.lr, weight_decay=budget.weight_decay)
+
+
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, budget: TrainBudget, total_steps: int
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """Per-step schedule: constant, or cosine from ``lr`` down to 0 at ``total_steps``."""
+    if budget.lr_schedule == "constant":
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps))
+    )
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = EVAL_BATCH_SIZE) -> tuple[float, float]:
+    """(accuracy, mean cross-entropy loss) of ``model`` on ``x, y``, in batches, in eval mode."""
+    was_training = model.training
+    model.eval()
+    correct, loss_sum = 0, 0.0
+    for start in range(0, len(y), batch_size):
+        logits = model(x[start : start + batch_size])
+        target = y[start : start + batch_size]
+        correct += int((logits.argmax(dim=1) == target).sum())
+        loss_sum += float(F.cross_entropy(logits, target, reduction="sum"))
+    model.train(was_training)
+    return correct / len(y), loss_sum / len(y)
+
+
+def batch_order(n: int, batch_size: int, generator: torch.Generator) -> Iterator[Tensor]:
+    """Index batches of one shuffled epoch (drawn from ``generator``; the last batch may be smaller)."""
+    permutation = torch.randperm(n, generator=generator)
+    yield from permutation.split(batch_size)
+
+
+@contextmanager
+def deterministic_algorithms() -> Iterator[None]:
+    """Run the block with ``torch.use_deterministic_algorithms(True)`` and restore the previous setting."""
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+
+class _FlopMeter:
+    """Training FLOPs from the current non-zero weights: 3 passes of sparse FLOPs per sample seen."""
+
+    def __init__(self, model: nn.Module, input_shape: tuple[int, ...]) -> None:
+        weights = dict(model.named_parameters())
+        self._layers = [(weights[name], uses) for name, uses in weight_positions(model, input_shape).items()]
+        self._dense = sum(2 * uses * weight.numel() for weight, uses in self._layers)
+        self.total = 0
+
+    def add_step(self, batch: int, dense_weight_gradient: bool) -> None:
+        nonzero = sum(2 * uses * int(weight.detach().count_nonzero()) for weight, uses in self._layers)
+        weight_gradient = self._dense if dense_weight_gradient else nonzero
+        self.total += batch * (2 * nonzero + weight_gradient)
+
+
+def train(
+    model: nn.Module,
+    data: DataSplits,
+    budget: TrainBudget,
+    *,
+    seed: int,
+    sparsifier_factory: Callable[[int], Sparsifier] | None = None,
+    on_epoch: Callable[[EpochMetrics], None] | None = None,
+) -> TrainResult:
+    """Train ``model`` on ``data.x_train`` for ``budget.epochs`` epochs; evaluate val and test after each.
+
+    Args:
+        model: the network (trained in place).
+        data: train / validation / test splits.
+        budget: epochs, batch size, optimizer and learning-rate schedule.
+        seed: seeds torch and the shuffling generator.
+        sparsifier_factory: called with the total number of optimizer steps; the Sparsifier it returns is
+            attached to the model and the optimizer before the first step and stays attached afterwards
+            (its masks live with the model as buffers).
+        on_epoch: called with each epoch's metrics as soon as they exist (e.g. to stream them to a store).
+    """
+    if not isinstance(budget, TrainBudget):
+        raise TypeError(f"budget must be a TrainBudget, got {type(budget).__name__}")
+    started = time.perf_counter()
+    n_train = len(data.y_train)
+    total_steps = budget.total_steps(n_train)
+    torch.manual_seed(seed)
+    shuffle_generator = torch.Generator().manual_seed(seed)
+    optimizer = make_optimizer(model, budget)
+    scheduler = make_scheduler(optimizer, budget, total_steps)
+    sparsifier = sparsifier_factory(total_steps) if sparsifier_factory is not None else None
+    if sparsifier is not None:
+        sparsifier.attach(model, optimizer)
+    flops = _FlopMeter(model, data.input_shape)
+    history: list[EpochMetrics] = []
+    step = 0
+    model.train()
+    with deterministic_algorithms():
+        for epoch in range(1, budget.epochs + 1):
+            epoch_started = time.perf_counter()
+            loss_sum = 0.0
+            for indices in batch_order(n_train, budget.batch_size, shuffle_generator):
+                dense_steps_before = sparsifier.dense_gradient_steps if sparsifier is not None else 0
+                loss = F.cross_entropy(model(data.x_train[indices]), data.y_train[indices])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                step += 1
+                dense_gradient = sparsifier is not None and sparsifier.dense_gradient_steps > dense_steps_before
+                flops.add_step(len(indices), dense_gradient)
+                loss_sum += float(loss.detach()) * len(indices)
+            val_accuracy, _ = evaluate(model, data.x_val, data.y_val)
+            test_accuracy, _ = evaluate(model, data.x_test, data.y_test)
+            metrics = EpochMetrics(
+                epoch=epoch,
+                train_loss=loss_sum / n_train,
+                val_accuracy=val_accuracy,
+                test_accuracy=test_accuracy,
+                seconds=time.perf_counter() - epoch_started,
+                step=step,
+            )
+            history.append(metrics)
+            if on_epoch is not None:
+                on_epoch(metrics)
+    return TrainResult(
+        epochs=history,
+        final_val_accuracy=history[-1].val_accuracy,
+        final_test_accuracy=history[-1].test_accuracy,
+        seconds=time.perf_counter() - started,
+        train_flops=flops.total,
+        forward_flops=count_flops(model, data.input_shape),
+    )
