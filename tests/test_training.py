@@ -1,0 +1,127 @@
+"""The shared training loop: determinism, exact step budgets, masks held, FLOP accounting, bad budgets."""
+
+from __future__ import annotations
+
+import math
+
+import pydantic
+import pytest
+import torch
+
+from sparsearch.data import load_dataset
+from sparsearch.engine import Sparsifier, StaticMaskSparsifier
+from sparsearch.models import build_model, count_flops
+from sparsearch.search import NodeSpace, WeightSpace, weight_sparsity
+from sparsearch.study.training import EpochMetrics, TrainBudget, train
+
+BUDGET = TrainBudget(epochs=2, batch_size=64, lr=0.1)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Small models on a shared 2-core machine: one intra-op thread avoids oversubscription (10x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset("digits", seed=0)
+
+
+def _model(data, seed: int = 0):
+    return build_model("mlp", data.input_shape, data.num_classes, widths=(48, 32), seed=seed)
+
+
+def _curve(result):
+    return [(e.epoch, e.step, e.train_loss, e.val_accuracy, e.test_accuracy) for e in result.epochs]
+
+
+def test_same_seed_gives_identical_metrics_and_another_seed_does_not(digits):
+    masks = NodeSpace(_model(digits), 0.5).sample(torch.Generator().manual_seed(0))
+
+    def run(seed: int):
+        return train(
+            _model(digits), digits, BUDGET, seed=seed, sparsifier_factory=lambda steps: StaticMaskSparsifier(masks)
+        )
+
+    first, again, other = run(0), run(0), run(1)
+    assert _curve(first) == _curve(again)
+    assert first.train_flops == again.train_flops
+    assert _curve(first) != _curve(other)
+
+
+def test_training_learns_digits(digits):
+    result = train(_model(digits), digits, TrainBudget(epochs=4, batch_size=32, lr=0.05), seed=0)
+    assert result.final_test_accuracy > 0.85
+    assert result.epochs[-1].train_loss < result.epochs[0].train_loss
+    assert result.final_val_accuracy == result.epochs[-1].val_accuracy
+
+
+def test_step_budget_is_epochs_times_batches_and_reaches_the_sparsifier(digits):
+    seen: dict[str, int] = {}
+    streamed: list[EpochMetrics] = []
+
+    def factory(total_steps: int) -> Sparsifier:
+        seen["total_steps"] = total_steps
+        return Sparsifier(0.5, distribution="uniform")
+
+    budget = TrainBudget(epochs=3, batch_size=100)
+    result = train(_model(digits), digits, budget, seed=0, sparsifier_factory=factory, on_epoch=streamed.append)
+    steps_per_epoch = math.ceil(len(digits.y_train) / 100)
+    assert seen["total_steps"] == 3 * steps_per_epoch == budget.total_steps(len(digits.y_train))
+    assert [e.step for e in result.epochs] == [steps_per_epoch * k for k in (1, 2, 3)]
+    assert streamed == result.epochs
+
+
+def test_static_masks_hold_through_training_with_momentum_and_weight_decay(digits):
+    model = _model(digits)
+    masks = WeightSpace(model, 0.9, "erk").sample(torch.Generator().manual_seed(0))
+    train(model, digits, BUDGET, seed=0, sparsifier_factory=lambda steps: StaticMaskSparsifier(masks))
+    weights = dict(model.named_parameters())
+    assert all(not weights[name][~mask].any() for name, mask in masks.items())
+    assert weight_sparsity({name: weights[name] != 0 for name in masks}) == pytest.approx(0.9, abs=1e-3)
+
+
+def test_training_flops_are_three_sparse_forward_passes_per_sample_seen(digits):
+    dense = train(_model(digits), digits, BUDGET, seed=0)
+    samples_seen = BUDGET.epochs * len(digits.y_train)
+    forward = count_flops(_model(digits), digits.input_shape).dense
+    assert dense.train_flops == 3 * forward * samples_seen
+    assert dense.forward_flops is not None and dense.forward_flops.nonzero == forward
+
+    masks = NodeSpace(_model(digits), 0.8).sample(torch.Generator().manual_seed(0))
+    sparse = train(_model(digits), digits, BUDGET, seed=0, sparsifier_factory=lambda steps: StaticMaskSparsifier(masks))
+    assert sparse.forward_flops is not None
+    assert sparse.train_flops == 3 * sparse.forward_flops.nonzero * samples_seen
+    assert sparse.train_flops < 0.3 * dense.train_flops
+
+
+def test_adamw_with_a_constant_rate_trains_too(digits):
+    budget = TrainBudget(epochs=2, optimizer="adamw", lr=1e-2, lr_schedule="constant", weight_decay=0.01)
+    result = train(_model(digits), digits, budget, seed=0)
+    assert result.final_test_accuracy > 0.8
+
+
+@pytest.mark.parametrize(
+    ("settings", "field"),
+    [
+        ({"epochs": 0}, "epochs"),
+        ({"batch_size": -1}, "batch_size"),
+        ({"optimizer": "adam"}, "optimizer"),
+        ({"lr": 0}, "lr"),
+        ({"momentum": 1.0}, "momentum"),
+        ({"lr_schedule": "step"}, "lr_schedule"),
+        ({"epoch": 3}, "epoch"),
+    ],
+)
+def test_bad_budgets_name_the_field(settings, field):
+    with pytest.raises(pydantic.ValidationError, match=field):
+        TrainBudget(**settings)
+
+
+def test_train_needs_a_budget_object(digits):
+    with pytest.raises(TypeError, match="budget must be a TrainBudget, got dict"):
+        train(_model(digits), digits, {"epochs": 1}, seed=0)
