@@ -1,5 +1,19 @@
 """The Sparsifier engine: keeps a model's weights, gradients and optimizer state masked."""
 
-from sparsearch.engine.sparsifier import LayerSparsity, Sparsifier, StaticMaskSparsifier
+from sparsearch.engine.forward_mask import DenseWeightSparsifier
+from sparsearch.engine.sparsifier import (
+    MASK_DISTRIBUTIONS,
+    LayerSparsity,
+    Sparsifier,
+    StaticMaskSparsifier,
+    default_sparsifiable_parameters,
+)
 
-__all__ = ["LayerSparsity", "Sparsifier", "StaticMaskSparsifier"]
+__all__ = [
+    "MASK_DISTRIBUTIONS",
+    "DenseWeightSparsifier",
+    "LayerSparsity",
+    "Sparsifier",
+    "StaticMaskSparsifier",
+    "default_sparsifiable_parameters",
+]

@@ -1,14 +1,20 @@
 """The Sparsifier: keeps chosen weights of any model exactly sparse under any torch optimizer.
 
-It attaches to a model *and* its optimizer. Masks are non-persistent buffers on the owning modules (they move
-with ``model.to(device)`` but ``model.state_dict()`` keys stay unchanged); the sparsifier's own state (masks,
-step) round-trips through ``Sparsifier.state_dict()``. Optimizer hooks keep the invariants:
+It attaches to a model *and* its optimizer. Masks are non-persistent buffers ``<param>_mask`` on the owning
+modules (they move with ``model.to(device)`` but ``model.state_dict()`` keys stay unchanged); the
+sparsifier's own state (masks, step, random state, algorithm state) round-trips through
+``Sparsifier.state_dict()``. Optimizer hooks keep the invariants:
 
-- before every step: gradients of masked weights are zeroed (after ``before_step`` could read them dense);
+- before every step: ``before_step`` runs while gradients are still dense (RigL reads them), then gradients
+  of masked weights are zeroed;
 - after every step: masked weights are exactly zero and so is optimizer state (momentum, Adam moments) at
-  masked positions, so neither momentum nor weight decay can revive a pruned weight.
+  masked positions, so neither momentum nor weight decay can revive a pruned weight, and a weight grown
+  later starts from zero with zero optimizer state.
 
-Algorithms subclass it and override ``initial_masks``, ``before_step`` or ``after_step`` only.
+The four axes are independent constructor arguments: ``distribution`` (uniform, er, erk, global, custom
+mapping), ``structure`` (unstructured, N:M, block, channel) and the score (the ``compute_scores`` hook;
+magnitude here); schedules enter through the algorithms. Algorithms subclass and override one hook:
+``compute_scores``, ``initial_masks``, ``before_step`` or ``after_step``.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -27,15 +33,19 @@ from sparsearch.sparsity.distribution import (
     custom_keep_counts,
     layer_keep_counts,
 )
-from sparsearch.sparsity.masks import topk_mask
+from sparsearch.sparsity.masks import global_topk_masks
+from sparsearch.sparsity.scores import Batch
+from sparsearch.sparsity.structures import NM, Structure, Unstructured, parse_structure
 
 SPARSIFIABLE_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 MASK_SUFFIX = "_mask"
+MASK_DISTRIBUTIONS = (*DISTRIBUTIONS, "global")
 
 
 @dataclass(frozen=True)
 class LayerSparsity:
-    """Target and measured sparsity of one masked parameter."""
+    """Target (what the mask asks) and actual (zeros in the weight the model computes with) sparsity of one
+    masked parameter."""
 
     name: str
     numel: int
@@ -69,53 +79,101 @@ class Sparsifier:
     """Keep a fixed fraction of a model's weights at zero, chosen at attach time by magnitude.
 
     Args:
-        sparsity: fraction of zero weights over all masked parameters, in [0, 1).
-        distribution: "uniform", "er", "erk", or a mapping {parameter name: sparsity} (custom).
+        sparsity: fraction of zero weights over all masked parameters, in [0, 1). With an N:M structure it
+            may be omitted (it is then 1 - N/M) and must otherwise equal 1 - N/M. Default 0.9.
+        distribution: "uniform", "er", "erk", "global" (one top-k over all layers), or a mapping
+            {parameter name: sparsity} (custom; unnamed layers stay dense).
+        structure: "unstructured", "N:M" (e.g. "2:4"), "blockRxC" (e.g. "block4x4"), "channel", or a Structure.
         include: regular expression selecting parameters by name; default: Linear/Conv weights.
         dense_layers: parameter names kept dense (they still count towards the budget).
+        incompatible: what to do with a layer the structure cannot take (e.g. N:M on an input dimension not
+            divisible by M): "error" (default) raises, "dense" leaves that layer dense and unmasked.
         seed: seed for every random choice the sparsifier makes.
     """
 
+    #: False for algorithms that keep dense weights and mask only the forward pass (SR-STE, PGF).
+    masks_weights: bool = True
+
     def __init__(
         self,
-        sparsity: float = 0.9,
+        sparsity: float | None = None,
         *,
         distribution: str | Mapping[str, float] = "uniform",
+        structure: str | Structure = "unstructured",
         include: str | None = None,
         dense_layers: tuple[str, ...] = (),
+        incompatible: Literal["error", "dense"] = "error",
         seed: int = 0,
     ) -> None:
-        self.sparsity = check_sparsity(sparsity)
-        if isinstance(distribution, str) and distribution not in DISTRIBUTIONS:
-            allowed = ", ".join(DISTRIBUTIONS)
+        self.structure = parse_structure(structure)
+        if isinstance(self.structure, NM):
+            implied = self.structure.sparsity
+            if sparsity is not None and abs(check_sparsity(sparsity) - implied) > 1e-9:
+                raise ValueError(
+                    f"sparsity {sparsity} contradicts the {self.structure} structure, which means sparsity "
+                    f"{implied:g}; omit sparsity or pass {implied:g}"
+                )
+            sparsity = implied
+        self.sparsity = check_sparsity(0.9 if sparsity is None else sparsity)
+        if isinstance(distribution, str) and distribution not in MASK_DISTRIBUTIONS:
+            allowed = ", ".join(MASK_DISTRIBUTIONS)
             raise ValueError(f"unknown distribution {distribution!r}; allowed: {allowed}, or a mapping")
+        if not isinstance(distribution, str | Mapping):
+            raise TypeError(f"distribution must be a name or a mapping, got {type(distribution).__name__}")
+        if incompatible not in ("error", "dense"):
+            raise ValueError(f"incompatible must be 'error' or 'dense', got {incompatible!r}")
         self.distribution = distribution
         self.include = include
         self.dense_layers = tuple(dense_layers)
+        self.incompatible = incompatible
         self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)
         self.step = 0
         # optimizer steps on which the algorithm needed dense gradients (RigL); counted into training FLOPs
         self.dense_gradient_steps = 0
+        # sum over optimizer steps of the kept fraction of masked weights (average density for FLOP counts)
+        self.density_sum = 0.0
         self.model: nn.Module | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self.params: dict[str, nn.Parameter] = {}
+        self.batch: Batch | None = None
         self._owners: dict[str, tuple[nn.Module, str]] = {}
         self._handles: list[Any] = []
+        self._pruned_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._skip_requested = False
+        self._snapshot: dict[str, Any] | None = None
+        self._density: float | None = None
 
     # ----------------------------------------------------------------------------------- attaching
-    def attach(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> Sparsifier:
-        """Select the parameters, compute the initial masks, apply them and hook the optimizer."""
+    def attach(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *, batch: Batch | None = None
+    ) -> Sparsifier:
+        """Select the parameters, compute the initial masks, apply them and hook the optimizer.
+
+        ``batch`` = (inputs, targets) is used by data-dependent scores (SNIP, GraSP) and not kept.
+        """
         if self.model is not None:
             raise RuntimeError("this sparsifier is already attached; create a new one for another model")
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if getattr(model, "_sparsearch_sparsifier", None) is not None:
             raise RuntimeError(
                 f"model already has a {type(model._sparsearch_sparsifier).__name__} attached; "
                 "call .detach() on it before attaching another"
             )
+        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         params = parameters_matching(model, self.include) if self.include else default_sparsifiable_parameters(model)
         if not params:
             raise ValueError("the model has no Linear or Conv layers to sparsify; pass include=<name pattern>")
+        if isinstance(self.distribution, Mapping):
+            unknown = sorted(set(self.distribution) - set(params))
+            if unknown:
+                raise ValueError(f"custom distribution names unknown parameters {unknown}; known: {sorted(params)}")
+        unknown_dense = sorted(set(self.dense_layers) - set(params))
+        if unknown_dense:
+            raise ValueError(f"dense_layers names unknown parameters {unknown_dense}; known: {sorted(params)}")
+        params = self._compatible(params)
         if optimizer is not None:
             held = {id(p) for group in optimizer.param_groups for p in group["params"]}
             missing = [name for name, p in params.items() if id(p) not in held]
@@ -124,8 +182,14 @@ class Sparsifier:
         self.model, self.optimizer, self.params = model, optimizer, params
         self._owners = {name: _owner(model, name) for name in params}
         model._sparsearch_sparsifier = self
-        for name, mask in self.initial_masks().items():
+        self.batch = batch
+        try:
+            masks = self.initial_masks()
+        finally:
+            self.batch = None
+        for name, mask in masks.items():
             self._set_mask(name, mask)
+        self.on_attach()
         self.apply_masks()
         if optimizer is not None:
             self._handles = [
@@ -133,6 +197,23 @@ class Sparsifier:
                 optimizer.register_step_post_hook(self._post_step_hook),
             ]
         return self
+
+    def _compatible(self, params: dict[str, nn.Parameter]) -> dict[str, nn.Parameter]:
+        kept = {}
+        for name, param in params.items():
+            try:
+                self.structure.check(name, tuple(param.shape))
+            except ValueError:
+                if self.incompatible == "error":
+                    raise
+                continue
+            kept[name] = param
+        if not kept:
+            raise ValueError(f"no parameter can take the {self.structure} structure: {sorted(params)}")
+        return kept
+
+    def on_attach(self) -> None:
+        """Called once masks exist, before they are applied. Override to install extra hooks."""
 
     def detach(self) -> None:
         """Remove hooks and mask buffers; the weights keep their zeros."""
@@ -143,6 +224,14 @@ class Sparsifier:
         if self.model is not None:
             del self.model._sparsearch_sparsifier
         self.model, self.optimizer, self._handles, self._owners = None, None, [], {}
+        self._pruned_cache = {}
+
+    def finalize(self) -> None:
+        """Bake the masks into the weights (zeros at masked positions) and detach."""
+        with torch.no_grad():
+            for name, mask in self.masks.items():
+                self.params[name].mul_(mask)
+        self.detach()
 
     # ----------------------------------------------------------------------------- masks and budget
     @property
@@ -151,11 +240,28 @@ class Sparsifier:
         return {name: getattr(module, leaf + MASK_SUFFIX) for name, (module, leaf) in self._owners.items()}
 
     def _set_mask(self, name: str, mask: torch.Tensor) -> None:
+        if name not in self.params:
+            raise ValueError(f"no masked parameter named {name!r}; masked: {sorted(self.params)}")
         param = self.params[name]
-        if mask.shape != param.shape:
+        if tuple(mask.shape) != tuple(param.shape):
             raise ValueError(f"mask for {name!r} has shape {tuple(mask.shape)}, parameter has {tuple(param.shape)}")
         module, leaf = self._owners[name]
         module.register_buffer(leaf + MASK_SUFFIX, mask.to(device=param.device, dtype=torch.bool), persistent=False)
+        self._density = None
+
+    def set_masks(self, masks: Mapping[str, torch.Tensor]) -> None:
+        """Replace masks (by parameter name) and apply them to weights and optimizer state."""
+        for name, mask in masks.items():
+            self._set_mask(name, mask)
+        self.apply_masks()
+
+    def _pruned(self, name: str, mask: torch.Tensor) -> torch.Tensor:
+        """~mask, cached until the mask buffer is replaced or moved (masking then costs one fill per tensor)."""
+        cached = self._pruned_cache.get(name)
+        if cached is None or cached[0] is not mask:
+            cached = (mask, ~mask)
+            self._pruned_cache[name] = cached
+        return cached[1]
 
     def keep_counts(self, sparsity: float | None = None) -> dict[str, int]:
         """Exact weights to keep per parameter for ``sparsity`` (default: the target) under the distribution."""
@@ -163,37 +269,95 @@ class Sparsifier:
         if isinstance(self.distribution, Mapping):
             return custom_keep_counts(shapes, self.distribution)
         target = self.sparsity if sparsity is None else sparsity
-        return layer_keep_counts(shapes, target, self.distribution, self.dense_layers)
+        distribution = "uniform" if self.distribution == "global" else self.distribution
+        return layer_keep_counts(shapes, target, distribution, self.dense_layers)
+
+    def masks_from_scores(
+        self, scores: Mapping[str, torch.Tensor], sparsity: float | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Masks keeping the highest scores: per layer with the distribution's exact counts and the structure,
+        or one top-k over all non-dense layers for ``distribution="global"`` (unstructured only)."""
+        target = self.sparsity if sparsity is None else sparsity
+        if self.distribution == "global":
+            if not isinstance(self.structure, Unstructured):
+                raise ValueError(f"distribution 'global' supports only unstructured masks, not {self.structure}")
+            total = sum(p.numel() for p in self.params.values())
+            dense = {name: self.params[name].numel() for name in self.dense_layers}
+            budget = round((1.0 - target) * total) - sum(dense.values())
+            if budget < 0:
+                raise ValueError(f"sparsity {target} is unreachable with dense layers {sorted(dense)}")
+            ranked = {name: s for name, s in scores.items() if name not in dense}
+            masks = global_topk_masks(ranked, budget)
+            masks.update({name: torch.ones_like(self.params[name], dtype=torch.bool) for name in dense})
+            return {name: masks[name] for name in scores}
+        counts = self.keep_counts(target)
+        return {name: self.structure.mask(score, counts[name]) for name, score in scores.items()}
 
     def score(self, name: str, param: torch.Tensor) -> torch.Tensor:
-        """Importance of each weight; higher is kept. The base class uses magnitude."""
+        """Importance of each weight of one parameter; higher is kept. The base class uses magnitude."""
         return param.detach().abs()
 
+    def compute_scores(self) -> dict[str, torch.Tensor]:
+        """Scores of every masked parameter at attach time (the score axis). Default: ``score`` per layer."""
+        return {name: self.score(name, p) for name, p in self.params.items()}
+
     def initial_masks(self) -> dict[str, torch.Tensor]:
-        """Masks at attach time: the highest-scoring weights per layer, with exact counts."""
-        counts = self.keep_counts()
-        return {name: topk_mask(self.score(name, p), counts[name]) for name, p in self.params.items()}
+        """Masks at attach time: the highest-scoring weights, with exact counts under the distribution."""
+        return self.masks_from_scores(self.compute_scores())
+
+    def effective_weight(self, name: str) -> torch.Tensor:
+        """The weight the model computes with once training ends (masked)."""
+        return self.params[name].detach() * self.masks[name]
 
     @torch.no_grad()
     def apply_masks(self) -> None:
-        """Zero masked weights and the optimizer state at masked positions."""
+        """Zero masked weights and the optimizer state at masked positions (no-op for dense-weight methods)."""
+        if not self.masks_weights:
+            return
         for name, mask in self.masks.items():
             param = self.params[name]
-            param.mul_(mask)
+            pruned = self._pruned(name, mask)
+            param.masked_fill_(pruned, 0.0)
             if self.optimizer is not None:
                 for value in self.optimizer.state.get(param, {}).values():
                     if torch.is_tensor(value) and value.shape == param.shape:
-                        value.mul_(mask)
+                        value.masked_fill_(pruned, 0)
+
+    def density(self) -> float:
+        """Fraction of masked weights currently kept (all masked layers together)."""
+        if self._density is None:
+            masks = self.masks
+            total = sum(m.numel() for m in masks.values())
+            self._density = sum(int(m.count_nonzero()) for m in masks.values()) / total if total else 1.0
+        return self._density
+
+    @property
+    def average_density(self) -> float:
+        """Mean over the optimizer steps taken so far of the kept fraction (1 - sparsity) of masked weights."""
+        return self.density_sum / self.step if self.step else self.density()
 
     # ------------------------------------------------------------------------------ optimizer hooks
+    def skip_optimizer_step(self) -> None:
+        """From ``before_step``: make the coming optimizer step a no-op (weights and optimizer state restored)."""
+        self._skip_requested = True
+
     def _pre_step_hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        self.density_sum += self.density()
         self.before_step()
+        if self._skip_requested:
+            self._snapshot = _optimizer_snapshot(optimizer)
+            self._skip_requested = False
+        if not self.masks_weights:
+            return
         for name, mask in self.masks.items():
             grad = self.params[name].grad
             if grad is not None:
-                grad.mul_(mask)
+                grad.masked_fill_(self._pruned(name, mask), 0.0)
 
     def _post_step_hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if self._snapshot is not None:
+            _restore_snapshot(optimizer, self._snapshot)
+            self._snapshot = None
         self.step += 1
         self.apply_masks()
         self.after_step()
@@ -206,38 +370,65 @@ class Sparsifier:
 
     # ------------------------------------------------------------------------------------ reporting
     def report(self) -> list[LayerSparsity]:
-        """Target (from the masks) and actual (zeros in the weights) sparsity per parameter."""
+        """Target (from the masks) and actual (zeros in the effective weights) sparsity per parameter."""
         rows = []
         for name, mask in self.masks.items():
-            param = self.params[name]
-            numel = param.numel()
+            numel = mask.numel()
             rows.append(
                 LayerSparsity(
                     name=name,
                     numel=numel,
                     target_sparsity=1.0 - int(mask.count_nonzero()) / numel,
-                    actual_sparsity=1.0 - int(param.detach().count_nonzero()) / numel,
+                    actual_sparsity=1.0 - int(self.effective_weight(name).count_nonzero()) / numel,
                 )
             )
         return rows
 
     def overall_sparsity(self) -> float:
-        """Fraction of zero weights over all masked parameters."""
+        """Fraction of zero weights over all masked parameters (the one meaning of "sparsity" here)."""
         rows = self.report()
         total = sum(r.numel for r in rows)
         return sum(r.actual_sparsity * r.numel for r in rows) / total
 
+    def summary(self) -> str:
+        """A plain-text table: per layer and overall, target vs actual sparsity."""
+        rows = self.report()
+        width = max(len("overall"), *(len(r.name) for r in rows))
+        lines = [f"{'parameter':<{width}}  {'weights':>10}  {'target':>7}  {'actual':>7}"]
+        lines += [
+            f"{r.name:<{width}}  {r.numel:>10}  {r.target_sparsity:>7.2%}  {r.actual_sparsity:>7.2%}" for r in rows
+        ]
+        total = sum(r.numel for r in rows)
+        target = sum(r.target_sparsity * r.numel for r in rows) / total
+        lines.append(f"{'overall':<{width}}  {total:>10}  {target:>7.2%}  {self.overall_sparsity():>7.2%}")
+        return "\n".join(lines)
+
+    def config(self) -> dict[str, Any]:
+        """The constructor settings as JSON-friendly values (recorded in checkpoints)."""
+        distribution = dict(self.distribution) if isinstance(self.distribution, Mapping) else self.distribution
+        return {
+            "algorithm": type(self).__name__,
+            "sparsity": self.sparsity,
+            "distribution": distribution,
+            "structure": str(self.structure),
+            "include": self.include,
+            "dense_layers": list(self.dense_layers),
+            "seed": self.seed,
+        }
+
     # ------------------------------------------------------------------------------- serialisation
     def state_dict(self) -> dict[str, Any]:
-        """Masks, step and random state; plain tensors and numbers (safetensors-friendly)."""
+        """Masks, step, counters and random state: tensors, numbers and strings only (safetensors-friendly)."""
         return {
             "step": self.step,
+            "dense_gradient_steps": self.dense_gradient_steps,
+            "density_sum": self.density_sum,
             "masks": {name: mask.detach().cpu().clone() for name, mask in self.masks.items()},
             "generator": self.generator.get_state(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore masks, step and random state; shapes and names must match the attached model."""
+        """Restore masks, step and random state; names and shapes must match the attached model."""
         if self.model is None:
             raise RuntimeError("attach the sparsifier to the model before loading its state")
         masks = state["masks"]
@@ -248,6 +439,8 @@ class Sparsifier:
         for name, mask in masks.items():
             self._set_mask(name, mask)
         self.step = int(state["step"])
+        self.dense_gradient_steps = int(state.get("dense_gradient_steps", 0))
+        self.density_sum = float(state.get("density_sum", 0.0))
         self.generator.set_state(state["generator"])
         self.apply_masks()
 
@@ -255,6 +448,30 @@ class Sparsifier:
 def _owner(model: nn.Module, param_name: str) -> tuple[nn.Module, str]:
     module_path, _, leaf = param_name.rpartition(".")
     return (model.get_submodule(module_path) if module_path else model), leaf
+
+
+def _optimizer_snapshot(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    return {
+        "params": [p.detach().clone() for p in params],
+        "state": [
+            {k: v.clone() if torch.is_tensor(v) else v for k, v in optimizer.state[p].items()}
+            if p in optimizer.state
+            else None
+            for p in params
+        ],
+    }
+
+
+@torch.no_grad()
+def _restore_snapshot(optimizer: torch.optim.Optimizer, snapshot: dict[str, Any]) -> None:
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for param, saved, state in zip(params, snapshot["params"], snapshot["state"], strict=True):
+        param.copy_(saved)
+        if state is None:
+            optimizer.state.pop(param, None)
+        else:
+            optimizer.state[param] = state
 
 
 class StaticMaskSparsifier(Sparsifier):
@@ -271,3 +488,4 @@ class StaticMaskSparsifier(Sparsifier):
 
     def initial_masks(self) -> dict[str, torch.Tensor]:
         return dict(self.given_masks)
+
