@@ -68,7 +68,7 @@ def test_config_hash_ignores_where_it_runs_but_not_what_it_computes():
         ({"arms": []}, ["arms is empty"]),
         ({"seeds": []}, ["seeds is empty"]),
         ({"colour": "red"}, ["unknown config key 'colour'", "allowed: name, dataset"]),
-        ({"budget": {"epoch": 3}}, ["unknown config key 'epoch' in [budget]", "allowed: epochs, batch_size"]),
+        ({"budget": {"epoch": 3}}, ["unknown config key 'epoch' in table 'budget'", "allowed: epochs, batch_size"]),
         ({"search": {"scorer": "vibes"}}, ["unknown scorer 'vibes'", "synflow"]),
         ({"model": {"arch": "resnet"}}, ["unknown model arch 'resnet'", "allowed: mlp, cnn"]),
         ({"budget": {"epochs": 0}}, ["budget.epochs", "greater than or equal to 1", "(got 0)"]),

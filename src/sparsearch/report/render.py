@@ -65,7 +65,7 @@ def rich_table(rows: list[ArmSummary], title: str) -> Table:
     """The summary table for the terminal."""
     table = Table(title=title, caption=SPARSITY_DEFINITION)
     for header in TABLE_HEADERS:
-        table.add_column(header, justify="left" if header == "Arm" else "right")
+        table.add_column(header, justify="left" if header == "Arm" else "right", no_wrap=header == "Arm")
     for cells in table_cells(rows):
         table.add_row(*cells)
     return table
@@ -75,7 +75,7 @@ def rich_comparison(rows: list[SearchComparison]) -> Table:
     """The search-vs-random comparison for the terminal."""
     table = Table(title="Random Search winner vs random counterpart (paired by seed)")
     for header in COMPARISON_HEADERS:
-        table.add_column(header, justify="left" if header == "Space" else "right")
+        table.add_column(header, justify="left" if header == "Space" else "right", no_wrap=header == "Space")
     for cells in comparison_cells(rows):
         table.add_row(*cells)
     return table

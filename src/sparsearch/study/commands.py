@@ -8,10 +8,16 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-console = Console()
+# output written to a file or a pipe gets room for the table's columns instead of the 80 Rich assumes there
+PIPE_WIDTH = 140
 
 
-def _show_report(store_path: Path, study: str | None, folder: Path | None) -> Path:
+def _console() -> Console:
+    console = Console()
+    return console if console.is_terminal else Console(width=PIPE_WIDTH)
+
+
+def _show_report(console: Console, store_path: Path, study: str | None, folder: Path | None) -> Path:
     from sparsearch.report import rich_comparison, rich_table, write_report
 
     report = write_report(store_path, study, folder)
@@ -37,6 +43,7 @@ def study_command(
     """Run a sparse-architecture study; re-running the same command resumes it."""
     from sparsearch.cli import user_errors  # imported here: sparsearch.cli imports this module
 
+    console = _console()
     with user_errors():
         from sparsearch.study.config import default_study_config, load_study_config
         from sparsearch.study.runner import run_study
@@ -45,7 +52,7 @@ def study_command(
         store_path = study.store_path(store)
         console.print(
             f"study [bold]{study.name}[/] -> {store_path} "
-            f"({study.worker_count(workers)} workers, executor {study.executor})",
+            f"(workers: {study.worker_count(workers)}" + (", on Ray)" if study.executor == "ray" else ")"),
             highlight=False,
         )
         run = run_study(study, store_path=store, workers=workers, console=console, show_progress=progress)
@@ -55,7 +62,7 @@ def study_command(
             highlight=False,
         )
         if report and (run.finished or run.already_done):
-            _show_report(store_path, study.name, None)
+            _show_report(console, store_path, study.name, None)
         if run.failed:
             first_key, first_error = next(iter(run.failed.items()))
             last_line = first_error.strip().splitlines()[-1]
@@ -97,4 +104,4 @@ def report_command(
     from sparsearch.cli import user_errors  # imported here: sparsearch.cli imports this module
 
     with user_errors():
-        _show_report(_resolve_store(target), study, out)
+        _show_report(_console(), _resolve_store(target), study, out)

@@ -232,7 +232,7 @@ def describe_validation_error(error: ValidationError) -> list[str]:
     for problem in error.errors():
         location = tuple(problem["loc"])
         if problem["type"] == "extra_forbidden":
-            where = f" in [{_describe_location(location[:-1])}]" if len(location) > 1 else ""
+            where = f" in table '{_describe_location(location[:-1])}'" if len(location) > 1 else ""
             allowed = _allowed(_keys_at(location[:-1]))
             lines.append(f"unknown config key {location[-1]!r}{where}; allowed: {allowed}")
             continue

@@ -49,14 +49,6 @@ def load_trial_data(config: StudyConfig, seed: int) -> Any:
     return _cached_dataset(config.dataset, seed, root)
 
 
-def _make_space(space: str, model: nn.Module, sparsity: float, distribution: str) -> Any:
-    from sparsearch.search import NodeSpace, WeightSpace
-
-    if space == "node":
-        return NodeSpace(model, sparsity)
-    return WeightSpace(model, sparsity, distribution)
-
-
 def _weight_masks(model: nn.Module) -> dict[str, torch.Tensor]:
     """Where the masked (Linear/Conv) weights are non-zero after training."""
     return {name: param.detach() != 0 for name, param in default_sparsifiable_parameters(model).items()}
@@ -90,7 +82,7 @@ def _algorithm_factory(
 def run_trial(config: StudyConfig, spec: TrialSpec, on_epoch: Callable[[EpochRow], None] | None = None) -> TrialOutcome:
     """Run one trial and return its final metrics and curve; ``on_epoch`` sees each epoch as it ends."""
     from sparsearch.models import build_model, count_flops, parameter_counts
-    from sparsearch.search import node_sparsity, random_search, weight_sparsity
+    from sparsearch.search import make_space, node_sparsity, random_search, weight_sparsity
 
     started = time.perf_counter()
     data = load_trial_data(config, spec.seed)
@@ -107,11 +99,11 @@ def run_trial(config: StudyConfig, spec: TrialSpec, on_epoch: Callable[[EpochRow
     if spec.arm == "dense":
         pass
     elif kind == "random" and space_name:
-        space = _make_space(space_name, model, spec.sparsity, config.search.distribution)
+        space = make_space(space_name, model, spec.sparsity, distribution=config.search.distribution)
         masks = space.sample(torch.Generator().manual_seed(derive_seed(spec.seed, spec.sparsity, spec.arm)))
         sparsifier_factory = _static(masks)
     elif kind == "search" and space_name:
-        space = _make_space(space_name, model, spec.sparsity, config.search.distribution)
+        space = make_space(space_name, model, spec.sparsity, distribution=config.search.distribution)
         result = random_search(
             space,
             parent,
@@ -121,6 +113,7 @@ def run_trial(config: StudyConfig, spec: TrialSpec, on_epoch: Callable[[EpochRow
             seed=derive_seed(spec.seed, spec.sparsity, spec.arm),
             short_train_steps=config.search.short_train_steps,
             batch_size=config.search.batch_size,
+            budget=config.budget,
         )
         search_info = {
             "scorer": config.search.scorer,
