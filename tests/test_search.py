@@ -18,6 +18,7 @@ from sparsearch.search import (
     make_space,
     node_sparsity,
     random_search,
+    rescale_to_fan_in,
     snip_score,
     synflow_score,
     weight_sparsity,
@@ -181,6 +182,29 @@ def test_unknown_space_and_distribution_are_named():
         make_space("edge", _mlp(), 0.5)
     with pytest.raises(ValueError, match="unknown distribution 'gaussian'; allowed: uniform, er, erk"):
         WeightSpace(_mlp(), 0.5, "gaussian")
+
+
+def test_rescaling_restores_each_units_initial_signal_to_the_dense_scale():
+    model = _mlp()
+    original = {name: p.detach().clone() for name, p in model.named_parameters()}
+    masks = NodeSpace(model, 0.9).sample(torch.Generator().manual_seed(0))
+    masks["layers.0.weight"][0] = False  # a unit with no kept input is left alone
+    rescale_to_fan_in(model, masks)
+    weights = dict(model.named_parameters())
+    kept_inputs = int(masks["layers.1.weight"][masks["layers.1.weight"].any(dim=1)][0].sum())
+    row = int(masks["layers.1.weight"].any(dim=1).nonzero()[0])
+    assert torch.allclose(
+        weights["layers.1.weight"][row], original["layers.1.weight"][row] * math.sqrt(96 / kept_inputs)
+    )
+    assert torch.equal(weights["layers.0.weight"][0], original["layers.0.weight"][0])
+    assert torch.equal(weights["layers.0.bias"], original["layers.0.bias"])
+    # pre-activations of kept units keep the dense parent's scale on random inputs
+    kept_rows = masks["layers.1.weight"].any(dim=1)
+    h = torch.randn(4096, 96)
+    with torch.no_grad():
+        dense_std = (h @ original["layers.1.weight"].T).std()
+        sparse_std = (h @ (weights["layers.1.weight"] * masks["layers.1.weight"])[kept_rows].T).std()
+    assert float(sparse_std / dense_std) == pytest.approx(1.0, abs=0.1)
 
 
 # ------------------------------------------------------------------------------------------------ scorers

@@ -10,6 +10,7 @@ from sparsearch.search.spaces import (
     hidden_layers_of,
     make_space,
     node_sparsity,
+    rescale_to_fan_in,
     weight_sparsity,
 )
 
@@ -25,6 +26,7 @@ __all__ = [
     "make_space",
     "node_sparsity",
     "random_search",
+    "rescale_to_fan_in",
     "short_train_evaluation",
     "short_train_score",
     "snip_score",

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from sparsearch.data.datasets import DataSplits
 from sparsearch.search.scorers import SCORERS, short_train_evaluation, snip_score, synflow_score
-from sparsearch.search.spaces import SearchSpace
+from sparsearch.search.spaces import SearchSpace, rescale_to_fan_in
 from sparsearch.study.training import TrainBudget
 
 
@@ -53,6 +53,7 @@ def random_search(
     short_train_steps: int = 50,
     batch_size: int = 128,
     budget: TrainBudget | None = None,
+    rescale_init: bool = False,
 ) -> SearchResult:
     """Score ``n_candidates`` random samples of ``space`` with ``scorer`` and return the best.
 
@@ -66,6 +67,8 @@ def random_search(
         short_train_steps: optimizer steps per candidate for "short-train".
         batch_size: batch size of the SNIP batch and of short-train.
         budget: optimizer settings for short-train (its learning rate is used constant); default TrainBudget().
+        rescale_init: apply ``rescale_to_fan_in`` to every candidate before scoring; pass True exactly when
+            the trained arms get the same sparsity-aware initialisation, so candidates are scored as trained.
     """
     check_scorer(scorer)
     if isinstance(n_candidates, bool) or not isinstance(n_candidates, int) or n_candidates < 1:
@@ -88,6 +91,8 @@ def random_search(
     for index in range(n_candidates):
         masks = space.sample(sampler)
         model = model_factory()
+        if rescale_init:
+            rescale_to_fan_in(model, masks)
         tiebreak = 0.0
         if scorer == "synflow":
             score = synflow_score(model, masks, data.input_shape)

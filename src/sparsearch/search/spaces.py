@@ -211,3 +211,23 @@ def node_sparsity(model: nn.Module, masks: Mapping[str, Tensor]) -> float:
         removed += int((~(incoming & outgoing)).sum())
         total += layer.units
     return removed / total
+
+
+@torch.no_grad()
+def rescale_to_fan_in(model: nn.Module, masks: Mapping[str, Tensor]) -> None:
+    """Sparsity-aware initialisation: scale each unit's kept weights by sqrt(dense fan-in / kept fan-in).
+
+    A sub-network inherits the parent's initial weights, drawn for the parent's fan-in; with fewer inputs
+    kept, every layer's pre-activations shrink by about sqrt(density) and the signal fades with depth. This
+    restores each unit's initial pre-activation variance (Evci et al. 2022, "Gradient flow in sparse neural
+    networks"). Units with no kept input stay as they are. Call it on the fresh parent, before training.
+    """
+    parameters = dict(model.named_parameters())
+    for name, mask in masks.items():
+        if name not in parameters:
+            raise ValueError(f"mask names parameter {name!r}, which the model does not have")
+        weight = parameters[name]
+        kept = mask.reshape(weight.shape[0], -1).to(weight.device)
+        fan_in = kept.sum(dim=1).to(weight.dtype)
+        scale = torch.where(fan_in > 0, (kept.shape[1] / fan_in.clamp(min=1)).sqrt(), torch.ones_like(fan_in))
+        weight.mul_(scale.view(-1, *([1] * (weight.dim() - 1))))
