@@ -1,6 +1,45 @@
 """sparsearch: find, train, compare and ship sparse neural networks in PyTorch."""
 
+from sparsearch.algorithms import (
+    GMP,
+    PGF,
+    SET,
+    SNIP,
+    SRSTE,
+    GraSP,
+    IterativeMagnitudePruning,
+    RigL,
+    StaticMagnitude,
+    StaticRandom,
+    StaticSparsifier,
+    SynFlow,
+    imp,
+    sparse_soup,
+)
 from sparsearch.engine import LayerSparsity, Sparsifier, StaticMaskSparsifier
+from sparsearch.io import Checkpoint, load, save
 
 __version__ = "0.1.0"
-__all__ = ["LayerSparsity", "Sparsifier", "StaticMaskSparsifier", "__version__"]
+__all__ = [
+    "GMP",
+    "PGF",
+    "SET",
+    "SNIP",
+    "SRSTE",
+    "Checkpoint",
+    "GraSP",
+    "IterativeMagnitudePruning",
+    "LayerSparsity",
+    "RigL",
+    "Sparsifier",
+    "StaticMagnitude",
+    "StaticMaskSparsifier",
+    "StaticRandom",
+    "StaticSparsifier",
+    "SynFlow",
+    "__version__",
+    "imp",
+    "load",
+    "save",
+    "sparse_soup",
+]

@@ -80,7 +80,8 @@ class Cubic:
     """Zhu & Gupta's gradual pruning curve: end + (start - end) * (1 - progress)^3, updated every ``every`` steps.
 
     With ``every > 1`` the value only changes on multiples of ``every`` after ``begin_step`` (a staircase that
-    meets the curve at each pruning step), as in the paper's t = t_0 + k * dt.
+    meets the curve at each pruning step), as in the paper's t = t_0 + k * dt; the end value is reached at
+    ``end_step`` itself.
     """
 
     start: float
@@ -95,6 +96,8 @@ class Cubic:
             raise ValueError(f"every must be >= 1 step, got {self.every}")
 
     def __call__(self, step: int) -> float:
+        if step >= self.end_step:
+            return float(self.end)
         if step > self.begin_step:
             step = self.begin_step + (step - self.begin_step) // self.every * self.every
         progress = _progress(step, self.begin_step, self.end_step)
