@@ -25,7 +25,7 @@ import torch
 from sparsearch.data import load_dataset
 from sparsearch.engine import StaticMaskSparsifier
 from sparsearch.models import build_model, count_flops
-from sparsearch.search import make_space, random_search, weight_sparsity
+from sparsearch.search import make_space, random_search, rescale_to_fan_in, weight_sparsity
 from sparsearch.study.training import TrainBudget, train
 
 RESULTS = Path(__file__).parent / "results"
@@ -42,13 +42,15 @@ def _cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
-def _train_row(data, arch, widths, budget, masks_from=None):
+def _train_row(data, arch, widths, budget, masks_from=None, rescale=False):
     model = build_model(arch, data.input_shape, data.num_classes, widths=widths, seed=0)
     factory = None
     sparsity = 0.0
     if masks_from is not None:
         masks = make_space(masks_from[0], model, masks_from[1]).sample(torch.Generator().manual_seed(0))
         sparsity = weight_sparsity(masks)
+        if rescale:
+            rescale_to_fan_in(model, masks)
 
         def factory(steps):
             return StaticMaskSparsifier(masks)
@@ -59,7 +61,7 @@ def _train_row(data, arch, widths, budget, masks_from=None):
     return {
         "arch": arch,
         "widths": list(widths),
-        "mask": "dense" if masks_from is None else f"{masks_from[0]} space",
+        "mask": "dense" if masks_from is None else f"{masks_from[0]} space" + (", rescaled init" if rescale else ""),
         "weight_sparsity": round(sparsity, 4),
         "epochs": budget.epochs,
         "median_epoch_s": round(statistics.median(epoch_seconds), 3),
@@ -114,8 +116,9 @@ def main() -> None:
     train(build_model("mlp", data.input_shape, 10, widths=(8,)), data, TrainBudget(epochs=1), seed=0)
     budget = TrainBudget(epochs=args.epochs)
     training = [_train_row(data, arch, widths, budget) for arch, widths in PARENTS]
-    training.append(_train_row(data, "mlp", (512, 512, 256), budget, masks_from=("node", 0.9)))
-    training.append(_train_row(data, "mlp", (512, 512, 256), budget, masks_from=("weight", 0.9)))
+    for space in ("node", "weight"):
+        for rescale in (False, True):
+            training.append(_train_row(data, "mlp", (512, 512, 256), budget, (space, 0.9), rescale))
     searches = [
         _search_row(data, arch, widths, space, scorer, 8, 40)
         for arch, widths in [("mlp", (512, 512, 256)), ("mlp", (256, 256))]
@@ -146,9 +149,11 @@ def main() -> None:
         f"torch {meta['torch']}, 1 thread. Data: {meta['data']}; generating MNIST-1D took "
         f"{meta['mnist1d_generate_s']} s once, loading it from the cache {meta['mnist1d_cached_load_s']} s.",
         f"Budget: {args.epochs} epochs, batch {budget.batch_size}, SGD lr {budget.lr} momentum {budget.momentum}, "
-        f"weight decay {budget.weight_decay}, cosine. Masks are applied by StaticMaskSparsifier (dense kernels).",
+        f"weight decay {budget.weight_decay}, cosine. Masks are applied by StaticMaskSparsifier (dense kernels); "
+        "'rescaled init' = rescale_to_fan_in before training.",
         "",
-        "| parent | mask | weight sparsity | median epoch (s) | training (s) | final test acc | forward FLOPs dense / non-zero |",
+        "| parent | mask | weight sparsity | median epoch (s) | training (s) | final test acc "
+        "| forward FLOPs dense / non-zero |",
         "|---|---|---|---|---|---|---|",
     ]
     for row in training:
