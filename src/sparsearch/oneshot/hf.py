@@ -21,6 +21,7 @@ from sparsearch.oneshot.report import LayerReport, PruneReport
 from sparsearch.oneshot.sequential import check_pattern_fits, prune_model
 
 REPORT_NAME = "sparsearch_prune_report.json"
+DEFAULT_SEQUENCE_LENGTH = 128
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".ckpt")
 _WEIGHT_INDEXES = (".safetensors.index.json", ".bin.index.json")
 
@@ -94,7 +95,7 @@ def prune_pretrained(
     config: OneShotConfig,
     texts: list[str],
     n_tokens: int = 8192,
-    seq_len: int = 128,
+    seq_len: int | None = None,
     seed: int = 0,
     batch_size: int = 8,
     overwrite: bool = False,
@@ -103,6 +104,7 @@ def prune_pretrained(
 ) -> PruneReport:
     """Load ``model_dir``, prune a copy in memory on calibration ``texts``, save it to ``out_dir``.
 
+    Calibration uses windows of ``seq_len`` tokens (default: 128, or the model's maximum if shorter).
     Returns the report, which is also written as JSON to ``report_path`` (default: ``out_dir`` /
     sparsearch_prune_report.json).
     """
@@ -110,6 +112,8 @@ def prune_pretrained(
     model, tokenizer = load_pretrained(source)
     _check_output_dir(source, out, overwrite)
     limit = max_sequence_length(model)
+    if seq_len is None:
+        seq_len = min(DEFAULT_SEQUENCE_LENGTH, limit or DEFAULT_SEQUENCE_LENGTH)
     if limit is not None and seq_len > limit:
         raise ValueError(f"calibration sequence length {seq_len} exceeds the model's maximum of {limit} positions")
     check_pattern_fits(model, config)
