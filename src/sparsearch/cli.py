@@ -12,6 +12,7 @@ from collections.abc import Iterator
 import typer
 from rich.console import Console
 
+from sparsearch.oneshot.commands import prune_command
 from sparsearch.study.commands import report_command, study_command
 
 app = typer.Typer(
@@ -37,6 +38,7 @@ def user_errors() -> Iterator[None]:
 
 app.command("study")(study_command)
 app.command("report")(report_command)
+app.command("prune")(prune_command)
 
 
 @app.callback()
