@@ -60,7 +60,8 @@ def synflow_score(model: nn.Module, masks: Mapping[str, Tensor], input_shape: tu
                 parameter.abs_()
         for name, parameter in kept.items():
             parameter.mul_(masks[name].to(parameter.device))
-    output = network(torch.ones(1, *input_shape, dtype=torch.float64))
+    device = next(network.parameters()).device
+    output = network(torch.ones(1, *input_shape, dtype=torch.float64, device=device))
     gradients = torch.autograd.grad(output.sum(), list(kept.values()))
     return float(sum((w.detach() * g).abs().sum() for w, g in zip(kept.values(), gradients, strict=True)))
 
@@ -72,8 +73,9 @@ def snip_score(model: nn.Module, masks: Mapping[str, Tensor], batch: tuple[Tenso
     with torch.no_grad():
         for name, parameter in kept.items():
             parameter.mul_(masks[name].to(parameter.device))
+    device = next(network.parameters()).device
     inputs, targets = batch
-    loss = F.cross_entropy(network(inputs), targets)
+    loss = F.cross_entropy(network(inputs.to(device)), targets.to(device))
     gradients = torch.autograd.grad(loss, list(kept.values()))
     return float(sum((w.detach() * g).abs().sum() for w, g in zip(kept.values(), gradients, strict=True)))
 
@@ -114,12 +116,14 @@ def short_train_evaluation(
     # same seed -> every candidate sees the same batches in the same order
     generator = torch.Generator().manual_seed(seed)
     n_train = len(data.y_train)
+    device = next(model.parameters()).device
     done = 0
     model.train()
     with deterministic_algorithms():
         while done < steps:
             for indices in batch_order(n_train, batch_size, generator):
-                loss = F.cross_entropy(model(data.x_train[indices]), data.y_train[indices])
+                inputs, targets = data.x_train[indices].to(device), data.y_train[indices].to(device)
+                loss = F.cross_entropy(model(inputs), targets)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()

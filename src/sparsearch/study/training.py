@@ -4,8 +4,9 @@
 learning rate, optionally under a Sparsifier built by ``sparsifier_factory(total_steps)``, and evaluates the
 validation and test accuracy after every epoch. Determinism: the weights come from the model's own seed
 (``build_model(seed=...)``); the loop seeds torch with ``seed``, shuffles with a ``torch.Generator`` seeded
-with ``seed``, and runs with ``torch.use_deterministic_algorithms(True)`` (restored afterwards). Results are
-bit-identical for the same seed, torch build and thread count.
+with ``seed``, and runs with ``torch.use_deterministic_algorithms(True, warn_only=True)`` (restored
+afterwards). Results are bit-identical for the same seed, torch build, device and thread count. Batches move
+to the device of the model's parameters, so a model on a GPU trains there.
 
 Training FLOPs count 3x the non-zero forward FLOPs per sample seen (forward, input-gradient and
 weight-gradient passes), measured on the weights at every step, and the dense weight-gradient pass instead
@@ -106,15 +107,21 @@ def make_scheduler(
     )
 
 
+def _device_of(model: nn.Module) -> torch.device:
+    parameter = next(model.parameters(), None)
+    return parameter.device if parameter is not None else torch.device("cpu")
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = EVAL_BATCH_SIZE) -> tuple[float, float]:
     """(accuracy, mean cross-entropy loss) of ``model`` on ``x, y``, in batches, in eval mode."""
     was_training = model.training
     model.eval()
     correct, loss_sum = 0, 0.0
+    device = _device_of(model)
     for start in range(0, len(y), batch_size):
-        logits = model(x[start : start + batch_size])
-        target = y[start : start + batch_size]
+        logits = model(x[start : start + batch_size].to(device))
+        target = y[start : start + batch_size].to(device)
         correct += int((logits.argmax(dim=1) == target).sum())
         loss_sum += float(F.cross_entropy(logits, target, reduction="sum"))
     model.train(was_training)
@@ -129,13 +136,15 @@ def batch_order(n: int, batch_size: int, generator: torch.Generator) -> Iterator
 
 @contextmanager
 def deterministic_algorithms() -> Iterator[None]:
-    """Run the block with ``torch.use_deterministic_algorithms(True)`` and restore the previous setting."""
+    """Run the block with deterministic algorithms (warn-only) and restore the previous setting."""
     previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
+    previous_warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    # warn_only: an op without a deterministic kernel (or CUDA without CUBLAS_WORKSPACE_CONFIG) warns, not fails
+    torch.use_deterministic_algorithms(True, warn_only=True)
     try:
         yield
     finally:
-        torch.use_deterministic_algorithms(previous)
+        torch.use_deterministic_algorithms(previous, warn_only=previous_warn_only)
 
 
 class _FlopMeter:
@@ -187,6 +196,7 @@ def train(
     if sparsifier is not None:
         sparsifier.attach(model, optimizer)
     flops = _FlopMeter(model, data.input_shape)
+    device = _device_of(model)
     history: list[EpochMetrics] = []
     step = 0
     model.train()
@@ -196,7 +206,8 @@ def train(
             loss_sum = 0.0
             for indices in batch_order(n_train, budget.batch_size, shuffle_generator):
                 dense_steps_before = sparsifier.dense_gradient_steps if sparsifier is not None else 0
-                loss = F.cross_entropy(model(data.x_train[indices]), data.y_train[indices])
+                inputs, targets = data.x_train[indices].to(device), data.y_train[indices].to(device)
+                loss = F.cross_entropy(model(inputs), targets)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
