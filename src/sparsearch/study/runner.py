@@ -94,7 +94,9 @@ class Executor(Protocol):
     def run(self, config: StudyConfig, trials: Sequence[TrialSpec], handle: EventHandler) -> None: ...
 
 
-def _run_one_thread(config: StudyConfig, spec: TrialSpec, on_epoch: Callable[[EpochRow], None]) -> TrialOutcome:
+def run_trial_single_threaded(
+    config: StudyConfig, spec: TrialSpec, on_epoch: Callable[[EpochRow], None]
+) -> TrialOutcome:
     from sparsearch.study.trial import run_trial
 
     threads = torch.get_num_threads()
@@ -112,7 +114,7 @@ class InlineExecutor:
         for spec in trials:
             handle(TrialStarted(spec.key, time.time()))
             try:
-                outcome = _run_one_thread(config, spec, lambda row, key=spec.key: handle(EpochDone(key, row)))
+                outcome = run_trial_single_threaded(config, spec, lambda row, key=spec.key: handle(EpochDone(key, row)))
             except Exception:
                 handle(TrialFailed(spec.key, traceback.format_exc()))
             else:
@@ -167,7 +169,7 @@ def _run_in_worker(config: StudyConfig, spec: TrialSpec) -> TrialOutcome:
     events = _worker_events
     assert events is not None, "worker was not initialised"
     events.put(TrialStarted(spec.key, time.time()))
-    return _run_one_thread(config, spec, lambda row: events.put(EpochDone(spec.key, row)))
+    return run_trial_single_threaded(config, spec, lambda row: events.put(EpochDone(spec.key, row)))
 
 
 class ProcessExecutor:

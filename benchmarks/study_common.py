@@ -1,0 +1,104 @@
+"""Shared by the study benchmarks: run `sparsearch study` as a subprocess (what a user types), time it, and
+write the report's table, the search-vs-random comparison, machine, date and load to benchmarks/results/."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from sparsearch.report import write_report
+from sparsearch.report.summary import COMPARISON_HEADERS, TABLE_HEADERS, comparison_cells, markdown_table, table_cells
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+OUT = HERE / "out"
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, torch {torch.__version__}"
+
+
+def run_and_record(
+    name: str, *, study_file: Path | None, title: str, resume: bool = False, workers: int | None = None
+) -> dict:
+    out = OUT / name
+    store = out / f"{name}.sqlite"
+    if not resume and out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-m", "sparsearch.cli", "study"]
+    command += [str(study_file)] if study_file is not None else []
+    command += ["--store", str(store), "--no-report"]
+    command += ["--workers", str(workers)] if workers else []
+    load_before = os.getloadavg()
+    started_at = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    started = time.perf_counter()
+    subprocess.run(command, check=True)
+    wall = time.perf_counter() - started
+    load_after = os.getloadavg()
+    report = write_report(store, folder=out / "report")
+    RESULTS.mkdir(exist_ok=True)
+    for plot in (report.files.accuracy_plot, report.files.convergence_plot):
+        shutil.copyfile(plot, RESULTS / f"{name}_{plot.name}")
+    config = json.loads(report.files.json.read_text())["config"]
+    command_text = "sparsearch study" + (f" {study_file.relative_to(HERE.parent)}" if study_file else "")
+    lines = [
+        f"# {title}",
+        "",
+        f"Command: `{command_text}` ({'resumed' if resume else 'fresh store'}), workers: {workers or os.cpu_count()}.",
+        f"Date: {started_at}. Machine: {machine()}.",
+        f"Wall time: **{wall:.0f} s ({wall / 60:.1f} min)**"
+        + (" (resumed run: only the remaining trials)" if resume else "")
+        + f". Load average (1 min) before {load_before[0]:.2f}, after {load_after[0]:.2f}: other work shared "
+        "the cores during the run.",
+        "",
+        f"Study: data set `{config['dataset']}`, model `{config['model']}`, sparsities {config['sparsities']}, "
+        f"seeds {config['seeds']}, budget {config['budget']}, search {config['search']}.",
+        "",
+        markdown_table(TABLE_HEADERS, table_cells(report.rows)),
+        "",
+        "Random Search winner minus its random counterpart (same space, sparsity and seed; percentage points):",
+        "",
+        markdown_table(COMPARISON_HEADERS, comparison_cells(report.comparison)),
+        "",
+        "sparsity = fraction of zero weights among masked (Linear/Conv) weights; node sparsity = fraction of "
+        "hidden units removed. Epochs to 95% of dense: first epoch reaching 95% of the dense parent's final test "
+        "accuracy at the same seed (mean over seeds that reach it; count when not all do).",
+        "",
+        f"![accuracy vs sparsity]({name}_accuracy_vs_sparsity.png)",
+        f"![convergence]({name}_convergence.png)",
+        "",
+    ]
+    (RESULTS / f"{name}.md").write_text("\n".join(lines), encoding="utf-8")
+    document = {
+        "title": title,
+        "command": command_text,
+        "date": started_at,
+        "machine": machine(),
+        "wall_seconds": wall,
+        "load_average_before": load_before,
+        "load_average_after": load_after,
+        "resumed": resume,
+        "summary": [row.__dict__ for row in report.rows],
+        "search_vs_random": [row.__dict__ for row in report.comparison],
+        "config": config,
+    }
+    (RESULTS / f"{name}.json").write_text(json.dumps(document, indent=1), encoding="utf-8")
+    print((RESULTS / f"{name}.md").read_text())
+    return document
