@@ -76,8 +76,12 @@ def test_mnist1d_is_generated_once_then_read_from_the_cache(tmp_path, monkeypatc
 
 def test_mnist1d_cache_dir_comes_from_the_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("SPARSEARCH_CACHE", str(tmp_path / "env-cache"))
+    np.random.seed(5)
+    expected_next = np.random.rand()
+    np.random.seed(5)
     load_dataset("mnist1d", mnist1d_samples=200)
     assert len(list((tmp_path / "env-cache").glob("mnist1d-200-*.npz"))) == 1
+    assert np.random.rand() == expected_next  # generating left the caller's global numpy RNG alone
 
 
 def test_mnist1d_sample_count_is_checked(tmp_path):

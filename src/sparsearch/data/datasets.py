@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import os
+import random
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -154,7 +155,13 @@ def _mnist1d_arrays(cache_dir: Path, num_samples: int) -> Arrays:
     args = get_dataset_args()
     args.num_samples = num_samples
     args.seed = MNIST1D_GENERATOR_SEED
-    generated = make_dataset(args)
+    # make_dataset reseeds the global `random` and `np.random` generators; give the caller its state back
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    try:
+        generated = make_dataset(args)
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
     arrays = {key: np.asarray(generated[key]) for key in ("x", "y", "x_test", "y_test")}
     arrays["x"], arrays["x_test"] = arrays["x"].astype(np.float32), arrays["x_test"].astype(np.float32)
     cache_dir.mkdir(parents=True, exist_ok=True)
