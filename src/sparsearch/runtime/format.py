@@ -1,0 +1,148 @@
+"""The sparse weight format of the runtime: column-panelled CSR (`PanelCSRMatrix`).
+
+A weight matrix (rows = output features, cols = input features) is cut into column panels of at most
+`panel_width` columns. Inside a panel, the non-zeros of each row are stored CSR-style with column indices
+local to the panel, so indices always fit in uint16 whatever the layer width. Panels keep the slice of the
+activations that the kernel touches inside the L2 cache for large layers (measured in
+benchmarks/runtime_kernels.py); layers no wider than one panel are plain CSR.
+
+Storage per non-zero: 4 bytes (float32 value) + 2 bytes (uint16 index), plus 2 bytes per (panel, row) segment
+for its length.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+DEFAULT_MAX_PANEL_WIDTH = 1024
+MAX_PANEL_WIDTH = 65535
+
+
+def default_panel_width(cols: int) -> int:
+    """Panel width for a layer with `cols` input features: one panel up to 1024 columns, else balanced panels."""
+    if cols <= DEFAULT_MAX_PANEL_WIDTH:
+        return max(cols, 1)
+    panels = -(-cols // DEFAULT_MAX_PANEL_WIDTH)
+    return -(-cols // panels)
+
+
+@dataclass(frozen=True)
+class PanelCSRMatrix:
+    """A sparse float32 matrix in column-panelled CSR; build with `from_dense`, check with `validate`.
+
+    segment_nnz[p, i] is the number of non-zeros of row i inside panel p; values and col_indices list them
+    panel by panel, row by row. segment_ptr and row_nnz_prefix are derived offsets used by the kernels.
+    """
+
+    shape: tuple[int, int]
+    panel_width: int
+    values: torch.Tensor  # float32 [nnz]
+    col_indices: torch.Tensor  # uint16 [nnz], local to the panel
+    segment_nnz: torch.Tensor  # uint16 [panels, rows]
+    segment_ptr: torch.Tensor  # int64 [panels * rows + 1]
+    row_nnz_prefix: torch.Tensor  # int64 [rows + 1]
+
+    @property
+    def rows(self) -> int:
+        return self.shape[0]
+
+    @property
+    def cols(self) -> int:
+        return self.shape[1]
+
+    @property
+    def panels(self) -> int:
+        return int(self.segment_nnz.shape[0])
+
+    @property
+    def nnz(self) -> int:
+        return int(self.values.numel())
+
+    @property
+    def density(self) -> float:
+        return self.nnz / max(self.rows * self.cols, 1)
+
+    @property
+    def storage_bytes(self) -> int:
+        """Bytes of the stored arrays (values, indices, segment lengths); offsets are rebuilt on load."""
+        return sum(t.numel() * t.element_size() for t in (self.values, self.col_indices, self.segment_nnz))
+
+    @classmethod
+    def from_dense(cls, weight: torch.Tensor, panel_width: int | None = None) -> PanelCSRMatrix:
+        """Keep the exact non-zeros of a 2-D weight (masked or pruned weights have exact zeros)."""
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+            raise ValueError(f"weight must be a 2-D tensor, got {type(weight).__name__} "
+                             f"with shape {tuple(getattr(weight, 'shape', ()))}")
+        if not weight.is_floating_point():
+            raise TypeError(f"weight must be floating point, got dtype {weight.dtype}")
+        rows, cols = weight.shape
+        width = default_panel_width(cols) if panel_width is None else panel_width
+        if not 1 <= width <= MAX_PANEL_WIDTH:
+            raise ValueError(f"panel_width must be in [1, {MAX_PANEL_WIDTH}], got {width}")
+        panels = max(-(-cols // width), 1)
+        dense = weight.detach().to(device="cpu", dtype=torch.float32)
+        padded = torch.zeros(rows, panels * width, dtype=torch.float32)
+        padded[:, :cols] = dense
+        by_panel = padded.view(rows, panels, width).permute(1, 0, 2)  # [panels, rows, width]
+        nonzero = by_panel != 0
+        positions = nonzero.nonzero()  # sorted by (panel, row, col): the storage order
+        values = by_panel[positions[:, 0], positions[:, 1], positions[:, 2]].contiguous()
+        col_indices = positions[:, 2].to(torch.int32).to(torch.uint16)
+        segment_nnz = nonzero.sum(dim=2).to(torch.int32).to(torch.uint16)
+        return cls.from_arrays((rows, cols), width, values, col_indices, segment_nnz)
+
+    @classmethod
+    def from_arrays(cls, shape: tuple[int, int], panel_width: int, values: torch.Tensor,
+                    col_indices: torch.Tensor, segment_nnz: torch.Tensor) -> PanelCSRMatrix:
+        """Assemble from the stored arrays and derive the offsets; call `validate` on untrusted input."""
+        counts = segment_nnz.to(torch.int64)
+        segment_ptr = torch.zeros(counts.numel() + 1, dtype=torch.int64)
+        torch.cumsum(counts.reshape(-1), 0, out=segment_ptr[1:])
+        row_nnz_prefix = torch.zeros(shape[0] + 1, dtype=torch.int64)
+        if counts.numel():
+            torch.cumsum(counts.sum(dim=0), 0, out=row_nnz_prefix[1:])
+        return cls((int(shape[0]), int(shape[1])), int(panel_width), values.contiguous(),
+                   col_indices.contiguous(), segment_nnz.contiguous(), segment_ptr, row_nnz_prefix)
+
+    def validate(self) -> None:
+        """Raise ValueError if the arrays do not describe a valid matrix (checked before any kernel reads them)."""
+        rows, cols = self.shape
+        if rows < 0 or cols < 0:
+            raise ValueError(f"shape must be non-negative, got {self.shape}")
+        if not 1 <= self.panel_width <= MAX_PANEL_WIDTH:
+            raise ValueError(f"panel_width must be in [1, {MAX_PANEL_WIDTH}], got {self.panel_width}")
+        panels = max(-(-cols // self.panel_width), 1)
+        expected = {"values": torch.float32, "col_indices": torch.uint16, "segment_nnz": torch.uint16}
+        for name, dtype in expected.items():
+            tensor = getattr(self, name)
+            if tensor.dtype != dtype:
+                raise ValueError(f"{name} must have dtype {dtype}, got {tensor.dtype}")
+        if tuple(self.segment_nnz.shape) != (panels, rows):
+            raise ValueError(f"segment_nnz must have shape {(panels, rows)} for a {rows}x{cols} matrix with "
+                             f"panel width {self.panel_width}, got {tuple(self.segment_nnz.shape)}")
+        if self.values.dim() != 1 or self.col_indices.shape != self.values.shape:
+            raise ValueError(f"values and col_indices must be 1-D of equal length, got "
+                             f"{tuple(self.values.shape)} and {tuple(self.col_indices.shape)}")
+        counts = self.segment_nnz.to(torch.int64)
+        panel_widths = torch.clamp(cols - torch.arange(panels) * self.panel_width, max=self.panel_width)
+        if bool((counts > panel_widths[:, None]).any()):
+            raise ValueError("a segment of segment_nnz holds more non-zeros than its panel has columns")
+        total = int(counts.sum())
+        if total != self.nnz:
+            raise ValueError(f"segment_nnz sums to {total} non-zeros but {self.nnz} values are stored")
+        if total:
+            panel_of_entry = torch.repeat_interleave(torch.arange(panels), counts.sum(dim=1))
+            if bool((self.col_indices.to(torch.int64) >= panel_widths[panel_of_entry]).any()):
+                raise ValueError(f"column index out of range for a matrix with {cols} columns")
+
+    def to_dense(self) -> torch.Tensor:
+        """The dense float32 matrix (for checks and for layers that fall back to dense)."""
+        rows, cols = self.shape
+        dense = torch.zeros(rows, self.panels * self.panel_width, dtype=torch.float32)
+        counts = self.segment_nnz.to(torch.int64).reshape(-1)
+        segment = torch.repeat_interleave(torch.arange(counts.numel()), counts)
+        panel, row = segment // max(rows, 1), segment % max(rows, 1)
+        dense[row, panel * self.panel_width + self.col_indices.to(torch.int64)] = self.values
+        return dense[:, :cols].contiguous()

@@ -1,0 +1,105 @@
+"""Sparse kernels agree with the dense masked computation for any shape, sparsity pattern and input layout."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from sparsearch.runtime import PanelCSRMatrix, sparse_linear
+
+BACKENDS = ["c", "numba"]
+
+
+def masked_weight(rows, cols, sparsity, seed, empty_row, dense_row):
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn(rows, cols, generator=generator)
+    weight *= torch.rand(rows, cols, generator=generator) >= sparsity
+    if rows and empty_row:
+        weight[0] = 0
+    if rows > 1 and dense_row:
+        weight[-1] = torch.randn(cols, generator=generator)
+    return weight
+
+
+def make_input(batch_shape, cols, layout, seed):
+    generator = torch.Generator().manual_seed(seed + 1)
+    if layout == "transposed" and len(batch_shape) == 1:
+        return torch.randn(cols, *batch_shape, generator=generator).t()
+    if layout == "strided":
+        return torch.randn(*batch_shape, 2 * cols, generator=generator)[..., ::2]
+    return torch.randn(*batch_shape, cols, generator=generator)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    rows=st.integers(0, 40),
+    cols=st.integers(0, 300),
+    sparsity=st.sampled_from([0.0, 0.5, 0.9, 0.98, 1.0]),
+    panel_width=st.sampled_from([None, 1, 7, 64]),
+    batch_shape=st.sampled_from([(), (0,), (1,), (2,), (9,), (70,), (3, 5), (2, 0, 4)]),
+    layout=st.sampled_from(["contiguous", "transposed", "strided"]),
+    with_bias=st.booleans(),
+    empty_row=st.booleans(),
+    dense_row=st.booleans(),
+    seed=st.integers(0, 1000),
+)
+def test_sparse_linear_matches_dense_masked_linear(backend, rows, cols, sparsity, panel_width, batch_shape,
+                                                   layout, with_bias, empty_row, dense_row, seed):
+    weight = masked_weight(rows, cols, sparsity, seed, empty_row, dense_row)
+    bias = torch.randn(rows) if with_bias else None
+    matrix = PanelCSRMatrix.from_dense(weight, panel_width)
+    x = make_input(batch_shape, cols, layout, seed)
+    got = sparse_linear(x, matrix, bias, backend=backend)
+    expected = F.linear(x, weight, bias)
+    assert got.shape == expected.shape
+    assert got.is_contiguous()
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 * max(1.0, cols**0.5))
+
+
+def test_format_round_trips_exact_nonzeros():
+    weight = masked_weight(50, 2500, 0.9, seed=3, empty_row=True, dense_row=True)
+    matrix = PanelCSRMatrix.from_dense(weight)
+    matrix.validate()
+    assert matrix.panels == 3  # 2500 columns -> panels of at most 1024
+    assert matrix.nnz == int((weight != 0).sum())
+    assert torch.equal(matrix.to_dense(), weight)
+    assert matrix.storage_bytes == 6 * matrix.nnz + 2 * matrix.panels * 50
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_large_layer_uses_all_threads_and_stays_correct(backend):
+    weight = masked_weight(600, 2100, 0.8, seed=5, empty_row=False, dense_row=False)
+    matrix = PanelCSRMatrix.from_dense(weight)
+    x = torch.randn(130, 2100)
+    torch.testing.assert_close(sparse_linear(x, matrix, backend=backend), F.linear(x, weight),
+                               rtol=1e-4, atol=1e-3)
+
+
+def test_bad_inputs_raise_clear_errors():
+    matrix = PanelCSRMatrix.from_dense(torch.eye(4))
+    with pytest.raises(ValueError, match="in_features=4"):
+        sparse_linear(torch.randn(2, 5), matrix)
+    with pytest.raises(TypeError, match="float64"):
+        sparse_linear(torch.randn(2, 4, dtype=torch.float64), matrix)
+    with pytest.raises(TypeError, match=r"torch\.Tensor"):
+        sparse_linear([[1.0] * 4], matrix)
+    with pytest.raises(ValueError, match="panel_width"):
+        PanelCSRMatrix.from_dense(torch.eye(4), panel_width=0)
+    with pytest.raises(ValueError, match="2-D"):
+        PanelCSRMatrix.from_dense(torch.ones(4))
+    with pytest.raises(ValueError, match="unknown kernel backend"):
+        sparse_linear(torch.randn(2, 4), matrix, backend="cuda")
+
+
+def test_validate_rejects_inconsistent_arrays():
+    matrix = PanelCSRMatrix.from_dense(torch.eye(4))
+    bad_index = PanelCSRMatrix.from_arrays((4, 4), 4, matrix.values, torch.full((4,), 9, dtype=torch.uint16),
+                                           matrix.segment_nnz)
+    with pytest.raises(ValueError, match="column index out of range"):
+        bad_index.validate()
+    bad_count = PanelCSRMatrix.from_arrays((4, 4), 4, matrix.values[:3], matrix.col_indices[:3],
+                                           matrix.segment_nnz)
+    with pytest.raises(ValueError, match="sums to 4 non-zeros but 3"):
+        bad_count.validate()
