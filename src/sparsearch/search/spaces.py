@@ -14,7 +14,8 @@ dense), so "weight sparsity" means the same thing in both: the fraction of those
   breakpoints of the rounding) so that the number of kept weights is the closest possible to
   ``(1 - sparsity) * total`` (ties go to the denser configuration). Which units stay is uniformly random.
   Whole neurons make the achieved sparsity a step function of ``f``: ``NodeSpace.achieved_sparsity`` says
-  where it landed (for the default MLP parent within ~0.002 of the target).
+  where it landed: for the default MLP parent within 0.001 of every target in 0.5-0.99, for the default CNN
+  (fewer, larger units) within 0.007.
 """
 
 from __future__ import annotations
