@@ -122,8 +122,9 @@ def test_node_space_removes_whole_neurons_so_their_biases_no_longer_matter():
     assert torch.equal(model(x), before)
 
 
-def test_cnn_node_space_removes_channels_including_their_classifier_columns():
-    model = build_model("cnn", (40,), 10, widths=(8, 12), seed=0)
+@pytest.mark.parametrize("input_shape", [(40,), (1, 8, 8)])
+def test_cnn_node_space_removes_channels_including_their_classifier_columns(input_shape):
+    model = build_model("cnn", input_shape, 10, widths=(8, 12), seed=0)
     space = NodeSpace(model, 0.7)
     masks = space.sample(torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -132,7 +133,7 @@ def test_cnn_node_space_removes_channels_including_their_classifier_columns():
                 parameter.mul_(masks[name])
     removed = ~masks["convs.1.weight"].reshape(12, -1).any(dim=1)
     assert int(removed.sum()) == 12 - space.kept_units["convs.1.weight"]
-    x = torch.randn(4, 40)
+    x = torch.randn(4, *input_shape)
     before = model(x)
     with torch.no_grad():
         model.convs[1].bias[removed] += 50.0
