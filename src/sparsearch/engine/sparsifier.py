@@ -139,7 +139,7 @@ class Sparsifier:
         self.batch: Batch | None = None
         self._owners: dict[str, tuple[nn.Module, str]] = {}
         self._handles: list[Any] = []
-        self._pruned_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._multiplier_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._skip_requested = False
         self._snapshot: dict[str, Any] | None = None
         self._density: float | None = None
@@ -224,7 +224,7 @@ class Sparsifier:
         if self.model is not None:
             del self.model._sparsearch_sparsifier
         self.model, self.optimizer, self._handles, self._owners = None, None, [], {}
-        self._pruned_cache = {}
+        self._multiplier_cache = {}
 
     def finalize(self) -> None:
         """Bake the masks into the weights (zeros at masked positions) and detach."""
@@ -255,12 +255,13 @@ class Sparsifier:
             self._set_mask(name, mask)
         self.apply_masks()
 
-    def _pruned(self, name: str, mask: torch.Tensor) -> torch.Tensor:
-        """~mask, cached until the mask buffer is replaced or moved (masking then costs one fill per tensor)."""
-        cached = self._pruned_cache.get(name)
-        if cached is None or cached[0] is not mask:
-            cached = (mask, ~mask)
-            self._pruned_cache[name] = cached
+    def _multiplier(self, name: str, mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """The mask as 0/1 in ``like``'s dtype, cached until the mask buffer is replaced or moved: an in-place
+        multiply by a float mask is several times faster than masked_fill_ or a multiply by a bool mask."""
+        cached = self._multiplier_cache.get(name)
+        if cached is None or cached[0] is not mask or cached[1].dtype != like.dtype:
+            cached = (mask, mask.to(like.dtype))
+            self._multiplier_cache[name] = cached
         return cached[1]
 
     def keep_counts(self, sparsity: float | None = None) -> dict[str, int]:
@@ -316,12 +317,12 @@ class Sparsifier:
             return
         for name, mask in self.masks.items():
             param = self.params[name]
-            pruned = self._pruned(name, mask)
-            param.masked_fill_(pruned, 0.0)
+            multiplier = self._multiplier(name, mask, param)
+            param.mul_(multiplier)
             if self.optimizer is not None:
                 for value in self.optimizer.state.get(param, {}).values():
                     if torch.is_tensor(value) and value.shape == param.shape:
-                        value.masked_fill_(pruned, 0)
+                        value.mul_(multiplier if value.dtype == param.dtype else mask)
 
     def density(self) -> float:
         """Fraction of masked weights currently kept (all masked layers together)."""
@@ -352,7 +353,7 @@ class Sparsifier:
         for name, mask in self.masks.items():
             grad = self.params[name].grad
             if grad is not None:
-                grad.masked_fill_(self._pruned(name, mask), 0.0)
+                grad.mul_(self._multiplier(name, mask, grad))
 
     def _post_step_hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if self._snapshot is not None:
