@@ -5,7 +5,7 @@
     again = sparsearch.runtime.load_sparse("m.safetensors", build_model())
 """
 
-from sparsearch.runtime.convert import ConversionReport, LayerDecision, convert, convert_with_report
+from sparsearch.runtime.convert import ConversionReport, LayerDecision, convert, convert_file, convert_with_report
 from sparsearch.runtime.format import PanelCSRMatrix
 from sparsearch.runtime.kernels import get_backend, sparse_linear
 from sparsearch.runtime.modules import SparseLinear
@@ -17,6 +17,7 @@ __all__ = [
     "PanelCSRMatrix",
     "SparseLinear",
     "convert",
+    "convert_file",
     "convert_with_report",
     "get_backend",
     "load_sparse",

@@ -14,14 +14,20 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 from torch import nn
 
 from sparsearch.runtime.format import PanelCSRMatrix
 from sparsearch.runtime.kernels import sparse_linear
 from sparsearch.runtime.modules import SparseLinear
+from sparsearch.runtime.storage import write_sparse_file
+
+CHECKPOINT_MODEL_PREFIX = "model/"  # sparsearch.save checkpoints keep the model's state dict under this prefix
 
 
 @dataclass(frozen=True)
@@ -160,3 +166,54 @@ def convert(model: nn.Module, *, batch_sizes: Sequence[int] = (1, 64), min_speed
     converted, _ = convert_with_report(model, batch_sizes=batch_sizes, min_speedup=min_speedup,
                                        max_density=max_density, repeats=repeats, inplace=inplace)
     return converted
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise ValueError(f"model file {str(path)!r} does not exist")
+    try:
+        state = load_file(str(path))
+    except SafetensorError as error:
+        raise ValueError(f"{str(path)!r} is not a readable safetensors file: {error}") from error
+    if any(key.startswith(CHECKPOINT_MODEL_PREFIX) for key in state):
+        state = {k[len(CHECKPOINT_MODEL_PREFIX):]: v for k, v in state.items()
+                 if k.startswith(CHECKPOINT_MODEL_PREFIX)}
+    return state
+
+
+def convert_file(source: str | Path, target: str | Path, *, batch_sizes: Sequence[int] = (1, 64),
+                 min_speedup: float = 1.05, max_density: float = 0.7,
+                 repeats: int = 5) -> tuple[ConversionReport, int]:
+    """Convert a safetensors state dict (or a `sparsearch.save` checkpoint) to a sparse file, no model needed.
+
+    Every 2-D floating `<name>.weight` is treated as a Linear layer (with `<name>.bias` if present) and
+    decided like `convert` does; everything else is copied dense. Load the result with
+    `load_sparse(target, model)`. Returns the report and the size of the written file in bytes.
+    """
+    source, target = Path(source), Path(target)
+    if source.resolve() == target.resolve():
+        raise ValueError(f"target must differ from the source file, got {str(target)!r} for both")
+    state = _read_state_dict(source)
+    out: dict[str, torch.Tensor] = {}
+    layers: dict[str, dict[str, object]] = {}
+    decisions = []
+    for key, tensor in state.items():
+        name, _, leaf = key.rpartition(".")
+        if leaf != "weight" or tensor.dim() != 2 or not tensor.is_floating_point():
+            continue
+        bias = state.get(f"{name}.bias")
+        linear = nn.Linear(tensor.shape[1], tensor.shape[0], bias=bias is not None)
+        with torch.no_grad():
+            linear.weight.copy_(tensor)
+            if bias is not None:
+                linear.bias.copy_(bias)
+        decision, sparse = _decide_linear(name, linear, batch_sizes, min_speedup, max_density, repeats)
+        decisions.append(decision)
+        if sparse is not None:
+            layers[name] = {"shape": list(tensor.shape), "panel_width": sparse.panel_width,
+                            "bias": bias is not None}
+            out.update({f"{name}.{k}": v for k, v in sparse.state_dict().items()})
+    for key, tensor in state.items():
+        if key.rpartition(".")[0] not in layers:
+            out[key] = tensor
+    return ConversionReport(decisions), write_sparse_file(out, layers, target)

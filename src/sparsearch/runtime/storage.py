@@ -39,8 +39,13 @@ def save_sparse(model: nn.Module, path: str | Path) -> int:
     layers = {name: {"shape": [m.out_features, m.in_features], "panel_width": m.panel_width,
                      "bias": m.bias is not None}
               for name, m in model.named_modules() if isinstance(m, SparseLinear)}
+    return write_sparse_file(model.state_dict(), layers, path)
+
+
+def write_sparse_file(state: dict[str, torch.Tensor], layers: dict[str, dict[str, Any]], path: str | Path) -> int:
+    """Write a state dict whose `layers` hold sparse arrays (see module docstring); returns the size in bytes."""
     # clone: tied/shared tensors must become separate entries for safetensors
-    tensors = {key: value.detach().cpu().contiguous().clone() for key, value in model.state_dict().items()}
+    tensors = {key: value.detach().cpu().contiguous().clone() for key, value in state.items()}
     metadata = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
@@ -48,6 +53,7 @@ def save_sparse(model: nn.Module, path: str | Path) -> int:
         "crc32": json.dumps({key: _crc32(value) for key, value in tensors.items()}),
     }
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path), metadata=metadata)
     return path.stat().st_size
 

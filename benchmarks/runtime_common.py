@@ -1,0 +1,59 @@
+"""Shared by the runtime benchmarks: interleaved median timing, machine description, result writing."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def machine() -> dict:
+    cpu = "unknown CPU"
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "system": f"{platform.system()} {platform.release()}", "torch": torch.__version__,
+            "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+            "load_average_at_start": [round(v, 2) for v in os.getloadavg()]}
+
+
+def interleaved_medians(fns: dict[str, Callable[[], object]], min_rounds: int = 5, max_rounds: int = 25,
+                        budget_s: float = 1.5) -> dict[str, float]:
+    """Median seconds per call; one call of every function per round, so load drift hits all of them alike."""
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    start = time.perf_counter()
+    rounds = 0
+    while rounds < min_rounds or (rounds < max_rounds and time.perf_counter() - start < budget_s):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+        rounds += 1
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def write_results(name: str, payload: dict, markdown: str) -> None:
+    RESULTS.mkdir(exist_ok=True)
+    payload["machine"]["load_average_at_end"] = [round(v, 2) for v in os.getloadavg()]
+    (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=2))
+    m = payload["machine"]
+    header = (f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads), "
+              f"{m['system']}. Date: {m['date']}. Load average at start {m['load_average_at_start']}, "
+              f"at end {m['load_average_at_end']} (other jobs shared the CPU; ratios are from the same run, "
+              f"interleaved, medians).\n\n")
+    (RESULTS / f"{name}.md").write_text(header + markdown)
