@@ -13,6 +13,7 @@ import typer
 from rich.console import Console
 
 from sparsearch.oneshot.commands import prune_command
+from sparsearch.runtime.commands import convert_command
 from sparsearch.study.commands import report_command, study_command
 
 app = typer.Typer(
@@ -39,6 +40,7 @@ def user_errors() -> Iterator[None]:
 app.command("study")(study_command)
 app.command("report")(report_command)
 app.command("prune")(prune_command)
+app.command("convert")(convert_command)
 
 
 @app.callback()
