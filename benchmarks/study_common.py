@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import resource
 import shutil
 import subprocess
 import sys
@@ -35,23 +36,41 @@ def machine() -> str:
 
 
 def run_and_record(
-    name: str, *, study_file: Path | None, title: str, resume: bool = False, workers: int | None = None
+    name: str,
+    *,
+    study_file: Path | None,
+    title: str,
+    resume: bool = False,
+    workers: int | None = None,
+    report_only: bool = False,
 ) -> dict:
+    """Run the study (fresh, or resumed), or with ``report_only`` re-render the results of the last run."""
     out = OUT / name
     store = out / f"{name}.sqlite"
-    if not resume and out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-m", "sparsearch.cli", "study"]
-    command += [str(study_file)] if study_file is not None else []
-    command += ["--store", str(store), "--no-report"]
-    command += ["--workers", str(workers)] if workers else []
-    load_before = os.getloadavg()
-    started_at = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    started = time.perf_counter()
-    subprocess.run(command, check=True)
-    wall = time.perf_counter() - started
-    load_after = os.getloadavg()
+    if report_only:
+        previous = json.loads((RESULTS / f"{name}.json").read_text())
+        started_at, wall, resume = previous["date"], previous["wall_seconds"], previous["resumed"]
+        load_before, load_after, workers = previous["load_average_before"], previous["load_average_after"], None
+        cpu = previous.get("cpu_seconds")
+    else:
+        if not resume and out.exists():
+            shutil.rmtree(out)
+        out.mkdir(parents=True, exist_ok=True)
+        command = [sys.executable, "-m", "sparsearch.cli", "study"]
+        command += [str(study_file)] if study_file is not None else []
+        command += ["--store", str(store), "--no-report"]
+        command += ["--workers", str(workers)] if workers else []
+        load_before = os.getloadavg()
+        started_at = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+        started = time.perf_counter()
+        usage_before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        subprocess.run(command, check=True)
+        wall = time.perf_counter() - started
+        # CPU time of the whole process tree (study process, fork server, workers): what the study itself
+        # needed, whatever else shared the cores
+        usage_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = (usage_after.ru_utime - usage_before.ru_utime) + (usage_after.ru_stime - usage_before.ru_stime)
+        load_after = os.getloadavg()
     report = write_report(store, folder=out / "report")
     RESULTS.mkdir(exist_ok=True)
     for plot in (report.files.accuracy_plot, report.files.convergence_plot):
@@ -66,7 +85,13 @@ def run_and_record(
         f"Wall time: **{wall:.0f} s ({wall / 60:.1f} min)**"
         + (" (resumed run: only the remaining trials)" if resume else "")
         + f". Load average (1 min) before {load_before[0]:.2f}, after {load_after[0]:.2f}: other work shared "
-        "the cores during the run.",
+        "the cores during the run."
+        + (
+            f" CPU time of the study's processes: {cpu:.0f} s, i.e. about {cpu / 2 / 60:.1f} min of wall time "
+            "on 2 otherwise idle cores."
+            if cpu
+            else ""
+        ),
         "",
         f"Study: data set `{config['dataset']}`, model `{config['model']}`, sparsities {config['sparsities']}, "
         f"seeds {config['seeds']}, budget {config['budget']}, search {config['search']}.",
@@ -92,6 +117,7 @@ def run_and_record(
         "date": started_at,
         "machine": machine(),
         "wall_seconds": wall,
+        "cpu_seconds": cpu,
         "load_average_before": load_before,
         "load_average_after": load_after,
         "resumed": resume,

@@ -16,6 +16,7 @@ from study_common import run_and_record
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--resume", action="store_true", help="keep the store and finish the remaining trials")
+    parser.add_argument("--report-only", action="store_true", help="re-render the results of the last run")
     parser.add_argument("--workers", type=int, default=None, help="parallel trials (default: every core)")
     options = parser.parse_args()
     run_and_record(
@@ -24,4 +25,5 @@ if __name__ == "__main__":
         title="Default study: Random Search baseline on MNIST-1D (`sparsearch study`)",
         resume=options.resume,
         workers=options.workers,
+        report_only=options.report_only,
     )

@@ -98,6 +98,48 @@ th{background:#f3f3f3}td{text-align:right}td:first-child{text-align:left}img{max
 pre{background:#f7f7f7;padding:1em;overflow:auto;font-size:12px}.note{color:#555}"""
 
 
+TRIAL_HEADERS = (
+    "Trial",
+    "Status",
+    "Test acc. %",
+    "Val. acc. %",
+    "Weight sparsity",
+    "Node sparsity",
+    "Search",
+    "Wall s",
+)
+
+
+def _percent(value: float | None) -> str:
+    return "" if value is None else f"{100 * value:.2f}"
+
+
+def _search_text(trial: dict) -> str:
+    search = search_info(trial)
+    if search is None:
+        return ""
+    scores = [
+        f"[{score:.4g}]" if i == search["best_index"] else f"{score:.4g}" for i, score in enumerate(search["scores"])
+    ]
+    return f"{search.get('scorer', 'scores')}: " + " ".join(scores)
+
+
+def _trial_cells(results: StudyResults) -> list[list[str]]:
+    return [
+        [
+            trial["key"],
+            trial["status"],
+            _percent(trial["test_accuracy"]),
+            _percent(trial["val_accuracy"]),
+            "" if trial["weight_sparsity"] is None else f"{trial['weight_sparsity']:.4f}",
+            "" if trial["node_sparsity"] is None else f"{trial['node_sparsity']:.3f}",
+            _search_text(trial),
+            "" if trial["wall_seconds"] is None else f"{trial['wall_seconds']:.1f}",
+        ]
+        for trial in results.trials
+    ]
+
+
 def _html_page(
     results: StudyResults, rows: list[ArmSummary], comparison: list[SearchComparison], files: ReportFiles
 ) -> str:
@@ -119,7 +161,8 @@ def _html_page(
         f"Epochs to {CONVERGENCE_FRACTION:.0%} of dense = first epoch whose test accuracy reaches "
         f"{CONVERGENCE_FRACTION:.0%} of the dense parent's final test accuracy at the same seed (mean over the "
         "seeds that reach it; the count in brackets when not all do; — if none). FLOPs count 2 per "
-        "multiply-accumulate for one sample's forward pass; training FLOPs cover the whole run.</p>",
+        "multiply-accumulate for one sample's forward pass; training FLOPs cover the whole training run (not the "
+        "search); wall time per trial includes the search of the search arms.</p>",
         "<h2>Results per arm and sparsity</h2>",
         _html_table(TABLE_HEADERS, table_cells(rows)),
     ]
@@ -135,6 +178,10 @@ def _html_page(
         _inline_png(files.accuracy_plot, "accuracy vs sparsity"),
         "<h2>Convergence</h2>",
         _inline_png(files.convergence_plot, "convergence curves"),
+        "<h2>Trials</h2>",
+        "<details><summary>every trial of the study (Random Search: scores of all candidates, winner marked)</summary>",
+        _html_table(TRIAL_HEADERS, _trial_cells(results)),
+        "</details>",
         "<h2>Study configuration</h2>",
         f"<pre>{html.escape(json.dumps(config, indent=2, sort_keys=True))}</pre>",
         "</body></html>",

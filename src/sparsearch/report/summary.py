@@ -216,6 +216,7 @@ TABLE_HEADERS = (
     "Non-zero FLOPs/sample",
     "Training FLOPs",
     "Node sparsity",
+    "Wall s/trial",
 )
 
 
@@ -232,6 +233,7 @@ def table_cells(rows: Sequence[ArmSummary]) -> list[list[str]]:
             format_count(row.flops_nonzero),
             format_count(row.train_flops),
             f"{row.node_sparsity:.2f}",
+            f"{row.wall_seconds:.1f}",
         ]
         for row in rows
     ]
