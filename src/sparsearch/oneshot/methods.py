@@ -183,55 +183,56 @@ def dsnot(
     dense64 = dense.detach().double()
     current = pruned.detach().double().clone()
     keep = keep.clone()
-    rows, cols = dense64.shape
     hessian = statistics.hessian.double()
     mean = statistics.sequence_sum.double()
-    growth_scale = (statistics.variance.double() + 1e-12) ** config.dsnot_variance_power
-    norms = statistics.column_norms.double()
+    norms = statistics.column_norms.float()
+    # Candidate selection only ranks, so it runs in float32; the error bookkeeping stays in float64.
+    grow_base = (dense64 * mean / (statistics.variance.double() + 1e-12) ** config.dsnot_variance_power).float()
+    mean32 = mean.float()
     difference = dense64 - current
     gram_difference = difference @ hessian
     error = difference @ mean
     touched = torch.zeros_like(keep)
-    row_index = torch.arange(rows)
-    column_group = torch.arange(cols) // config.n_m[1] if config.n_m is not None else None
-    active = error.abs() > config.dsnot_threshold
+    column_group = torch.arange(dense64.shape[1]) // config.n_m[1] if config.n_m is not None else None
+    active = (error.abs() > config.dsnot_threshold).nonzero().squeeze(1)
     swaps = 0
     for _ in range(config.dsnot_max_cycles):
-        if not active.any():
+        if active.numel() == 0:
             break
-        direction = torch.sign(error).unsqueeze(1)
-        grow_score = direction * dense64 * mean / growth_scale
-        grow_allowed = ~keep & ~touched & (grow_score > 0)
-        grow = grow_score.masked_fill(~grow_allowed, -math.inf).argmax(1)
+        direction = torch.sign(error[active]).float().unsqueeze(1)
+        untouched_kept, untouched_pruned = keep[active] & ~touched[active], ~keep[active] & ~touched[active]
+        grow_score = direction * grow_base[active]
+        grow_allowed = untouched_pruned & (grow_score > 0)
+        grow = grow_score.masked_fill_(~grow_allowed, -math.inf).argmax(1)
+        current_rows = current[active].float()
         if column_group is not None:
-            prune_allowed = keep & ~touched & (column_group.unsqueeze(0) == column_group[grow].unsqueeze(1))
+            prune_allowed = untouched_kept & (column_group.unsqueeze(0) == column_group[grow].unsqueeze(1))
         else:
-            prune_allowed = keep & ~touched & (direction * current * mean < 0)
-        prune_score = (current.abs() * norms).masked_fill(~prune_allowed, math.inf)
-        prune = prune_score.argmin(1)
-        stepping = active & grow_allowed.any(1) & prune_allowed.any(1)
-        restore = -difference[row_index, grow]
-        removed = current[row_index, prune]
+            prune_allowed = untouched_kept & (direction * current_rows * mean32 < 0)
+        prune = (current_rows.abs() * norms).masked_fill_(~prune_allowed, math.inf).argmin(1)
+        stepping = grow_allowed.any(1) & prune_allowed.any(1)
+        restore = -difference[active, grow]
+        removed = current[active, prune]
         change = (
-            2 * restore * gram_difference[row_index, grow] + restore**2 * hessian[grow, grow]
-            + 2 * removed * gram_difference[row_index, prune] + removed**2 * hessian[prune, prune]
+            2 * restore * gram_difference[active, grow] + restore**2 * hessian[grow, grow]
+            + 2 * removed * gram_difference[active, prune] + removed**2 * hessian[prune, prune]
             + 2 * restore * removed * hessian[grow, prune]
         )
         accepted = stepping & (change < 0)
-        touched[row_index[stepping], grow[stepping]] = True
-        touched[row_index[stepping], prune[stepping]] = True
-        rows_accepted, grow_accepted, prune_accepted = row_index[accepted], grow[accepted], prune[accepted]
-        current[rows_accepted, grow_accepted] = dense64[rows_accepted, grow_accepted]
-        current[rows_accepted, prune_accepted] = 0
-        keep[rows_accepted, grow_accepted] = True
-        keep[rows_accepted, prune_accepted] = False
-        difference[rows_accepted, grow_accepted] = 0
-        difference[rows_accepted, prune_accepted] = dense64[rows_accepted, prune_accepted]
+        touched[active[stepping], grow[stepping]] = True
+        touched[active[stepping], prune[stepping]] = True
+        rows, grown, pruned_now = active[accepted], grow[accepted], prune[accepted]
+        current[rows, grown] = dense64[rows, grown]
+        current[rows, pruned_now] = 0
+        keep[rows, grown] = True
+        keep[rows, pruned_now] = False
+        difference[rows, grown] = 0
+        difference[rows, pruned_now] = dense64[rows, pruned_now]
         restore, removed = restore[accepted].unsqueeze(1), removed[accepted].unsqueeze(1)
-        gram_difference[rows_accepted] += restore * hessian[grow_accepted] + removed * hessian[prune_accepted]
-        error[rows_accepted] += restore.squeeze(1) * mean[grow_accepted] + removed.squeeze(1) * mean[prune_accepted]
+        gram_difference[rows] += restore * hessian[grown] + removed * hessian[pruned_now]
+        error[rows] += restore.squeeze(1) * mean[grown] + removed.squeeze(1) * mean[pruned_now]
         swaps += int(accepted.sum())
-        active = stepping & (error.abs() > config.dsnot_threshold)
+        active = active[stepping & (error[active].abs() > config.dsnot_threshold)]
     return current.to(pruned.dtype), keep, swaps
 
 

@@ -110,6 +110,40 @@ def _run_block(block: nn.Module, call: BlockCall) -> Tensor:
     return output[0] if isinstance(output, tuple | list) else output
 
 
+def _collect_input_statistics(
+    block: nn.Module, named_layers: dict[str, nn.Module], calls: list[BlockCall]
+) -> dict[str, InputStatistics]:
+    """Input statistics of every layer of ``block`` over all calibration calls.
+
+    Layers fed the very same tensor (query, key and value) share one statistics object, so the Gram matrix
+    is accumulated once for them.
+    """
+    statistics: dict[str, InputStatistics] = {}
+    # Inputs seen during the current call, kept alive so that no later tensor can reuse their address.
+    seen_in_call: dict[tuple[int, tuple[int, ...]], tuple[str, Tensor]] = {}
+
+    def record(name: str, inputs: Tensor) -> None:
+        key = (inputs.data_ptr(), tuple(inputs.shape))
+        owner, _ = seen_in_call.setdefault(key, (name, inputs))
+        if name not in statistics:
+            statistics[name] = statistics[owner] if owner != name else InputStatistics(inputs.shape[-1])
+        if owner == name:
+            statistics[name].update(inputs)
+
+    handles = [
+        layer.register_forward_hook(lambda _m, inputs, _o, name=name: record(name, inputs[0]))
+        for name, layer in named_layers.items()
+    ]
+    try:
+        for call in calls:
+            seen_in_call.clear()
+            _run_block(block, call)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return statistics
+
+
 def check_pattern_fits(model: nn.Module, config: OneShotConfig) -> None:
     """Raise before anything changes if an N:M pattern does not tile some layer's input dimension."""
     blocks_name, blocks = find_blocks(model)
@@ -148,21 +182,11 @@ def prune_model(
         calls = _capture_first_block_inputs(model, blocks[0], windows, batch_size)
         for index, block in enumerate(blocks):
             named_layers = dict(prunable_layers(block))
-            statistics = {name: InputStatistics(in_features(layer)) for name, layer in named_layers.items()}
-            handles = [
-                layer.register_forward_hook(lambda _m, inputs, _o, stats=statistics[name]: stats.update(inputs[0]))
-                for name, layer in named_layers.items()
-            ]
-            try:
-                for call in calls:
-                    _run_block(block, call)
-            finally:
-                for handle in handles:
-                    handle.remove()
+            statistics = _collect_input_statistics(block, named_layers, calls)
             for name, layer in named_layers.items():
                 layer_start = time.perf_counter()
                 dense = weight_matrix(layer).float().contiguous().clone()
-                layer_statistics = statistics.pop(name)
+                layer_statistics = statistics[name]
                 pruned, _keep, swaps = prune_weight(dense, layer_statistics, config)
                 _store_weight(layer, pruned)
                 stored = weight_matrix(layer)
