@@ -28,7 +28,7 @@ def test_convert_command_writes_a_loadable_sparse_file(tmp_path):
                                  "--min-speedup", "1e-9"])
     assert result.exit_code == 0, result.output
     assert "1 of 2 2-D weights stored sparse" in result.output  # layer 2 is dense: density above max_density
-    _, matrices = read_sparse_file(target)
+    _, matrices, _ = read_sparse_file(target)
     assert list(matrices) == ["0"]
     fresh = nn.Sequential(nn.Linear(300, 400), nn.ReLU(), nn.Linear(400, 10))
     loaded = load_sparse(target, fresh)

@@ -134,3 +134,24 @@ def test_convert_rejects_bad_arguments():
         convert_with_report(build_mlp(), batch_sizes=(0,))
     with pytest.raises(ValueError, match="max_density"):
         convert_with_report(build_mlp(), max_density=2.0)
+
+
+def test_layers_run_dense_are_still_stored_by_their_nonzeros(tmp_path):
+    """A Linear kept dense for speed and a pruned conv still take ~6 bytes per non-zero on disk."""
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Conv2d(3, 64, 3), nn.Flatten(), nn.Linear(64 * 4 * 4, 512))
+    with torch.no_grad():
+        for weight in (model[0].weight, model[2].weight):
+            weight.mul_(torch.rand_like(weight) > 0.9)
+    with pytest.warns(UserWarning, match="Conv2d"):
+        kept_dense, report = convert_with_report(model, batch_sizes=(1,), max_density=0.0)
+    assert not report.sparse_layers
+    path = tmp_path / "dense_run.safetensors"
+    size = save_sparse(kept_dense, path)
+    nnz = int((model[0].weight != 0).sum() + (model[2].weight != 0).sum())
+    assert size < 6 * nnz + 4 * (64 + 512) + 4096  # values + indices, biases, segment counts and header
+    loaded = load_sparse(path, nn.Sequential(nn.Conv2d(3, 64, 3), nn.Flatten(), nn.Linear(64 * 4 * 4, 512)))
+    assert isinstance(loaded[2], nn.Linear)
+    x = torch.randn(2, 3, 6, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)

@@ -25,7 +25,7 @@ from torch import nn
 from sparsearch.runtime.format import PanelCSRMatrix
 from sparsearch.runtime.kernels import sparse_linear
 from sparsearch.runtime.modules import SparseLinear
-from sparsearch.runtime.storage import write_sparse_file
+from sparsearch.runtime.storage import compact_state, write_sparse_file
 
 CHECKPOINT_MODEL_PREFIX = "model/"  # sparsearch.save checkpoints keep the model's state dict under this prefix
 
@@ -194,9 +194,8 @@ def convert_file(source: str | Path, target: str | Path, *, batch_sizes: Sequenc
     if source.resolve() == target.resolve():
         raise ValueError(f"target must differ from the source file, got {str(target)!r} for both")
     state = _read_state_dict(source)
-    out: dict[str, torch.Tensor] = {}
-    layers: dict[str, dict[str, object]] = {}
     decisions = []
+    sparse_modules: dict[str, SparseLinear] = {}
     for key, tensor in state.items():
         name, _, leaf = key.rpartition(".")
         if leaf != "weight" or tensor.dim() != 2 or not tensor.is_floating_point():
@@ -210,10 +209,8 @@ def convert_file(source: str | Path, target: str | Path, *, batch_sizes: Sequenc
         decision, sparse = _decide_linear(name, linear, batch_sizes, min_speedup, max_density, repeats)
         decisions.append(decision)
         if sparse is not None:
-            layers[name] = {"shape": list(tensor.shape), "panel_width": sparse.panel_width,
-                            "bias": bias is not None}
-            out.update({f"{name}.{k}": v for k, v in sparse.state_dict().items()})
-    for key, tensor in state.items():
-        if key.rpartition(".")[0] not in layers:
-            out[key] = tensor
-    return ConversionReport(decisions), write_sparse_file(out, layers, target)
+            sparse_modules[name] = sparse
+    kept = {k: v for k, v in state.items() if k.rpartition(".")[0] not in sparse_modules or
+            k.rpartition(".")[2] == "bias"}
+    tensors, entries = compact_state(kept, sparse_modules)
+    return ConversionReport(decisions), write_sparse_file(tensors, entries, target)

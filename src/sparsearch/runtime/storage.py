@@ -1,15 +1,20 @@
 """Sparse model files: safetensors holding only the non-zeros, their indices and per-segment counts.
 
-A file is a model's `state_dict()` after `convert`: for each `SparseLinear` the arrays `<layer>.values`
-(float32), `<layer>.col_indices` (uint16) and `<layer>.segment_nnz` (uint16), every other tensor dense.
-The header metadata records the format version, each sparse layer's shape and panel width, and a CRC32 of
-every tensor, so a corrupted or truncated file raises a ValueError instead of producing wrong numbers.
-Loading needs no pickle: `load_sparse(path, model)` fills an instance of the model's architecture.
+A file is a model's `state_dict()` after `convert` with every sparse-enough weight stored as the arrays
+`<prefix>.values` (float32), `<prefix>.col_indices` (uint16) and `<prefix>.segment_nnz` (uint16) of a
+`PanelCSRMatrix`: for a `SparseLinear` the prefix is the layer's name and it runs sparse after loading; for
+any other weight of 2 or more dims (a Linear kept dense because dense was faster, a convolution, flattened to
+2-D) the prefix is the parameter's name and it is expanded to dense on load. So the file size follows the
+non-zeros whatever ran faster. Other tensors are stored dense. The header metadata records the format version,
+each sparse entry's shape, panel width and execution mode, and a CRC32 of every tensor, so a corrupted or
+truncated file raises a ValueError instead of producing wrong numbers. Loading needs no pickle:
+`load_sparse(path, model)` fills an instance of the model's architecture.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import zlib
 from pathlib import Path
 from typing import Any
@@ -32,24 +37,52 @@ def _crc32(tensor: torch.Tensor) -> int:
     return zlib.crc32(flat.view(torch.uint8).numpy().tobytes()) if flat.numel() else 0
 
 
+def _entry(matrix: PanelCSRMatrix, execute: str, weight_shape: tuple[int, ...]) -> dict[str, Any]:
+    return {"shape": list(matrix.shape), "panel_width": matrix.panel_width, "execute": execute,
+            "weight_shape": list(weight_shape)}
+
+
+def compact_state(state: dict[str, torch.Tensor], sparse_modules: dict[str, SparseLinear]
+                  ) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]]]:
+    """State dict -> (tensors to write, sparse entries): weights stored sparse where that takes fewer bytes."""
+    tensors: dict[str, torch.Tensor] = {}
+    entries: dict[str, dict[str, Any]] = {}
+    for name, module in sparse_modules.items():
+        entries[name] = _entry(module.matrix, "sparse", (module.out_features, module.in_features))
+        tensors.update({f"{name}.{array}": getattr(module, array) for array in _SPARSE_ARRAYS})
+    for key, value in state.items():
+        owner, _, leaf = key.rpartition(".")
+        if owner in sparse_modules and leaf in _SPARSE_ARRAYS:
+            continue
+        if leaf == "weight" and value.dim() >= 2 and value.is_floating_point():
+            flat = value.detach().float().reshape(value.shape[0], -1)
+            matrix = PanelCSRMatrix.from_dense(flat)
+            if matrix.storage_bytes < value.numel() * value.element_size() and value.dtype == torch.float32:
+                entries[key] = _entry(matrix, "dense", tuple(value.shape))
+                tensors.update({f"{key}.{array}": getattr(matrix, array) for array in _SPARSE_ARRAYS})
+                continue
+        tensors[key] = value
+    return tensors, entries
+
+
 def save_sparse(model: nn.Module, path: str | Path) -> int:
     """Write `model` (typically the output of `convert`) to a safetensors file; returns the file size in bytes."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    layers = {name: {"shape": [m.out_features, m.in_features], "panel_width": m.panel_width,
-                     "bias": m.bias is not None}
-              for name, m in model.named_modules() if isinstance(m, SparseLinear)}
-    return write_sparse_file(model.state_dict(), layers, path)
+    sparse_modules = {name: m for name, m in model.named_modules() if isinstance(m, SparseLinear)}
+    tensors, entries = compact_state(model.state_dict(), sparse_modules)
+    return write_sparse_file(tensors, entries, path)
 
 
-def write_sparse_file(state: dict[str, torch.Tensor], layers: dict[str, dict[str, Any]], path: str | Path) -> int:
-    """Write a state dict whose `layers` hold sparse arrays (see module docstring); returns the size in bytes."""
+def write_sparse_file(tensors: dict[str, torch.Tensor], entries: dict[str, dict[str, Any]],
+                      path: str | Path) -> int:
+    """Write tensors and their sparse entries (see module docstring); returns the file size in bytes."""
     # clone: tied/shared tensors must become separate entries for safetensors
-    tensors = {key: value.detach().cpu().contiguous().clone() for key, value in state.items()}
+    tensors = {key: value.detach().cpu().contiguous().clone() for key, value in tensors.items()}
     metadata = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
-        "sparse_layers": json.dumps(layers),
+        "sparse_entries": json.dumps(entries),
         "crc32": json.dumps({key: _crc32(value) for key, value in tensors.items()}),
     }
     path = Path(path)
@@ -58,8 +91,9 @@ def write_sparse_file(state: dict[str, torch.Tensor], layers: dict[str, dict[str
     return path.stat().st_size
 
 
-def read_sparse_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, PanelCSRMatrix]]:
-    """Read and verify a sparse file: (all tensors by state_dict key, validated sparse matrices by layer name)."""
+def read_sparse_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, PanelCSRMatrix],
+                                                dict[str, dict[str, Any]]]:
+    """Read and verify a sparse file: (dense tensors by key, validated matrices by prefix, entry metadata)."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"sparse model file {str(path)!r} does not exist")
@@ -77,7 +111,7 @@ def read_sparse_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[st
         raise ValueError(f"{str(path)!r} has sparse format version {metadata.get('format_version')!r}; this "
                          f"sparsearch reads version {FORMAT_VERSION!r}")
     try:
-        layers: dict[str, dict[str, Any]] = json.loads(metadata["sparse_layers"])
+        entries: dict[str, dict[str, Any]] = json.loads(metadata["sparse_entries"])
         checksums: dict[str, int] = json.loads(metadata["crc32"])
     except (KeyError, json.JSONDecodeError) as error:
         raise ValueError(f"{str(path)!r} has damaged metadata: {error}") from error
@@ -88,57 +122,60 @@ def read_sparse_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[st
         if _crc32(tensor) != checksums[key]:
             raise ValueError(f"{str(path)!r} is corrupted: checksum mismatch in tensor {key!r}")
     matrices = {}
-    for name, info in layers.items():
-        keys = [f"{name}.{array}" for array in _SPARSE_ARRAYS]
+    for prefix, info in entries.items():
+        keys = [f"{prefix}.{array}" for array in _SPARSE_ARRAYS]
         if any(key not in tensors for key in keys):
-            raise ValueError(f"{str(path)!r} lacks the arrays {keys} of sparse layer {name!r}")
+            raise ValueError(f"{str(path)!r} lacks the arrays {keys} of sparse entry {prefix!r}")
         try:
             shape = (int(info["shape"][0]), int(info["shape"][1]))
-            matrix = PanelCSRMatrix.from_arrays(shape, int(info["panel_width"]), *(tensors[k] for k in keys))
+            matrix = PanelCSRMatrix.from_arrays(shape, int(info["panel_width"]), *(tensors.pop(k) for k in keys))
             matrix.validate()
+            weight_shape = [int(d) for d in info["weight_shape"]]
+            if info["execute"] not in ("sparse", "dense") or math.prod(weight_shape) != shape[0] * shape[1]:
+                raise ValueError(f"execute={info['execute']!r}, weight_shape={weight_shape}")
         except (KeyError, TypeError, IndexError, RuntimeError, ValueError) as error:
-            raise ValueError(f"{str(path)!r}: sparse layer {name!r} is invalid: {error}") from error
-        matrices[name] = matrix
-    return tensors, matrices
+            raise ValueError(f"{str(path)!r}: sparse entry {prefix!r} is invalid: {error}") from error
+        matrices[prefix] = matrix
+    return tensors, matrices, entries
 
 
 def load_sparse(path: str | Path, model: nn.Module) -> nn.Module:
     """Load a file written by `save_sparse` into `model`, an instance of the same architecture (dense is fine).
 
-    Layers stored sparse replace the model's `nn.Linear` of the same name by `SparseLinear`; if the model has
-    a different layer type there (e.g. an Embedding), the weight is loaded densely into it. The model is
-    returned in eval mode with gradients off.
+    Entries that ran sparse replace the model's `nn.Linear` of that name by `SparseLinear`; the others are
+    expanded into the model's dense parameters. The model is returned in eval mode with gradients off.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    tensors, matrices = read_sparse_file(path)
-    dense_state = {k: v for k, v in tensors.items()
-                   if k.rpartition(".")[0] not in matrices or k.rpartition(".")[2] not in _SPARSE_ARRAYS}
+    dense_state, matrices, entries = read_sparse_file(path)
     sparse_names = set()
-    for name, matrix in matrices.items():
+    for prefix, matrix in matrices.items():
+        if entries[prefix]["execute"] == "dense":
+            dense_state[prefix] = matrix.to_dense().reshape(entries[prefix]["weight_shape"])
+            continue
         try:
-            module = model.get_submodule(name)
+            module = model.get_submodule(prefix)
         except AttributeError as error:
-            raise ValueError(f"{str(path)!r} holds sparse layer {name!r} but the model has no such module") from error
-        if tuple(getattr(module, "weight", torch.empty(0)).shape) != matrix.shape and not isinstance(
-                module, SparseLinear):
-            raise ValueError(f"sparse layer {name!r} has shape {matrix.shape} but the model's "
-                             f"{type(module).__name__} there has weight shape "
-                             f"{tuple(getattr(module, 'weight', torch.empty(0)).shape)}")
-        bias = dense_state.pop(f"{name}.bias", None)
-        if isinstance(module, nn.Linear | SparseLinear):
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, SparseLinear(matrix, bias))
-            sparse_names.add(name)
-        else:
-            dense_state[f"{name}.weight"] = matrix.to_dense()
-            if bias is not None:
-                dense_state[f"{name}.bias"] = bias
+            raise ValueError(f"{str(path)!r} holds sparse layer {prefix!r} but the model has no such module") from error
+        if not isinstance(module, nn.Linear | SparseLinear):
+            raise ValueError(f"sparse layer {prefix!r} must be a Linear in the model, found {type(module).__name__}")
+        if (module.out_features, module.in_features) != matrix.shape:
+            raise ValueError(f"sparse layer {prefix!r} has shape {matrix.shape} but the model's Linear there "
+                             f"has shape {(module.out_features, module.in_features)}")
+        bias = dense_state.pop(f"{prefix}.bias", None)
+        parent_name, _, child = prefix.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, SparseLinear(matrix, bias))
+        sparse_names.add(prefix)
     expected = {k for k in model.state_dict() if k.rpartition(".")[0] not in sparse_names}
     missing, unexpected = sorted(expected - set(dense_state)), sorted(set(dense_state) - expected)
     if missing or unexpected:
         raise ValueError(f"{str(path)!r} does not match the model: missing {missing}, unexpected {unexpected}")
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    wrong = [f"{k}: file {tuple(v.shape)} vs model {shapes[k]}" for k, v in dense_state.items()
+             if tuple(v.shape) != shapes[k]]
+    if wrong:
+        raise ValueError(f"{str(path)!r} does not match the model's shapes: {'; '.join(wrong)}")
     model.load_state_dict(dense_state, strict=False)
     model.eval()
     model.requires_grad_(False)
