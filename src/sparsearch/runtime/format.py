@@ -13,6 +13,7 @@ for its length.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -63,6 +64,12 @@ class PanelCSRMatrix:
     @property
     def density(self) -> float:
         return self.nnz / max(self.rows * self.cols, 1)
+
+    @cached_property
+    def kernel_args(self) -> tuple[int, ...]:
+        """Sizes and data pointers in the order the C kernels take them (computed once: calls are hot)."""
+        arrays = (self.segment_ptr, self.row_nnz_prefix, self.col_indices, self.values)
+        return (self.rows, self.panels, self.panel_width, *(a.data_ptr() for a in arrays))
 
     @property
     def storage_bytes(self) -> int:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import math
 import os
 import platform
 import shutil
@@ -31,7 +32,7 @@ _SOURCE = Path(__file__).with_name("csrc") / "sparse_kernels.c"
 _BACKENDS = ("c", "numba")
 # Multiply-adds (or copied elements) per extra thread: below this, waking a second thread costs more than
 # it saves, and on a busy machine a parallel region can wait milliseconds for a descheduled thread.
-PARALLEL_GRAIN = 1 << 18
+PARALLEL_GRAIN = 1 << 16
 
 
 def _cpu_fingerprint() -> str:
@@ -90,15 +91,13 @@ class _CBackend:
     def matmul_t(self, m: PanelCSRMatrix, bias: torch.Tensor | None, xt: torch.Tensor, yt: torch.Tensor,
                  threads: int) -> None:
         self._lib.panel_csr_matmul_t(
-            m.rows, m.panels, m.panel_width, m.segment_ptr.data_ptr(), m.row_nnz_prefix.data_ptr(),
-            m.col_indices.data_ptr(), m.values.data_ptr(), None if bias is None else bias.data_ptr(),
+            *m.kernel_args, None if bias is None else bias.data_ptr(),
             xt.data_ptr(), xt.stride(0), xt.shape[1], yt.data_ptr(), yt.stride(0), threads)
 
     def matvec(self, m: PanelCSRMatrix, bias: torch.Tensor | None, x: torch.Tensor, y: torch.Tensor,
                threads: int) -> None:
         self._lib.panel_csr_matvec(
-            m.rows, m.panels, m.panel_width, m.segment_ptr.data_ptr(), m.row_nnz_prefix.data_ptr(),
-            m.col_indices.data_ptr(), m.values.data_ptr(), None if bias is None else bias.data_ptr(),
+            *m.kernel_args, None if bias is None else bias.data_ptr(),
             x.data_ptr(), y.data_ptr(), threads)
 
     def transpose(self, src: torch.Tensor, threads: int) -> torch.Tensor:
@@ -177,10 +176,10 @@ def sparse_linear(x: torch.Tensor, matrix: PanelCSRMatrix, bias: torch.Tensor | 
         raise ValueError(f"sparse kernels run on the CPU; got an input on {x.device}")
     if x.dim() == 0 or x.shape[-1] != matrix.cols:
         raise ValueError(f"input's last dimension must be in_features={matrix.cols}, got shape {tuple(x.shape)}")
-    if bias is not None:
+    if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous() or bias.requires_grad):
         bias = bias.detach().to(torch.float32).contiguous()
     lead = x.shape[:-1]
-    batch = int(np.prod(lead)) if lead else 1
+    batch = math.prod(lead)
     if batch == 0 or matrix.rows == 0:
         return x.new_zeros(*lead, matrix.rows) + (0 if bias is None else bias)
     kernels = get_backend(backend)

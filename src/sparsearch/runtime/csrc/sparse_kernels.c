@@ -71,7 +71,7 @@ void panel_csr_matmul_t(int64_t rows, int64_t panels, int64_t panel_width, const
                         const int64_t* row_nnz_prefix, const uint16_t* cols, const float* values,
                         const float* bias, const float* xt, int64_t ldx, int64_t batch, float* yt,
                         int64_t ldy, int threads) {
-#pragma omp parallel num_threads(threads)
+#pragma omp parallel num_threads(threads) if (threads > 1)
     {
         int64_t first, last;
         balanced_rows(row_nnz_prefix, rows, omp_get_thread_num(), omp_get_num_threads(), &first, &last);
@@ -111,7 +111,7 @@ void panel_csr_matmul_t(int64_t rows, int64_t panels, int64_t panel_width, const
 void panel_csr_matvec(int64_t rows, int64_t panels, int64_t panel_width, const int64_t* seg_ptr,
                       const int64_t* row_nnz_prefix, const uint16_t* cols, const float* values,
                       const float* bias, const float* x, float* y, int threads) {
-#pragma omp parallel num_threads(threads)
+#pragma omp parallel num_threads(threads) if (threads > 1)
     {
         int64_t first, last;
         balanced_rows(row_nnz_prefix, rows, omp_get_thread_num(), omp_get_num_threads(), &first, &last);
@@ -139,7 +139,7 @@ void transpose_f32(int64_t rows, int64_t cols, const float* src, int64_t lds, fl
                    int threads) {
     const int64_t block = 32;
     int64_t row_blocks = (rows + block - 1) / block, col_blocks = (cols + block - 1) / block;
-#pragma omp parallel for num_threads(threads) schedule(static)
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
     for (int64_t tile = 0; tile < row_blocks * col_blocks; tile++) {
         int64_t r0 = (tile / col_blocks) * block, c0 = (tile % col_blocks) * block;
         int64_t r1 = r0 + block < rows ? r0 + block : rows, c1 = c0 + block < cols ? c0 + block : cols;
