@@ -6,10 +6,10 @@ from __future__ import annotations
 import json
 import os
 import platform
-import resource
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -33,6 +33,47 @@ def machine() -> str:
     except OSError:
         pass
     return f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, torch {torch.__version__}"
+
+
+def _descendants(root: int) -> list[int]:
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+    found, frontier = [], [root]
+    while frontier:
+        frontier = [pid for pid, parent in parents.items() if parent in frontier]
+        found += frontier
+    return found
+
+
+class CpuMeter:
+    """CPU seconds of a process tree, sampled from /proc every half second (the fork server's workers are not
+    reaped by the study process, so getrusage(RUSAGE_CHILDREN) would miss them); Linux only."""
+
+    def __init__(self, root: int) -> None:
+        self.root, self.seen, self.stop = root, {}, threading.Event()
+        self.tick = os.sysconf("SC_CLK_TCK")
+        self.thread = threading.Thread(target=self._poll, daemon=True)
+        self.thread.start()
+
+    def _poll(self) -> None:
+        while not self.stop.is_set():
+            for pid in [self.root, *_descendants(self.root)]:
+                try:
+                    fields = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()
+                except (OSError, IndexError):
+                    continue
+                self.seen[pid] = (int(fields[11]) + int(fields[12])) / self.tick
+            self.stop.wait(0.5)
+
+    def total(self) -> float:
+        self.stop.set()
+        self.thread.join()
+        return sum(self.seen.values())
 
 
 def run_and_record(
@@ -63,13 +104,14 @@ def run_and_record(
         load_before = os.getloadavg()
         started_at = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
         started = time.perf_counter()
-        usage_before = resource.getrusage(resource.RUSAGE_CHILDREN)
-        subprocess.run(command, check=True)
-        wall = time.perf_counter() - started
+        process = subprocess.Popen(command)
         # CPU time of the whole process tree (study process, fork server, workers): what the study itself
         # needed, whatever else shared the cores
-        usage_after = resource.getrusage(resource.RUSAGE_CHILDREN)
-        cpu = (usage_after.ru_utime - usage_before.ru_utime) + (usage_after.ru_stime - usage_before.ru_stime)
+        meter = CpuMeter(process.pid)
+        if process.wait() != 0:
+            raise SystemExit(f"the study failed with exit code {process.returncode}")
+        wall = time.perf_counter() - started
+        cpu = meter.total()
         load_after = os.getloadavg()
     report = write_report(store, folder=out / "report")
     RESULTS.mkdir(exist_ok=True)
@@ -87,8 +129,8 @@ def run_and_record(
         + f". Load average (1 min) before {load_before[0]:.2f}, after {load_after[0]:.2f}: other work shared "
         "the cores during the run."
         + (
-            f" CPU time of the study's processes: {cpu:.0f} s, i.e. about {cpu / 2 / 60:.1f} min of wall time "
-            "on 2 otherwise idle cores."
+            f" CPU time of the study's processes (sampled from /proc): {cpu:.0f} s, i.e. about "
+            f"{cpu / 2 / 60:.1f} min of wall time on 2 otherwise idle cores."
             if cpu
             else ""
         ),

@@ -60,6 +60,21 @@ def test_every_arm_trains_and_reports_honest_sparsity(tmp_path):
     assert trials["random-weight/s0.8/seed0"]["node_sparsity"] < 0.1
 
 
+def test_algorithm_arms_run_in_a_study(tmp_path):
+    from sparsearch.algorithms import ALGORITHM_ARMS
+
+    arms = [arm for arm in ("rigl", "snip", "gmp") if arm in ALGORITHM_ARMS]
+    assert arms, "sparsearch.algorithms.ALGORITHM_ARMS lists none of rigl, snip, gmp"
+    config = parse_study_config({**TINY, "arms": arms})
+    run = run_study(config, store_path=tmp_path / "alg.sqlite", executor=InlineExecutor(), show_progress=False)
+    assert run.failed == {}
+    trials, curves = stable_numbers(tmp_path / "alg.sqlite")
+    for arm in arms:
+        trial = trials[f"{arm}/s0.8/seed0"]
+        assert trial["status"] == "done" and len(curves[f"{arm}/s0.8/seed0"]) == 2
+        assert trial["weight_sparsity"] == pytest.approx(0.8, abs=0.01)
+
+
 def test_same_seed_same_numbers_whatever_the_executor(tmp_path):
     config = parse_study_config({**TINY, "arms": ["dense", "random-weight", "search-node"], "seeds": [0, 1]})
     run_study(config, store_path=tmp_path / "inline.sqlite", executor=InlineExecutor(), show_progress=False)
