@@ -55,7 +55,11 @@ def study_command(
             f"(workers: {study.worker_count(workers)}" + (", on Ray)" if study.executor == "ray" else ")"),
             highlight=False,
         )
-        run = run_study(study, store_path=store, workers=workers, console=console, show_progress=progress)
+        try:
+            run = run_study(study, store_path=store, workers=workers, console=console, show_progress=progress)
+        except KeyboardInterrupt:
+            console.print("interrupted: finished trials are stored; re-run the same command to resume")
+            raise typer.Exit(code=130) from None
         console.print(
             f"{len(run.finished)} trials run, {run.already_done} already done, {len(run.failed)} failed "
             f"({run.total_trials} in the study) in {run.seconds:.1f} s",

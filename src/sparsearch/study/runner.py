@@ -97,6 +97,7 @@ class Executor(Protocol):
 def run_trial_single_threaded(
     config: StudyConfig, spec: TrialSpec, on_epoch: Callable[[EpochRow], None]
 ) -> TrialOutcome:
+    """Run one trial with one torch thread (restored afterwards), as every executor does."""
     from sparsearch.study.trial import run_trial
 
     threads = torch.get_num_threads()
