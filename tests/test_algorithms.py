@@ -73,7 +73,7 @@ def test_rigl_drop_fraction_is_cosine_decayed_and_updates_stop():
     assert rigl.stop_step == 750
     assert rigl.drop_fraction(0) == pytest.approx(0.3)
     assert rigl.drop_fraction(375) == pytest.approx(0.15)
-    with pytest.raises(ValueError, match="stop=0.75 is a fraction of training: pass total_steps"):
+    with pytest.raises(ValueError, match=r"stop=0\.75 is a fraction of training: pass total_steps"):
         sa.RigL(0.9)
 
 
@@ -118,7 +118,7 @@ def test_gmp_follows_the_cubic_schedule():
         expected = layer_keep_counts(shapes, schedule(t), "uniform")
         assert {name: int(m.sum()) for name, m in gmp.masks.items()} == expected, f"step {t}"
         if previous is not None:
-            assert all(bool((~previous[n] | True)[m].all()) and not (m & ~previous[n]).any() for n, m in gmp.masks.items())
+            assert not any((m & ~previous[n]).any() for n, m in gmp.masks.items())  # pruned weights never return
         previous = {k: v.clone() for k, v in gmp.masks.items()}
     assert gmp.overall_sparsity() == pytest.approx(0.9, abs=1e-3)
 
@@ -160,7 +160,7 @@ def test_srste_nm_pattern_holds_after_training_and_finalize_bakes_it():
 
 
 def test_nm_rejects_bad_shapes_through_the_algorithms():
-    with pytest.raises(ValueError, match="input dimension of '0.weight' to be divisible by M=8"):
+    with pytest.raises(ValueError, match=r"input dimension of '0\.weight' to be divisible by M=8"):
         sa.SRSTE(2, 8).attach(nn.Sequential(nn.Linear(12, 8)))
     with pytest.raises(ValueError, match="1 <= N < M"):
         sa.PGF(4, 4)

@@ -165,7 +165,7 @@ def test_optimizer_without_the_models_parameters_is_rejected():
     other = torch.optim.SGD(Net().parameters(), lr=0.1)
     with pytest.raises(ValueError, match="optimizer does not hold the model's parameters"):
         Sparsifier(0.5).attach(model, other)
-    with pytest.raises(TypeError, match="optimizer must be a torch.optim.Optimizer"):
+    with pytest.raises(TypeError, match=r"optimizer must be a torch\.optim\.Optimizer"):
         Sparsifier(0.5).attach(Net(), "sgd")
 
 
