@@ -81,31 +81,35 @@ class _CBackend:
     def __init__(self) -> None:
         lib = ctypes.CDLL(str(_compile_library()))
         i64, ptr, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
-        lib.panel_csr_matmul_t.argtypes = [i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, ptr, i64, c_int]
+        lib.panel_csr_linear.argtypes = [i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, i64, ptr, i64, i64, i64,
+                                         ptr, ptr, c_int]
         lib.panel_csr_matvec.argtypes = [i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, c_int]
-        lib.transpose_f32.argtypes = [i64, i64, ptr, i64, ptr, i64, c_int]
-        for fn in (lib.panel_csr_matmul_t, lib.panel_csr_matvec, lib.transpose_f32):
+        for fn in (lib.panel_csr_linear, lib.panel_csr_matvec):
             fn.restype = None
         self._lib = lib
 
-    def matmul_t(self, m: PanelCSRMatrix, bias: torch.Tensor | None, xt: torch.Tensor, yt: torch.Tensor,
-                 threads: int) -> None:
-        self._lib.panel_csr_matmul_t(
-            *m.kernel_args, None if bias is None else bias.data_ptr(),
-            xt.data_ptr(), xt.stride(0), xt.shape[1], yt.data_ptr(), yt.stride(0), threads)
+    def linear(self, m: PanelCSRMatrix, bias: torch.Tensor | None, x2: torch.Tensor, threads: int) -> torch.Tensor:
+        """y [batch, rows] for x2 [batch, cols] with either row stride 1 (X^T layout) or column stride 1."""
+        batch = x2.shape[0]
+        yt = torch.empty(m.rows, batch, dtype=torch.float32)
+        y = torch.empty(batch, m.rows, dtype=torch.float32)
+        bias_ptr = None if bias is None else bias.data_ptr()
+        if x2.stride(0) == 1 and x2.stride(1) >= batch:  # already X^T (e.g. the transpose of a contiguous tensor)
+            x_ptr, ld_in, xt, ldx = None, 0, x2.t(), x2.stride(1)
+        else:
+            x2 = x2 if x2.stride(1) == 1 else x2.contiguous()
+            x_ptr, ld_in = x2.data_ptr(), x2.stride(0)
+            xt = torch.empty(m.cols, batch, dtype=torch.float32)
+            ldx = batch
+        self._lib.panel_csr_linear(*m.kernel_args, bias_ptr, x_ptr, ld_in, xt.data_ptr(), ldx, batch, m.cols,
+                                   yt.data_ptr(), y.data_ptr(), threads)
+        return y
 
     def matvec(self, m: PanelCSRMatrix, bias: torch.Tensor | None, x: torch.Tensor, y: torch.Tensor,
                threads: int) -> None:
         self._lib.panel_csr_matvec(
             *m.kernel_args, None if bias is None else bias.data_ptr(),
             x.data_ptr(), y.data_ptr(), threads)
-
-    def transpose(self, src: torch.Tensor, threads: int) -> torch.Tensor:
-        """Contiguous transpose of a 2-D float32 tensor whose rows are contiguous."""
-        rows, cols = src.shape
-        dst = torch.empty(cols, rows, dtype=torch.float32)
-        self._lib.transpose_f32(rows, cols, src.data_ptr(), src.stride(0), dst.data_ptr(), rows, threads)
-        return dst
 
 
 class _NumbaBackend:
@@ -123,20 +127,19 @@ class _NumbaBackend:
         numba.set_num_threads(count)
         return count
 
-    def matmul_t(self, m: PanelCSRMatrix, bias: torch.Tensor | None, xt: torch.Tensor, yt: torch.Tensor,
-                 threads: int) -> None:
+    def linear(self, m: PanelCSRMatrix, bias: torch.Tensor | None, x2: torch.Tensor, threads: int) -> torch.Tensor:
+        xt = x2.t().contiguous()
+        yt = torch.empty(m.rows, x2.shape[0], dtype=torch.float32)
         self._kernels.matmul_t(m.rows, m.panel_width, m.segment_ptr.numpy(), m.row_nnz_prefix.numpy(),
                                m.col_indices.numpy(), m.values.numpy(), _bias_array(bias, m.rows),
-                               xt.contiguous().numpy(), yt.numpy(), self._threads(threads))
+                               xt.numpy(), yt.numpy(), self._threads(threads))
+        return yt.t().contiguous()
 
     def matvec(self, m: PanelCSRMatrix, bias: torch.Tensor | None, x: torch.Tensor, y: torch.Tensor,
                threads: int) -> None:
         self._kernels.matvec(m.rows, m.panel_width, m.segment_ptr.numpy(), m.row_nnz_prefix.numpy(),
                              m.col_indices.numpy(), m.values.numpy(), _bias_array(bias, m.rows), x.numpy(),
                              y.numpy(), self._threads(threads))
-
-    def transpose(self, src: torch.Tensor, threads: int) -> torch.Tensor:
-        return src.t().contiguous()
 
 
 def _bias_array(bias: torch.Tensor | None, rows: int) -> np.ndarray:
@@ -184,16 +187,9 @@ def sparse_linear(x: torch.Tensor, matrix: PanelCSRMatrix, bias: torch.Tensor | 
         return x.new_zeros(*lead, matrix.rows) + (0 if bias is None else bias)
     kernels = get_backend(backend)
     threads = _threads_for(matrix.nnz * batch)
-    copy_threads = _threads_for(batch * max(matrix.rows, matrix.cols))
     x2 = x.detach().reshape(batch, matrix.cols)
     if batch == 1:
         y = torch.empty(matrix.rows, dtype=torch.float32)
         kernels.matvec(matrix, bias, x2[0].contiguous(), y, threads)
         return y.reshape(*lead, matrix.rows)
-    if x2.stride(0) == 1 and x2.stride(1) >= batch:
-        xt = x2.t()  # already laid out with the batch contiguous (e.g. the transpose of a contiguous tensor)
-    else:
-        xt = kernels.transpose(x2.contiguous(), copy_threads)
-    yt = torch.empty(matrix.rows, batch, dtype=torch.float32)
-    kernels.matmul_t(matrix, bias, xt, yt, threads)
-    return kernels.transpose(yt, copy_threads).reshape(*lead, matrix.rows)
+    return kernels.linear(matrix, bias, x2, threads).reshape(*lead, matrix.rows)

@@ -7,17 +7,20 @@
  *
  * Batched kernel: works on transposed activations X^T (cols x batch, row stride ldx) and writes Y^T
  * (rows x batch, row stride ldy), so every non-zero w_ij becomes a broadcast FMA over a contiguous run of the
- * batch. 64 floats of the batch are kept in registers at a time. Threads own row ranges with balanced nnz.
+ * batch. 64 floats of the batch are kept in registers at a time. Threads take nnz-balanced row chunks.
  * Written with GCC/Clang vector extensions so it compiles for any target; built with -march=native it uses
  * AVX2/FMA (or AVX-512, NEON) on the machine that builds it.
  */
 #include <stdint.h>
 #include <string.h>
-#include <omp.h>
 
 typedef float vec8 __attribute__((vector_size(32), aligned(4)));
 
-/* Rows [first, last) for thread t of n so that each thread gets about the same number of non-zeros. */
+/* Work is cut into this many nnz-balanced row chunks per thread and handed out dynamically, so a thread that
+ * the OS deschedules (other jobs on the same cores) delays only its current chunk, not a fixed half. */
+#define CHUNKS_PER_THREAD 8
+
+/* Rows [first, last) for chunk t of n so that each thread gets about the same number of non-zeros. */
 static void balanced_rows(const int64_t* row_nnz_prefix, int64_t rows, int t, int n, int64_t* first,
                           int64_t* last) {
     int64_t total = row_nnz_prefix[rows];
@@ -66,43 +69,80 @@ static inline void tile_tail(const float* values, const uint16_t* cols, int64_t 
     for (int c = 0; c < width; c++) y[c] = acc[c];
 }
 
-/* Y^T[rows, batch] = W X^T (+ bias). row_nnz_prefix[i] = non-zeros in rows < i over all panels. */
-void panel_csr_matmul_t(int64_t rows, int64_t panels, int64_t panel_width, const int64_t* seg_ptr,
-                        const int64_t* row_nnz_prefix, const uint16_t* cols, const float* values,
-                        const float* bias, const float* xt, int64_t ldx, int64_t batch, float* yt,
-                        int64_t ldy, int threads) {
+/* Y^T rows [first, last) = W X^T (+ bias) for all batch columns. */
+static void rows_matmul_t(int64_t first, int64_t last, int64_t rows, int64_t panels, int64_t panel_width,
+                          const int64_t* seg_ptr, const uint16_t* cols, const float* values, const float* bias,
+                          const float* xt, int64_t ldx, int64_t batch, float* yt, int64_t ldy) {
+    for (int64_t b0 = 0; b0 < batch; b0 += 64) {
+        int64_t width = batch - b0 < 64 ? batch - b0 : 64;
+        int vectors = (int)(width / 8);
+        int tail = (int)(width % 8);
+        for (int64_t p = 0; p < panels; p++) {
+            const int64_t* seg = seg_ptr + p * rows;
+            const float* x = xt + p * panel_width * ldx + b0;
+            int accumulate = p > 0;
+            for (int64_t i = first; i < last; i++) {
+                float init = bias ? bias[i] : 0.0f;
+                float* y = yt + i * ldy + b0;
+                int64_t k0 = seg[i], k1 = seg[i + 1];
+                switch (vectors) {
+                    case 8: tile_8(values, cols, k0, k1, x, ldx, y, accumulate, init); break;
+                    case 7: tile_7(values, cols, k0, k1, x, ldx, y, accumulate, init); break;
+                    case 6: tile_6(values, cols, k0, k1, x, ldx, y, accumulate, init); break;
+                    case 5: tile_5(values, cols, k0, k1, x, ldx, y, accumulate, init); break;
+                    case 4: tile_4(values, cols, k0, k1, x, ldx, y, accumulate, init); break;
+                    case 3: tile_3(values, cols, k0, k1, x, ldx, y, accumulate, init); break;
+                    case 2: tile_2(values, cols, k0, k1, x, ldx, y, accumulate, init); break;
+                    case 1: tile_1(values, cols, k0, k1, x, ldx, y, accumulate, init); break;
+                    default: break;
+                }
+                if (tail)
+                    tile_tail(values, cols, k0, k1, x + 8 * vectors, ldx, y + 8 * vectors, tail, accumulate,
+                              init);
+            }
+        }
+    }
+}
+
+/* dst[c, r] = src[r, c] for r in [r0, r1), c in [c0, c1); 32 x 32 blocks keep both sides in cache (a plain
+ * strided copy of a power-of-two-wide matrix thrashes the cache sets). */
+static void transpose_block(int64_t r0, int64_t r1, int64_t c0, int64_t c1, const float* src, int64_t lds,
+                            float* dst, int64_t ldd) {
+    for (int64_t rb = r0; rb < r1; rb += 32)
+        for (int64_t cb = c0; cb < c1; cb += 32) {
+            int64_t re = rb + 32 < r1 ? rb + 32 : r1, ce = cb + 32 < c1 ? cb + 32 : c1;
+            for (int64_t c = cb; c < ce; c++)
+                for (int64_t r = rb; r < re; r++) dst[c * ldd + r] = src[r * lds + c];
+        }
+}
+
+/* y[batch, rows] = x W^T (+ bias), the whole Linear in one parallel region (one barrier: after the input
+ * transpose), because on shared cores every barrier can wait for a descheduled thread.
+ * If x is given (batch x cols, row stride ldx_in) it is first transposed into the scratch xt (cols x batch);
+ * otherwise xt already holds X^T with row stride ldx. Each chunk computes its rows of Y^T into the scratch yt
+ * (rows x batch) and writes them transposed into y (batch x rows, contiguous). */
+void panel_csr_linear(int64_t rows, int64_t panels, int64_t panel_width, const int64_t* seg_ptr,
+                      const int64_t* row_nnz_prefix, const uint16_t* cols, const float* values,
+                      const float* bias, const float* x, int64_t ldx_in, float* xt, int64_t ldx, int64_t batch,
+                      int64_t ncols, float* yt, float* y, int threads) {
+    int64_t chunks = threads > 1 ? (int64_t)threads * CHUNKS_PER_THREAD : 1;
+    int64_t col_blocks = (ncols + 31) / 32;
 #pragma omp parallel num_threads(threads) if (threads > 1)
     {
-        int64_t first, last;
-        balanced_rows(row_nnz_prefix, rows, omp_get_thread_num(), omp_get_num_threads(), &first, &last);
-        for (int64_t b0 = 0; b0 < batch; b0 += 64) {
-            int64_t width = batch - b0 < 64 ? batch - b0 : 64;
-            int vectors = (int)(width / 8);
-            int tail = (int)(width % 8);
-            for (int64_t p = 0; p < panels; p++) {
-                const int64_t* seg = seg_ptr + p * rows;
-                const float* x = xt + p * panel_width * ldx + b0;
-                int accumulate = p > 0;
-                for (int64_t i = first; i < last; i++) {
-                    float init = bias ? bias[i] : 0.0f;
-                    float* y = yt + i * ldy + b0;
-                    int64_t k0 = seg[i], k1 = seg[i + 1];
-                    switch (vectors) {
-                        case 8: tile_8(values, cols, k0, k1, x, ldx, y, accumulate, init); break;
-                        case 7: tile_7(values, cols, k0, k1, x, ldx, y, accumulate, init); break;
-                        case 6: tile_6(values, cols, k0, k1, x, ldx, y, accumulate, init); break;
-                        case 5: tile_5(values, cols, k0, k1, x, ldx, y, accumulate, init); break;
-                        case 4: tile_4(values, cols, k0, k1, x, ldx, y, accumulate, init); break;
-                        case 3: tile_3(values, cols, k0, k1, x, ldx, y, accumulate, init); break;
-                        case 2: tile_2(values, cols, k0, k1, x, ldx, y, accumulate, init); break;
-                        case 1: tile_1(values, cols, k0, k1, x, ldx, y, accumulate, init); break;
-                        default: break;
-                    }
-                    if (tail)
-                        tile_tail(values, cols, k0, k1, x + 8 * vectors, ldx, y + 8 * vectors, tail,
-                                  accumulate, init);
-                }
+        if (x) {
+#pragma omp for schedule(static)
+            for (int64_t cb = 0; cb < col_blocks; cb++) {
+                int64_t c0 = cb * 32, c1 = c0 + 32 < ncols ? c0 + 32 : ncols;
+                transpose_block(0, batch, c0, c1, x, ldx_in, xt, ldx);
             }
+        }
+#pragma omp for schedule(dynamic, 1) nowait
+        for (int64_t chunk = 0; chunk < chunks; chunk++) {
+            int64_t first, last;
+            balanced_rows(row_nnz_prefix, rows, chunk, chunks, &first, &last);
+            rows_matmul_t(first, last, rows, panels, panel_width, seg_ptr, cols, values, bias, xt, ldx, batch,
+                          yt, batch);
+            transpose_block(first, last, 0, batch, yt, batch, y, rows);
         }
     }
 }
@@ -111,10 +151,11 @@ void panel_csr_matmul_t(int64_t rows, int64_t panels, int64_t panel_width, const
 void panel_csr_matvec(int64_t rows, int64_t panels, int64_t panel_width, const int64_t* seg_ptr,
                       const int64_t* row_nnz_prefix, const uint16_t* cols, const float* values,
                       const float* bias, const float* x, float* y, int threads) {
-#pragma omp parallel num_threads(threads) if (threads > 1)
-    {
+    int64_t chunks = threads > 1 ? (int64_t)threads * CHUNKS_PER_THREAD : 1;
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1) if (threads > 1)
+    for (int64_t chunk = 0; chunk < chunks; chunk++) {
         int64_t first, last;
-        balanced_rows(row_nnz_prefix, rows, omp_get_thread_num(), omp_get_num_threads(), &first, &last);
+        balanced_rows(row_nnz_prefix, rows, chunk, chunks, &first, &last);
         for (int64_t i = first; i < last; i++) {
             float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
             for (int64_t p = 0; p < panels; p++) {
@@ -133,17 +174,3 @@ void panel_csr_matvec(int64_t rows, int64_t panels, int64_t panel_width, const i
     }
 }
 
-/* dst[c, r] = src[r, c] for a rows x cols matrix; 32 x 32 blocks keep both sides in cache (a plain strided
- * copy of a power-of-two-wide matrix thrashes the cache sets). */
-void transpose_f32(int64_t rows, int64_t cols, const float* src, int64_t lds, float* dst, int64_t ldd,
-                   int threads) {
-    const int64_t block = 32;
-    int64_t row_blocks = (rows + block - 1) / block, col_blocks = (cols + block - 1) / block;
-#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
-    for (int64_t tile = 0; tile < row_blocks * col_blocks; tile++) {
-        int64_t r0 = (tile / col_blocks) * block, c0 = (tile % col_blocks) * block;
-        int64_t r1 = r0 + block < rows ? r0 + block : rows, c1 = c0 + block < cols ? c0 + block : cols;
-        for (int64_t c = c0; c < c1; c++)
-            for (int64_t r = r0; r < r1; r++) dst[c * ldd + r] = src[r * lds + c];
-    }
-}
