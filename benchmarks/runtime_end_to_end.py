@@ -97,7 +97,8 @@ def measure(name: str, build, data, schedule: list[float], train_limit: int, wor
     model.eval()
     model.requires_grad_(False)
     weights = prunable(model)
-    achieved = 1 - sum(int((w != 0).sum()) for w in weights) / sum(w.numel() for w in weights)
+    nonzero_weights = sum(int((w != 0).sum()) for w in weights)
+    achieved = 1 - nonzero_weights / sum(w.numel() for w in weights)
     start = time.perf_counter()
     fast, report = convert_with_report(model, batch_sizes=(1, 256))
     convert_s = time.perf_counter() - start
@@ -125,6 +126,8 @@ def measure(name: str, build, data, schedule: list[float], train_limit: int, wor
         "file_bytes": {"dense_safetensors": dense_path.stat().st_size, "sparse": sparse_size},
         "file_ratio": sparse_size / dense_path.stat().st_size,
         "nnz_in_sparse_layers": sparse_nnz,
+        "nonzero_weights": nonzero_weights,
+        "sparse_file_bytes_per_nonzero_weight": sparse_size / nonzero_weights,
         "convert_seconds": convert_s,
         "layers": report.to_markdown(),
     }
@@ -139,8 +142,8 @@ def to_markdown(payload: dict) -> str:
              "in all Linear and Conv weights). Dense = the same masked model run with dense PyTorch layers.\n",
              "| model | sparsity | test acc (dense / converted / reloaded) | latency b=1 ms (dense / sparse) | "
              "speed-up | throughput b=256 samples/s (dense / sparse) | speed-up | file bytes (dense / sparse) | "
-             "size ratio | convert s |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "size ratio | sparse file bytes per non-zero weight | convert s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in payload["results"]:
         a, lat, thr, fb = r["test_accuracy"], r["latency_batch1_ms"], r["throughput_batch256_samples_per_s"], \
             r["file_bytes"]
@@ -148,7 +151,8 @@ def to_markdown(payload: dict) -> str:
                      f"{a['converted']:.4f} / {a['reloaded']:.4f} | {lat['dense']:.3f} / {lat['sparse']:.3f} | "
                      f"{r['latency_speedup']:.2f}x | {thr['dense']:.0f} / {thr['sparse']:.0f} | "
                      f"{r['throughput_speedup']:.2f}x | {fb['dense_safetensors']} / {fb['sparse']} | "
-                     f"{r['file_ratio']:.3f} | {r['convert_seconds']:.1f} |")
+                     f"{r['file_ratio']:.3f} | {r['sparse_file_bytes_per_nonzero_weight']:.2f} | "
+                     f"{r['convert_seconds']:.1f} |")
     for r in payload["results"]:
         lines += ["", f"Layer decisions of `convert` for the {r['model']}:", "", r["layers"]]
     return "\n".join(lines) + "\n"
