@@ -72,6 +72,8 @@ def test_config_hash_ignores_where_it_runs_but_not_what_it_computes():
         ({"search": {"scorer": "vibes"}}, ["unknown scorer 'vibes'", "synflow"]),
         ({"model": {"arch": "resnet"}}, ["unknown model arch 'resnet'", "allowed: mlp, cnn"]),
         ({"budget": {"epochs": 0}}, ["budget.epochs", "greater than or equal to 1", "(got 0)"]),
+        ({"executor": "slurm"}, ["executor", "'process' or 'ray'", "(got 'slurm')"]),
+        ({"ray_address": "auto"}, ["ray_address is set but executor is 'process'"]),
     ],
 )
 def test_bad_study_files_name_the_value_and_what_is_allowed(change, expected):
