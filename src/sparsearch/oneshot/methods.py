@@ -169,10 +169,10 @@ def dsnot(
 
     Per row, e = sum_j (W_j - W'_j) S_j is the error of the output summed over a calibration sequence
     (S_j = sum of x_j over one sequence's tokens, averaged over sequences, as in the reference code, so the
-    0.1 threshold means what it means there). A cycle restores one pruned
-    weight j that moves e toward 0 (the largest sign(e) W_j S_j / Var(x_j)^p) and prunes one kept weight
-    k that also moves e toward 0 (sign(e) W'_k S_k < 0) with the lowest Wanda score; for N:M, k is the
-    kept weight with the lowest Wanda score in j's group so the pattern holds. Rows stop when |e| is below
+    0.1 threshold means what it means there). A cycle restores one pruned weight j that moves e toward 0
+    (the largest sign(e) W_j S_j / Var(x_j)^p) and prunes one kept weight k that also moves e toward 0
+    (sign(e) W'_k S_k < 0) with the lowest Wanda score; for N:M, k is the kept weight with the lowest Wanda
+    score in j's group so the pattern holds. Rows stop when |e| is below
     the threshold, when candidates run out, or after ``dsnot_max_cycles`` cycles.
 
     *Choice* (not in the paper): a swap is applied only if it lowers the row's exact reconstruction error
