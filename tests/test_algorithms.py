@@ -281,3 +281,6 @@ def test_every_arm_trains_and_reports_its_sparsity(arm):
     assert math.isfinite(losses[-1])
     target = nm_for_sparsity(0.8).sparsity if arm in ("srste", "pgf") else 0.8
     assert sparsifier.overall_sparsity() >= target - 1e-3
+    # the trained weights themselves are sparse (N:M arms bake their mask after the last step)
+    zeros = sum(int((p == 0).sum()) for p in sparsifier.params.values())
+    assert zeros / sum(p.numel() for p in sparsifier.params.values()) >= target - 1e-3

@@ -10,7 +10,8 @@ Budget adaptations (documented, the classes keep the papers' defaults):
 - "srste" and "pgf" ignore the exact sparsity grid value: they use the N:M pattern (M a power of two up to
   32) closest to it (0.8 -> 3:16 = 81.25%, 0.9 -> 3:32 = 90.6%, 0.95 -> 1:16 = 93.75%, 0.98 -> 1:32 =
   96.9%), and layers whose input dimension M does not divide stay dense; the measured sparsity is reported.
-  PGF decays beta linearly to 0 at 80% of training, then fine-tunes with the hard N:M mask.
+  PGF decays beta linearly to 0 at 80% of training, then fine-tunes with the hard N:M mask. Both keep dense
+  weights while training and bake the N:M mask into them after the last step.
 - "imp" runs 3 pruning rounds inside the one training run (4 equal phases), rewinding to the end of the
   first epoch (capped to half a phase).
 - Sparse model soups need several training runs per phase: use :func:`sparse_soup` directly (no arm).
@@ -113,7 +114,7 @@ def _rigl(sparsity: float, *, total_steps: int, steps_per_epoch: int, seed: int,
 
 def _srste(sparsity: float, *, total_steps: int, steps_per_epoch: int, seed: int, distribution: str) -> Sparsifier:
     pattern = nm_for_sparsity(sparsity)
-    return SRSTE(pattern.n, pattern.m, incompatible="dense", seed=seed)
+    return SRSTE(pattern.n, pattern.m, total_steps=total_steps, incompatible="dense", seed=seed)
 
 
 def _pgf(sparsity: float, *, total_steps: int, steps_per_epoch: int, seed: int, distribution: str) -> Sparsifier:
@@ -125,6 +126,7 @@ def _pgf(sparsity: float, *, total_steps: int, steps_per_epoch: int, seed: int, 
         method="mask",
         rate=1.0 / finetune,
         finetune=finetune,
+        total_steps=total_steps,
         incompatible="dense",
         seed=seed,
     )

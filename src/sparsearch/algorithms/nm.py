@@ -58,15 +58,19 @@ class SRSTE(DenseWeightSparsifier):
     Args:
         n, m: the pattern (2:4 default).
         decay: lambda_W of the sparse-refined term (2e-4).
+        total_steps: when given, the mask is baked into the weights after the last step.
         **kwargs: include, incompatible ("dense" leaves layers whose input dimension M does not divide dense),
             seed.
     """
 
-    def __init__(self, n: int = 2, m: int = 4, *, decay: float = 2e-4, **kwargs: Any) -> None:
+    def __init__(
+        self, n: int = 2, m: int = 4, *, decay: float = 2e-4, total_steps: int | None = None, **kwargs: Any
+    ) -> None:
         if decay < 0:
             raise ValueError(f"decay must be >= 0, got {decay}")
         super().__init__(structure=NM(n, m), **kwargs)
         self.decay = decay
+        self.total_steps = total_steps
 
     def forward_weight(self, name: str, weight: torch.Tensor) -> torch.Tensor:
         return _SparseRefinedSTE.apply(weight, self.masks[name], self.decay)
@@ -94,7 +98,8 @@ class PGF(DenseWeightSparsifier):
         rate: c in beta = 1 - c*t or exp(-c*t) (2e-4; the paper uses 1e-4..2e-4).
         dense_steps: optional dense phase before the decay starts.
         finetune: start of the final phase with beta = 0 (default 0.8 of ``total_steps``; None: no forced phase).
-        total_steps: length of training (needed for fractions and for structure decay frames).
+        total_steps: length of training (needed for fractions and for structure decay frames); the mask is
+            baked into the weights after the last step.
     """
 
     def __init__(
@@ -118,6 +123,7 @@ class PGF(DenseWeightSparsifier):
         if rate < 0 or dense_steps < 0:
             raise ValueError(f"rate and dense_steps must be >= 0, got rate={rate}, dense_steps={dense_steps}")
         self.method = method
+        self.total_steps = total_steps
         self.decay = decay
         self.rate = rate
         self.dense_steps = dense_steps

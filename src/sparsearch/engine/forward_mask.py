@@ -4,8 +4,9 @@ SR-STE and progressive gradient flow train dense weights while the forward pass 
 ``W * (m + (1 - m) * beta)``). Reparametrisation (``torch.nn.utils.parametrize``) would rename the
 state-dict keys (``weight`` -> ``parametrizations.weight.original``); instead each masked Linear/Conv module
 gets an instance-level ``forward`` that calls the layer's own functional form with the effective weight.
-``model.state_dict()`` keys stay unchanged and hold the *dense* weights while training; ``finalize()`` bakes
-the mask into them (the saved weight is then N:M sparse) and restores the modules' own forward.
+``model.state_dict()`` keys stay unchanged and hold the *dense* weights while training; ``bake()`` (run
+automatically after step ``total_steps`` when that is set) zeros the masked weights, so the trained weights are
+truly sparse, and ``finalize()`` bakes and restores the modules' own forward.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ class DenseWeightSparsifier(Sparsifier):
     """Base for algorithms that mask only the forward pass; override ``forward_weight``."""
 
     masks_weights = False
+    #: when set, the mask is baked into the weights right after this optimizer step (the end of training)
+    total_steps: int | None = None
 
     def forward_weight(self, name: str, weight: torch.Tensor) -> torch.Tensor:
         """The weight the forward pass uses for parameter ``name`` (default: hard mask, straight-through)."""
@@ -50,6 +53,17 @@ class DenseWeightSparsifier(Sparsifier):
                 return module._conv_forward(inputs, self.forward_weight(name, module.weight), module.bias)
 
         return forward
+
+    def _post_step_hook(self, optimizer: torch.optim.Optimizer, args: object, kwargs: object) -> None:
+        super()._post_step_hook(optimizer, args, kwargs)
+        if self.total_steps is not None and self.step == self.total_steps:
+            self.bake()
+
+    @torch.no_grad()
+    def bake(self) -> None:
+        """Zero the dense weights where the current mask is zero (the saved weights become sparse)."""
+        for name, mask in self.masks.items():
+            self.params[name].mul_(mask)
 
     def detach(self) -> None:
         for module, _ in self._owners.values():
