@@ -193,8 +193,10 @@ def test_static_methods_choose_masks_by_their_scores():
     model = mlp()
     snip = sa.SNIP(0.9, batch=(x, y)).attach(model)
     assert snip.overall_sparsity() == pytest.approx(0.9, abs=1e-3)
+    fresh = mlp()
     with pytest.raises(ValueError, match="needs a data batch"):
-        sa.GraSP(0.9).attach(mlp())
+        sa.GraSP(0.9).attach(fresh)
+    assert sa.GraSP(0.9).attach(fresh, batch=(x, y)).overall_sparsity() == pytest.approx(0.9, abs=1e-3)
     synflow = sa.SynFlow(0.95, rounds=20).attach(mlp())
     assert synflow.overall_sparsity() == pytest.approx(0.95, abs=1e-3)
     magnitude = sa.StaticMagnitude(0.5, distribution="uniform").attach(model2 := mlp())

@@ -184,12 +184,20 @@ class Sparsifier:
         model._sparsearch_sparsifier = self
         self.batch = batch
         try:
-            masks = self.initial_masks()
+            for name, mask in self.initial_masks().items():
+                self._set_mask(name, mask)
+            self.on_attach()
+        except Exception:
+            # leave the model as it was, so that the user can fix the input and attach again
+            for module, leaf in self._owners.values():
+                module.__dict__.pop("forward", None)
+                if hasattr(module, leaf + MASK_SUFFIX):
+                    delattr(module, leaf + MASK_SUFFIX)
+            del model._sparsearch_sparsifier
+            self.model, self.optimizer, self.params, self._owners = None, None, {}, {}
+            raise
         finally:
             self.batch = None
-        for name, mask in masks.items():
-            self._set_mask(name, mask)
-        self.on_attach()
         self.apply_masks()
         if optimizer is not None:
             self._handles = [
