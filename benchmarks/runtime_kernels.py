@@ -4,7 +4,7 @@ Layers 1024x1024, 4096x4096, 4096x1024 (out x in); batch 1, 64, 256; sparsity 0.
 Ours is timed as a full Linear (x [batch, in] -> y [batch, out], contiguous, transposes included); torch.sparse
 and sparselab get the transposed input precomputed (their best case). The numba backend of the same
 algorithm is timed on the 4096x4096 layer to show why the C kernels are the default. Conversion times and
-bytes per non-zero are recorded too. Run: python benchmarks/runtime_kernels.py [--quick]
+bytes per non-zero are recorded too. Run: python benchmarks/runtime_kernels.py [--quick] [--threads N]
 """
 
 from __future__ import annotations
@@ -60,8 +60,10 @@ def candidates(weight, bias, matrix, csr, padded, x, xt, with_numba: bool) -> di
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="only 4096x4096 at sparsity 0.5/0.9/0.95")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (the issue's targets use 2)")
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
+    machine_info["torch_threads"] = args.threads
     import sparselab
 
     shapes, sparsities = (SHAPES, SPARSITIES) if not args.quick else ([(4096, 4096)], [0.5, 0.9, 0.95])
@@ -99,7 +101,8 @@ def main() -> None:
                       f"{s['ours']:.2f}x torch_csr {s['torch_csr']:.2f}x sparselab {s['sparselab']:.2f}x"
                       + (f" numba {s['ours_numba']:.2f}x" if "ours_numba" in s else ""), flush=True)
     payload = {"machine": machine_info, "results": rows_out, "targets": check_targets(rows_out)}
-    write_results("runtime_kernels" + ("_quick" if args.quick else ""), payload, to_markdown(payload))
+    suffix = ("_quick" if args.quick else "") + (f"_{args.threads}thread" if args.threads != 2 else "")
+    write_results("runtime_kernels" + suffix, payload, to_markdown(payload))
 
 
 def check_targets(rows: list[dict]) -> list[dict]:
@@ -128,7 +131,8 @@ def check_targets(rows: list[dict]) -> list[dict]:
 
 
 def to_markdown(payload: dict) -> str:
-    lines = ["Speed-up over dense `F.linear` (higher is better), fp32, 2 threads, each cell 'best / median' "
+    lines = [f"Speed-up over dense `F.linear` (higher is better), fp32, {payload['machine']['torch_threads']} "
+             "thread(s), each cell 'best / median' "
              "(ratio of the fastest and of the median times of interleaved runs). Dense column: fastest and "
              "median milliseconds.\n",
              "| layer (out x in) | sparsity | batch | dense ms | ours | ours (numba) | torch.sparse CSR | "
