@@ -198,3 +198,34 @@ def test_static_mask_sparsifier_keeps_given_masks():
     StaticMaskSparsifier({"fc1.weight": mask}).attach(model, optimizer)
     _train(model, optimizer, 20)
     assert torch.equal(model.fc1.weight != 0, mask)
+
+
+def test_unknown_optimizers_are_remasked_after_every_step():
+    class NoisySGD(torch.optim.SGD):
+        """An optimizer that touches every weight (like a non-elementwise preconditioner would)."""
+
+        @torch.no_grad()
+        def step(self, closure=None):
+            super().step(closure)
+            for group in self.param_groups:
+                for p in group["params"]:
+                    p.add_(0.01)
+
+    model = Net()
+    optimizer = NoisySGD(model.parameters(), lr=0.1, momentum=0.9)
+    sparsifier = Sparsifier(0.7).attach(model, optimizer)
+    _train(model, optimizer, 5)
+    assert sparsifier.overall_sparsity() == pytest.approx(0.7, abs=1e-3)
+
+
+def test_state_from_dense_training_is_masked_at_attach():
+    model = Net()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    _train(model, optimizer, 5)  # dense warm-up fills the Adam moments everywhere
+    sparsifier = Sparsifier(0.8).attach(model, optimizer)
+    _train(model, optimizer, 20, seed=1)
+    for name, mask in sparsifier.masks.items():
+        param = dict(model.named_parameters())[name]
+        assert (param[~mask] == 0).all()
+        assert (optimizer.state[param]["exp_avg"][~mask] == 0).all()
+        assert (optimizer.state[param]["exp_avg_sq"][~mask] == 0).all()

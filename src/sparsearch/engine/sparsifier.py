@@ -9,7 +9,9 @@ sparsifier's own state (masks, step, random state, algorithm state) round-trips 
   of masked weights are zeroed;
 - after every step: masked weights are exactly zero and so is optimizer state (momentum, Adam moments) at
   masked positions, so neither momentum nor weight decay can revive a pruned weight, and a weight grown
-  later starts from zero with zero optimizer state.
+  later starts from zero with zero optimizer state. Weights and state are re-masked whenever masks change
+  and after every step of an optimizer not known to be elementwise (``ELEMENTWISE_OPTIMIZERS``; for those,
+  masked gradients plus zero state already keep both exactly zero).
 
 The four axes are independent constructor arguments: ``distribution`` (uniform, er, erk, global, custom
 mapping), ``structure`` (unstructured, N:M, block, channel) and the score (the ``compute_scores`` hook;
@@ -38,6 +40,18 @@ from sparsearch.sparsity.scores import Batch
 from sparsearch.sparsity.structures import NM, Structure, Unstructured, parse_structure
 
 SPARSIFIABLE_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+# Optimizers whose update of a weight depends only on that weight, its gradient and its own state, and is
+# exactly zero when all three are zero: with gradients masked before the step, their step cannot revive a
+# pruned weight or its state, so re-masking after every step is skipped (it still runs whenever masks change).
+# Any other optimizer (subclasses included) is re-masked after every step.
+ELEMENTWISE_OPTIMIZERS = (
+    torch.optim.SGD,
+    torch.optim.Adam,
+    torch.optim.AdamW,
+    torch.optim.NAdam,
+    torch.optim.RAdam,
+    torch.optim.RMSprop,
+)
 MASK_SUFFIX = "_mask"
 MASK_DISTRIBUTIONS = (*DISTRIBUTIONS, "global")
 
@@ -368,7 +382,8 @@ class Sparsifier:
             _restore_snapshot(optimizer, self._snapshot)
             self._snapshot = None
         self.step += 1
-        self.apply_masks()
+        if type(optimizer) not in ELEMENTWISE_OPTIMIZERS:
+            self.apply_masks()
         self.after_step()
 
     def before_step(self) -> None:
