@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sparsearch.runtime import PanelCSRMatrix, sparse_linear
+from sparsearch.runtime import PanelCSRMatrix, sparse_linear, sparse_matmul_t
 
 BACKENDS = ["c", "numba"]
 
@@ -103,3 +103,14 @@ def test_validate_rejects_inconsistent_arrays():
                                            matrix.segment_nnz)
     with pytest.raises(ValueError, match="sums to 4 non-zeros but 3"):
         bad_count.validate()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("batch", [0, 1, 5, 64, 70])
+def test_batch_minor_layout_matches_dense(backend, batch):
+    weight = masked_weight(90, 1500, 0.9, seed=batch, empty_row=True, dense_row=True)
+    bias = torch.randn(90)
+    matrix = PanelCSRMatrix.from_dense(weight, panel_width=512)
+    xt = torch.randn(1500, batch)
+    torch.testing.assert_close(sparse_matmul_t(matrix, xt, bias, backend=backend), weight @ xt + bias[:, None],
+                               rtol=1e-4, atol=1e-3)

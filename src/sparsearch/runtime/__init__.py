@@ -7,7 +7,7 @@
 
 from sparsearch.runtime.convert import ConversionReport, LayerDecision, convert, convert_file, convert_with_report
 from sparsearch.runtime.format import PanelCSRMatrix
-from sparsearch.runtime.kernels import get_backend, sparse_linear
+from sparsearch.runtime.kernels import get_backend, sparse_linear, sparse_matmul_t
 from sparsearch.runtime.modules import SparseLinear
 from sparsearch.runtime.storage import load_sparse, read_sparse_file, save_sparse
 
@@ -24,4 +24,5 @@ __all__ = [
     "read_sparse_file",
     "save_sparse",
     "sparse_linear",
+    "sparse_matmul_t",
 ]

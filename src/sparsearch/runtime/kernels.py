@@ -105,6 +105,14 @@ class _CBackend:
                                    yt.data_ptr(), y.data_ptr(), threads)
         return y
 
+    def matmul_t(self, m: PanelCSRMatrix, bias: torch.Tensor | None, xt: torch.Tensor,
+                 threads: int) -> torch.Tensor:
+        """Y^T [rows, batch] from X^T [cols, batch] (rows contiguous), no transposes."""
+        yt = torch.empty(m.rows, xt.shape[1], dtype=torch.float32)
+        self._lib.panel_csr_linear(*m.kernel_args, None if bias is None else bias.data_ptr(), None, 0,
+                                   xt.data_ptr(), xt.stride(0), xt.shape[1], m.cols, yt.data_ptr(), None, threads)
+        return yt
+
     def matvec(self, m: PanelCSRMatrix, bias: torch.Tensor | None, x: torch.Tensor, y: torch.Tensor,
                threads: int) -> None:
         self._lib.panel_csr_matvec(
@@ -134,6 +142,10 @@ class _NumbaBackend:
                                m.col_indices.numpy(), m.values.numpy(), _bias_array(bias, m.rows),
                                xt.numpy(), yt.numpy(), self._threads(threads))
         return yt.t().contiguous()
+
+    def matmul_t(self, m: PanelCSRMatrix, bias: torch.Tensor | None, xt: torch.Tensor,
+                 threads: int) -> torch.Tensor:
+        return self.linear(m, bias, xt.t(), threads).t().contiguous()
 
     def matvec(self, m: PanelCSRMatrix, bias: torch.Tensor | None, x: torch.Tensor, y: torch.Tensor,
                threads: int) -> None:
@@ -193,3 +205,25 @@ def sparse_linear(x: torch.Tensor, matrix: PanelCSRMatrix, bias: torch.Tensor | 
         kernels.matvec(matrix, bias, x2[0].contiguous(), y, threads)
         return y.reshape(*lead, matrix.rows)
     return kernels.linear(matrix, bias, x2, threads).reshape(*lead, matrix.rows)
+
+
+def sparse_matmul_t(matrix: PanelCSRMatrix, xt: torch.Tensor, bias: torch.Tensor | None = None,
+                    backend: str | None = None) -> torch.Tensor:
+    """Y^T = W X^T (+ bias per row) for activations kept batch-minor: xt [in_features, batch] -> [out_features, batch].
+
+    The layout the kernels work in, so no transposes are paid; chains of sparse layers (and comparisons with
+    kernels that take this layout, such as sparselab.spmm) can use it directly.
+    """
+    if not isinstance(xt, torch.Tensor) or xt.dim() != 2 or xt.dtype != torch.float32:
+        raise TypeError(f"xt must be a 2-D float32 tensor, got {getattr(xt, 'dtype', type(xt).__name__)} "
+                        f"with shape {tuple(getattr(xt, 'shape', ()))}")
+    if xt.shape[0] != matrix.cols:
+        raise ValueError(f"xt's first dimension must be in_features={matrix.cols}, got shape {tuple(xt.shape)}")
+    if bias is not None:
+        bias = bias.detach().to(torch.float32).contiguous()
+    batch = xt.shape[1]
+    if batch == 0 or matrix.rows == 0:
+        return xt.new_zeros(matrix.rows, batch) + (0 if bias is None else bias[:, None])
+    if xt.stride(1) != 1:
+        xt = xt.contiguous()
+    return get_backend(backend).matmul_t(matrix, bias, xt.detach(), _threads_for(matrix.nnz * batch))

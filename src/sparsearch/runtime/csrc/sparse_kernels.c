@@ -120,7 +120,8 @@ static void transpose_block(int64_t r0, int64_t r1, int64_t c0, int64_t c1, cons
  * transpose), because on shared cores every barrier can wait for a descheduled thread.
  * If x is given (batch x cols, row stride ldx_in) it is first transposed into the scratch xt (cols x batch);
  * otherwise xt already holds X^T with row stride ldx. Each chunk computes its rows of Y^T into the scratch yt
- * (rows x batch) and writes them transposed into y (batch x rows, contiguous). */
+ * (rows x batch) and writes them transposed into y (batch x rows, contiguous), unless y is NULL (the caller
+ * wants Y^T). */
 void panel_csr_linear(int64_t rows, int64_t panels, int64_t panel_width, const int64_t* seg_ptr,
                       const int64_t* row_nnz_prefix, const uint16_t* cols, const float* values,
                       const float* bias, const float* x, int64_t ldx_in, float* xt, int64_t ldx, int64_t batch,
@@ -142,7 +143,7 @@ void panel_csr_linear(int64_t rows, int64_t panels, int64_t panel_width, const i
             balanced_rows(row_nnz_prefix, rows, chunk, chunks, &first, &last);
             rows_matmul_t(first, last, rows, panels, panel_width, seg_ptr, cols, values, bias, xt, ldx, batch,
                           yt, batch);
-            transpose_block(first, last, 0, batch, yt, batch, y, rows);
+            if (y) transpose_block(first, last, 0, batch, yt, batch, y, rows);
         }
     }
 }
