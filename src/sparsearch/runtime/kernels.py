@@ -224,6 +224,12 @@ def sparse_matmul_t(matrix: PanelCSRMatrix, xt: torch.Tensor, bias: torch.Tensor
     batch = xt.shape[1]
     if batch == 0 or matrix.rows == 0:
         return xt.new_zeros(matrix.rows, batch) + (0 if bias is None else bias[:, None])
+    kernels = get_backend(backend)
+    threads = _threads_for(matrix.nnz * batch)
+    if batch == 1:  # a single column is a matrix-vector product: the memory-bound kernel is faster
+        y = torch.empty(matrix.rows, dtype=torch.float32)
+        kernels.matvec(matrix, bias, xt.detach()[:, 0].contiguous(), y, threads)
+        return y[:, None]
     if xt.stride(1) != 1:
         xt = xt.contiguous()
-    return get_backend(backend).matmul_t(matrix, bias, xt.detach(), _threads_for(matrix.nnz * batch))
+    return kernels.matmul_t(matrix, bias, xt.detach(), threads)
