@@ -11,6 +11,7 @@ from collections.abc import Iterator
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from sparsearch.oneshot.commands import prune_command
 from sparsearch.runtime.commands import convert_command
@@ -33,7 +34,7 @@ def user_errors() -> Iterator[None]:
         yield
     except (ValueError, FileNotFoundError, NotADirectoryError, KeyError) as error:
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
-        error_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+        error_console.print(f"[bold red]error:[/] {escape(str(message))}", highlight=False, soft_wrap=True)
         raise typer.Exit(code=2) from None
 
 

@@ -5,25 +5,32 @@ blocks); no gradients, no retraining. ``prune_pretrained`` works on a Hugging Fa
 a pruned copy; ``prune_model`` prunes a loaded model in place.
 """
 
-from sparsearch.oneshot.calibration import calibration_windows, read_calibration_file
-from sparsearch.oneshot.config import OneShotConfig, parse_pattern
-from sparsearch.oneshot.hf import load_pretrained, prune_pretrained
-from sparsearch.oneshot.methods import InputStatistics, prune_weight, relative_reconstruction_error
-from sparsearch.oneshot.report import LayerReport, PruneReport
-from sparsearch.oneshot.sequential import find_blocks, prune_model
+from __future__ import annotations
 
-__all__ = [
-    "InputStatistics",
-    "LayerReport",
-    "OneShotConfig",
-    "PruneReport",
-    "calibration_windows",
-    "find_blocks",
-    "load_pretrained",
-    "parse_pattern",
-    "prune_model",
-    "prune_pretrained",
-    "prune_weight",
-    "read_calibration_file",
-    "relative_reconstruction_error",
-]
+import importlib
+from typing import Any
+
+# Names are imported on first use (PEP 562): `transformers` takes seconds to import, and the `sparsearch`
+# command line imports this package for every command, not only for `prune`.
+_EXPORTS = {
+    "calibration_windows": "calibration",
+    "read_calibration_file": "calibration",
+    "OneShotConfig": "config",
+    "parse_pattern": "config",
+    "load_pretrained": "hf",
+    "prune_pretrained": "hf",
+    "InputStatistics": "methods",
+    "prune_weight": "methods",
+    "relative_reconstruction_error": "methods",
+    "LayerReport": "report",
+    "PruneReport": "report",
+    "find_blocks": "sequential",
+    "prune_model": "sequential",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'sparsearch.oneshot' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"sparsearch.oneshot.{_EXPORTS[name]}"), name)
