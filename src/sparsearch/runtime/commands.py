@@ -25,7 +25,7 @@ def _batch_sizes(text: str) -> tuple[int, ...]:
 def convert_command(
     model_file: Annotated[Path, typer.Argument(help="safetensors state dict or sparsearch checkpoint.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Sparse safetensors file to write.")],
-    batch_sizes: Annotated[str, typer.Option(help="Batch sizes to time, comma-separated.")] = "1,64",
+    batch_sizes: Annotated[str, typer.Option(help="Batch sizes to time, comma-separated.")] = "1,64,256",
     min_speedup: Annotated[float, typer.Option(help="Sparse must beat dense by this factor at every batch size.")]
     = 1.05,
     max_density: Annotated[float, typer.Option(help="Layers denser than this stay dense without timing.")] = 0.7,

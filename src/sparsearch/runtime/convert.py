@@ -111,7 +111,7 @@ def _replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def convert_with_report(model: nn.Module, *, batch_sizes: Sequence[int] = (1, 64), min_speedup: float = 1.05,
+def convert_with_report(model: nn.Module, *, batch_sizes: Sequence[int] = (1, 64, 256), min_speedup: float = 1.05,
                         max_density: float = 0.7, repeats: int = 5,
                         inplace: bool = False) -> tuple[nn.Module, ConversionReport]:
     """Like `convert`, and also return the per-layer `ConversionReport`."""
@@ -156,7 +156,7 @@ def convert_with_report(model: nn.Module, *, batch_sizes: Sequence[int] = (1, 64
     return converted, report
 
 
-def convert(model: nn.Module, *, batch_sizes: Sequence[int] = (1, 64), min_speedup: float = 1.05,
+def convert(model: nn.Module, *, batch_sizes: Sequence[int] = (1, 64, 256), min_speedup: float = 1.05,
             max_density: float = 0.7, repeats: int = 5, inplace: bool = False) -> nn.Module:
     """Return an inference copy of `model` whose Linear layers use sparse kernels where measured faster.
 
@@ -182,7 +182,7 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def convert_file(source: str | Path, target: str | Path, *, batch_sizes: Sequence[int] = (1, 64),
+def convert_file(source: str | Path, target: str | Path, *, batch_sizes: Sequence[int] = (1, 64, 256),
                  min_speedup: float = 1.05, max_density: float = 0.7,
                  repeats: int = 5) -> tuple[ConversionReport, int]:
     """Convert a safetensors state dict (or a `sparsearch.save` checkpoint) to a sparse file, no model needed.
