@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sparsearch.sparsity.masks import topk_mask
 from sparsearch.sparsity.schedules import Constant, Cosine, Cubic, Exponential, Linear, as_schedule
 from sparsearch.sparsity.scores import compute_scores, grasp_scores, snip_scores, synflow_scores
 from sparsearch.sparsity.structures import NM, Block, Channel, Unstructured, parse_structure
@@ -127,3 +128,28 @@ def test_data_scores_need_a_batch():
         compute_scores("snip", model, {"0.weight": model[0].weight})
     with pytest.raises(ValueError, match="unknown score 'fisher'"):
         compute_scores("fisher", model, {"0.weight": model[0].weight})
+
+
+def _stable_sort_topk(scores: torch.Tensor, keep: int) -> torch.Tensor:
+    mask = torch.zeros(scores.numel(), dtype=torch.bool)
+    mask[torch.sort(scores.reshape(-1), descending=True, stable=True).indices[:keep]] = True
+    return mask.view_as(scores)
+
+
+def test_topk_mask_keeps_exactly_what_a_stable_descending_sort_keeps():
+    # heavy ties, infinities and NaN: the O(n) top-k must break ties by position exactly like a stable sort
+    generator = torch.Generator().manual_seed(0)
+    for trial in range(400):
+        n = int(torch.randint(1, 200, (1,), generator=generator))
+        scores = torch.randint(-3, 4, (n, 1), generator=generator).float()
+        scores[torch.rand(n, 1, generator=generator) < 0.2] = -math.inf
+        if trial % 3 == 0:
+            scores[torch.rand(n, 1, generator=generator) < 0.1] = math.nan
+        if trial % 5 == 0:
+            scores[torch.rand(n, 1, generator=generator) < 0.1] = math.inf
+        keep = int(torch.randint(0, n + 1, (1,), generator=generator))
+        mask = topk_mask(scores, keep)
+        assert mask.shape == scores.shape and int(mask.sum()) == keep
+        assert torch.equal(mask, _stable_sort_topk(scores, keep)), (scores.flatten().tolist(), keep)
+    with pytest.raises(ValueError, match="keep must be in"):
+        topk_mask(torch.zeros(3), 4)

@@ -2,8 +2,8 @@
 
 Two backends compute the same thing:
 - "c": csrc/sparse_kernels.c (vectorised, OpenMP), compiled once with the system C compiler for this machine
-  (-O3 -march=native) and cached under $SPARSEARCH_CACHE_DIR (default ~/.cache/sparsearch); called through
-  ctypes on tensor data pointers, so no build step needs torch. Chosen by measurement: several times faster
+  (-O3 -march=native) and cached under $SPARSEARCH_CACHE (default ~/.cache/sparsearch, as for data); called
+  through ctypes on tensor data pointers, so no build step needs torch. Chosen by measurement: several times faster
   than the numba version of the same algorithm (benchmarks/results/runtime_kernels.md).
 - "numba": the same algorithm in numba, used when no C compiler is available.
 Set SPARSEARCH_KERNEL_BACKEND=c|numba to force one. Both use `torch.get_num_threads()` threads.
@@ -45,8 +45,8 @@ def _cpu_fingerprint() -> str:
 
 
 def _cache_dir() -> Path:
-    root = os.environ.get("SPARSEARCH_CACHE_DIR") or Path.home() / ".cache" / "sparsearch"
-    return Path(root) / "kernels"
+    root = Path(os.environ.get("SPARSEARCH_CACHE") or Path.home() / ".cache" / "sparsearch").expanduser()
+    return root / "kernels"
 
 
 def _compile_library() -> Path:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import torch
@@ -12,11 +13,21 @@ def topk_mask(scores: torch.Tensor, keep: int) -> torch.Tensor:
     numel = scores.numel()
     if not 0 <= keep <= numel:
         raise ValueError(f"keep must be in [0, {numel}] for a tensor of shape {tuple(scores.shape)}, got {keep}")
-    mask = torch.zeros(numel, dtype=torch.bool, device=scores.device)
-    if keep:
-        # stable sort so that ties are broken by position, deterministically
-        order = torch.sort(scores.detach().reshape(-1).float(), descending=True, stable=True).indices
-        mask[order[:keep]] = True
+    flat = scores.detach().reshape(-1).float()
+    if keep == 0 or keep == numel:
+        return torch.full_like(flat, keep == numel, dtype=torch.bool).view_as(scores)
+    # The result equals a stable descending sort's first `keep` entries (NaN first, ties by position), in O(n):
+    # the keep-th largest value does not depend on the top-k implementation, and ties at it go by position.
+    nan = torch.isnan(flat)
+    if bool(nan.any()):
+        flat = flat.masked_fill(nan, -math.inf)
+        keep -= int(nan.count_nonzero())
+        if keep <= 0:
+            return (nan & (torch.cumsum(nan, 0) <= keep + int(nan.count_nonzero()))).view_as(scores)
+    threshold = torch.topk(flat, keep, sorted=False).values.min()
+    above = (flat > threshold) & ~nan
+    ties = (flat == threshold) & ~nan
+    mask = nan | above | (ties & (torch.cumsum(ties, 0) <= keep - int(above.count_nonzero())))
     return mask.view_as(scores)
 
 
