@@ -88,6 +88,19 @@ def test_same_seed_same_numbers_whatever_the_executor(tmp_path):
     assert curves["dense/s0/seed0"] != curves["dense/s0/seed1"]
 
 
+def test_ray_executor_gives_the_same_numbers_and_resumes(tmp_path):
+    pytest.importorskip("ray")
+    from sparsearch.study.ray_executor import RayExecutor
+
+    config = parse_study_config({**TINY, "arms": ["dense", "random-weight", "search-node"]})
+    run_study(config, store_path=tmp_path / "inline.sqlite", executor=InlineExecutor(), show_progress=False)
+    run = run_study(config, store_path=tmp_path / "ray.sqlite", executor=RayExecutor(2), show_progress=False)
+    assert run.failed == {} and len(run.finished) == 3
+    assert stable_numbers(tmp_path / "ray.sqlite") == stable_numbers(tmp_path / "inline.sqlite")
+    again = run_study(config, store_path=tmp_path / "ray.sqlite", executor=RayExecutor(2), show_progress=False)
+    assert again.finished == [] and again.already_done == 3
+
+
 def test_resume_reruns_only_the_interrupted_trial(tmp_path):
     path = tmp_path / "r.sqlite"
     config = parse_study_config({**TINY, "arms": ["dense", "random-node", "random-weight"]})

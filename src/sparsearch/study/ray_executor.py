@@ -50,7 +50,9 @@ class RayExecutor:
             local = {"num_cpus": self.workers} if self.address is None else {}
             ray.init(address=self.address, include_dashboard=False, log_to_driver=False, **local)
         try:
-            events = Queue()
+            # zero CPUs: an actor needs a CPU to be placed by default, and with every CPU taken by trials that
+            # block on their first events.put, it would wait for one (minutes, until Ray's lease timeout)
+            events = Queue(actor_options={"num_cpus": 0})
             task = ray.remote(num_cpus=1)(_ray_trial)
             references = {task.remote(config, spec, events): spec for spec in trials}
             waiting = list(references)

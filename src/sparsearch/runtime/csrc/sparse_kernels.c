@@ -8,6 +8,9 @@
  * Batched kernel: works on transposed activations X^T (cols x batch, row stride ldx) and writes Y^T
  * (rows x batch, row stride ldy), so every non-zero w_ij becomes a broadcast FMA over a contiguous run of the
  * batch. 64 floats of the batch are kept in registers at a time. Threads take nnz-balanced row chunks.
+ * When the kernel transposes the input itself, it stores X^T as batch tiles of 64 (tile t: cols x 64,
+ * contiguous): with a plain cols x batch layout and batch > 64 the 256 bytes a tile reads from each 1 KB row
+ * (batch 256) fall into a quarter of the L2 cache sets, and a panel's activations no longer stay in L2.
  * Written with GCC/Clang vector extensions so it compiles for any target; built with -march=native it uses
  * AVX2/FMA (or AVX-512, NEON) on the machine that builds it.
  */
@@ -69,35 +72,41 @@ static inline void tile_tail(const float* values, const uint16_t* cols, int64_t 
     for (int c = 0; c < width; c++) y[c] = acc[c];
 }
 
-/* Y^T rows [first, last) = W X^T (+ bias) for all batch columns. */
+#define BATCH_TILE 64
+
+/* Y^T rows [first, last) = W X^T (+ bias) for all batch columns. X^T is either cols x batch with row stride ldx
+ * (tiled = 0) or tiled: batch tile b0 is a contiguous cols x width block at xt + b0 * ncols. */
 static void rows_matmul_t(int64_t first, int64_t last, int64_t rows, int64_t panels, int64_t panel_width,
                           const int64_t* seg_ptr, const uint16_t* cols, const float* values, const float* bias,
-                          const float* xt, int64_t ldx, int64_t batch, float* yt, int64_t ldy) {
-    for (int64_t b0 = 0; b0 < batch; b0 += 64) {
-        int64_t width = batch - b0 < 64 ? batch - b0 : 64;
+                          const float* xt, int64_t ldx, int tiled, int64_t ncols, int64_t batch, float* yt,
+                          int64_t ldy) {
+    for (int64_t b0 = 0; b0 < batch; b0 += BATCH_TILE) {
+        int64_t width = batch - b0 < BATCH_TILE ? batch - b0 : BATCH_TILE;
         int vectors = (int)(width / 8);
         int tail = (int)(width % 8);
+        const float* tile = tiled ? xt + b0 * ncols : xt + b0;
+        int64_t ld_tile = tiled ? width : ldx;
         for (int64_t p = 0; p < panels; p++) {
             const int64_t* seg = seg_ptr + p * rows;
-            const float* x = xt + p * panel_width * ldx + b0;
+            const float* x = tile + p * panel_width * ld_tile;
             int accumulate = p > 0;
             for (int64_t i = first; i < last; i++) {
                 float init = bias ? bias[i] : 0.0f;
                 float* y = yt + i * ldy + b0;
                 int64_t k0 = seg[i], k1 = seg[i + 1];
                 switch (vectors) {
-                    case 8: tile_8(values, cols, k0, k1, x, ldx, y, accumulate, init); break;
-                    case 7: tile_7(values, cols, k0, k1, x, ldx, y, accumulate, init); break;
-                    case 6: tile_6(values, cols, k0, k1, x, ldx, y, accumulate, init); break;
-                    case 5: tile_5(values, cols, k0, k1, x, ldx, y, accumulate, init); break;
-                    case 4: tile_4(values, cols, k0, k1, x, ldx, y, accumulate, init); break;
-                    case 3: tile_3(values, cols, k0, k1, x, ldx, y, accumulate, init); break;
-                    case 2: tile_2(values, cols, k0, k1, x, ldx, y, accumulate, init); break;
-                    case 1: tile_1(values, cols, k0, k1, x, ldx, y, accumulate, init); break;
+                    case 8: tile_8(values, cols, k0, k1, x, ld_tile, y, accumulate, init); break;
+                    case 7: tile_7(values, cols, k0, k1, x, ld_tile, y, accumulate, init); break;
+                    case 6: tile_6(values, cols, k0, k1, x, ld_tile, y, accumulate, init); break;
+                    case 5: tile_5(values, cols, k0, k1, x, ld_tile, y, accumulate, init); break;
+                    case 4: tile_4(values, cols, k0, k1, x, ld_tile, y, accumulate, init); break;
+                    case 3: tile_3(values, cols, k0, k1, x, ld_tile, y, accumulate, init); break;
+                    case 2: tile_2(values, cols, k0, k1, x, ld_tile, y, accumulate, init); break;
+                    case 1: tile_1(values, cols, k0, k1, x, ld_tile, y, accumulate, init); break;
                     default: break;
                 }
                 if (tail)
-                    tile_tail(values, cols, k0, k1, x + 8 * vectors, ldx, y + 8 * vectors, tail, accumulate,
+                    tile_tail(values, cols, k0, k1, x + 8 * vectors, ld_tile, y + 8 * vectors, tail, accumulate,
                               init);
             }
         }
@@ -118,10 +127,10 @@ static void transpose_block(int64_t r0, int64_t r1, int64_t c0, int64_t c1, cons
 
 /* y[batch, rows] = x W^T (+ bias), the whole Linear in one parallel region (one barrier: after the input
  * transpose), because on shared cores every barrier can wait for a descheduled thread.
- * If x is given (batch x cols, row stride ldx_in) it is first transposed into the scratch xt (cols x batch);
- * otherwise xt already holds X^T with row stride ldx. Each chunk computes its rows of Y^T into the scratch yt
- * (rows x batch) and writes them transposed into y (batch x rows, contiguous), unless y is NULL (the caller
- * wants Y^T). */
+ * If x is given (batch x cols, row stride ldx_in) it is first transposed into the scratch xt (cols x batch
+ * floats, in batch tiles; ldx is ignored); otherwise xt already holds X^T with row stride ldx. Each chunk
+ * computes its rows of Y^T into the scratch yt (rows x batch) and writes them transposed into y (batch x rows,
+ * contiguous), unless y is NULL (the caller wants Y^T). */
 void panel_csr_linear(int64_t rows, int64_t panels, int64_t panel_width, const int64_t* seg_ptr,
                       const int64_t* row_nnz_prefix, const uint16_t* cols, const float* values,
                       const float* bias, const float* x, int64_t ldx_in, float* xt, int64_t ldx, int64_t batch,
@@ -134,15 +143,18 @@ void panel_csr_linear(int64_t rows, int64_t panels, int64_t panel_width, const i
 #pragma omp for schedule(static)
             for (int64_t cb = 0; cb < col_blocks; cb++) {
                 int64_t c0 = cb * 32, c1 = c0 + 32 < ncols ? c0 + 32 : ncols;
-                transpose_block(0, batch, c0, c1, x, ldx_in, xt, ldx);
+                for (int64_t b0 = 0; b0 < batch; b0 += BATCH_TILE) {
+                    int64_t width = batch - b0 < BATCH_TILE ? batch - b0 : BATCH_TILE;
+                    transpose_block(0, width, c0, c1, x + b0 * ldx_in, ldx_in, xt + b0 * ncols, width);
+                }
             }
         }
 #pragma omp for schedule(dynamic, 1) nowait
         for (int64_t chunk = 0; chunk < chunks; chunk++) {
             int64_t first, last;
             balanced_rows(row_nnz_prefix, rows, chunk, chunks, &first, &last);
-            rows_matmul_t(first, last, rows, panels, panel_width, seg_ptr, cols, values, bias, xt, ldx, batch,
-                          yt, batch);
+            rows_matmul_t(first, last, rows, panels, panel_width, seg_ptr, cols, values, bias, xt, ldx, x != 0,
+                          ncols, batch, yt, batch);
             if (y) transpose_block(first, last, 0, batch, yt, batch, y, rows);
         }
     }
