@@ -38,7 +38,7 @@ def make_input(batch_shape, cols, layout, seed):
     cols=st.integers(0, 300),
     sparsity=st.sampled_from([0.0, 0.5, 0.9, 0.98, 1.0]),
     panel_width=st.sampled_from([None, 1, 7, 64]),
-    batch_shape=st.sampled_from([(), (0,), (1,), (2,), (9,), (70,), (3, 5), (2, 0, 4)]),
+    batch_shape=st.sampled_from([(), (0,), (1,), (2,), (9,), (70,), (131,), (3, 5), (2, 0, 4), (3, 50)]),
     layout=st.sampled_from(["contiguous", "transposed", "strided"]),
     with_bias=st.booleans(),
     empty_row=st.booleans(),
