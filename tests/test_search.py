@@ -282,3 +282,19 @@ def test_random_search_rejects_bad_settings(digits):
         random_search(space, _mlp, digits, scorer="snip", n_candidates=0, seed=0)
     with pytest.raises(ValueError, match="short_train_steps must be a positive integer, got 0"):
         random_search(space, _mlp, digits, scorer="short-train", n_candidates=1, seed=0, short_train_steps=0)
+
+
+@pytest.mark.parametrize("scorer", ["synflow", "snip", "short-train"])
+def test_search_flops_count_every_candidates_scoring(digits, scorer):
+    result = _search(digits, scorer)
+    model = build_model("mlp", digits.input_shape, 10, widths=(32, 32), seed=0)
+    weights = {name: p for name, p in model.named_parameters() if name.endswith("weight")}
+    masks = result.best_masks  # every weight-space sample keeps the same number of weights per layer
+    forward_nonzero = sum(2 * int(masks[name].sum()) for name in weights)
+    forward_dense = sum(2 * w.numel() for w in weights.values())
+    per_candidate = {
+        "synflow": 2 * forward_nonzero + forward_dense,  # one sample of ones
+        "snip": 32 * (2 * forward_nonzero + forward_dense),  # one batch, dense weight gradients
+        "short-train": 5 * 32 * 3 * forward_nonzero + len(digits.y_val) * forward_nonzero,  # steps + validation
+    }[scorer]
+    assert result.flops == 4 * per_candidate

@@ -3,6 +3,7 @@ executors, and a resumed study repeats no finished trial and loses none, also af
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sqlite3
@@ -58,6 +59,13 @@ def test_every_arm_trains_and_reports_honest_sparsity(tmp_path):
         assert trial["flops_nonzero"] < 0.3 * trial["flops_dense"]
     assert trials["random-node/s0.8/seed0"]["node_sparsity"] > 0.3
     assert trials["random-weight/s0.8/seed0"]["node_sparsity"] < 0.1
+    # a searched arm's training FLOPs include scoring its candidates, on top of training the winner
+    with StudyStore(tmp_path / "a.sqlite", create=False) as store:
+        raw = {row["key"]: row for row in store.trial_rows("tiny")}
+    searched, unscored = raw["search-weight/s0.8/seed0"], raw["random-weight/s0.8/seed0"]
+    search_flops = json.loads(searched["search_json"])["flops"]
+    assert search_flops > 0
+    assert searched["train_flops"] - search_flops == pytest.approx(unscored["train_flops"], rel=0.01)
 
 
 def test_algorithm_arms_run_in_a_study(tmp_path):

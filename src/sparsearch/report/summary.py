@@ -214,7 +214,7 @@ TABLE_HEADERS = (
     "Epochs to 95% of dense",
     "Non-zero params",
     "Non-zero FLOPs/sample",
-    "Training FLOPs",
+    "Training FLOPs (incl. search)",
     "Node sparsity",
     "Wall s/trial",
 )

@@ -10,6 +10,9 @@ validation loss; remaining ties keep the earliest candidate; a NaN score ranks l
 Cost (benchmarks/results/training_speed.md): SynFlow and SNIP take ~5-30 ms per candidate; short-train takes
 n_candidates x k optimizer steps, so keep n_candidates * k below epochs * steps_per_epoch for the search to
 cost less than one full training (8 x 40 steps: ~1.4 s for MLP (256, 256), ~5-6 s for (512, 512, 256)).
+``SearchResult.flops`` counts that cost with the training loop's convention (a training step is 3 forward
+passes of the candidate's non-zero weights, except that the weight gradients of SNIP and SynFlow are dense), so
+a study can add it to the searched arm's training FLOPs.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from sparsearch.data.datasets import DataSplits
+from sparsearch.models.flops import weight_positions
 from sparsearch.search.scorers import SCORERS, short_train_evaluation, snip_score, synflow_score
 from sparsearch.search.spaces import SearchSpace, rescale_to_fan_in
 from sparsearch.study.training import TrainBudget
@@ -37,6 +41,30 @@ class SearchResult:
     best_index: int
     seconds: float
     val_losses: list[float] | None = None  # short-train only: validation loss of every candidate (tie-break)
+    flops: int = 0  # floating-point operations spent scoring all candidates
+
+
+def scoring_flops(
+    model: nn.Module,
+    masks: dict[str, Tensor],
+    input_shape: tuple[int, ...],
+    scorer: str,
+    *,
+    samples: int,
+    steps: int = 0,
+    val_samples: int = 0,
+) -> int:
+    """FLOPs of scoring one candidate: ``steps`` training steps of ``samples`` samples (short-train) plus a
+    validation pass, or one forward and backward pass of ``samples`` samples with dense weight gradients."""
+    forward_dense = forward_nonzero = 0
+    parameters = dict(model.named_parameters())
+    for name, uses in weight_positions(model, input_shape).items():
+        kept = int(masks[name].count_nonzero()) if name in masks else int(parameters[name].count_nonzero())
+        forward_dense += 2 * uses * parameters[name].numel()
+        forward_nonzero += 2 * uses * kept
+    if scorer == "short-train":
+        return steps * samples * 3 * forward_nonzero + val_samples * forward_nonzero
+    return samples * (2 * forward_nonzero + forward_dense)
 
 
 def check_scorer(scorer: str) -> str:
@@ -92,12 +120,23 @@ def random_search(
     best_masks: dict[str, Tensor] = {}
     best_key: tuple[float, float] | None = None
     best_index = -1
+    flops = 0
     for index in range(n_candidates):
         masks = space.sample(sampler)
         model = model_factory()
         if rescale_init:
             rescale_to_fan_in(model, masks)
         tiebreak = 0.0
+        samples = 1 if scorer == "synflow" else min(batch_size, len(data.y_train))
+        flops += scoring_flops(
+            model,
+            masks,
+            data.input_shape,
+            scorer,
+            samples=samples,
+            steps=short_train_steps,
+            val_samples=len(data.y_val),
+        )
         if scorer == "synflow":
             score = synflow_score(model, masks, data.input_shape)
         elif scorer == "snip":
@@ -118,4 +157,5 @@ def random_search(
         best_index=best_index,
         seconds=time.perf_counter() - started,
         val_losses=val_losses if scorer == "short-train" else None,
+        flops=flops,
     )

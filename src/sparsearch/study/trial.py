@@ -121,6 +121,7 @@ def run_trial(config: StudyConfig, spec: TrialSpec, on_epoch: Callable[[EpochRow
             "scores": [float(score) for score in result.scores],
             "best_index": int(result.best_index),
             "seconds": float(result.seconds),
+            "flops": int(result.flops),
         }
         sparsifier_factory = _static(result.best_masks)
     else:
@@ -144,7 +145,8 @@ def run_trial(config: StudyConfig, spec: TrialSpec, on_epoch: Callable[[EpochRow
         params_nonzero=int(params_nonzero),
         flops_dense=int(flops.dense),
         flops_nonzero=int(flops.nonzero),
-        train_flops=int(trained.train_flops),
+        # the searched arm pays for scoring its candidates too
+        train_flops=int(trained.train_flops) + (search_info["flops"] if search_info else 0),
         weight_sparsity=float(weight_sparsity(final_masks)),
         node_sparsity=float(node_sparsity(model, final_masks)),
         train_seconds=float(trained.seconds),
