@@ -52,12 +52,14 @@ def interleaved_times(fns: dict[str, Callable[[], object]], min_rounds: int = 7,
 
 
 def write_results(name: str, payload: dict, markdown: str) -> None:
+    """Write payload as json and markdown; the load average at the end is recorded unless already there (a
+    re-render of an earlier run keeps that run's)."""
     RESULTS.mkdir(exist_ok=True)
-    payload["machine"]["load_average_at_end"] = [round(v, 2) for v in os.getloadavg()]
+    payload["machine"].setdefault("load_average_at_end", [round(v, 2) for v in os.getloadavg()])
     (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=2))
     m = payload["machine"]
     header = (f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads), "
               f"{m['system']}. Date: {m['date']}. Load average at start {m['load_average_at_start']}, "
-              f"at end {m['load_average_at_end']} (other jobs shared the CPU; ratios are from the same run, "
-              f"interleaved; 'median' and 'best' = ratio of median and of fastest times).\n\n")
+              f"at end {m['load_average_at_end']} (ratios are from the same run, interleaved; 'median' and 'best' = "
+              "ratio of median and of fastest times).\n\n")
     (RESULTS / f"{name}.md").write_text(header + markdown)
