@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -124,6 +125,8 @@ def run(arch, method, sparsity, seed, data, args) -> dict:
         "epochs": args.epochs,
         "train_samples": n_train,
         "update_every": args.update_every,
+        "lr": args.lr,
+        "batch_size": args.batch_size,
     }
 
 
@@ -184,9 +187,19 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     json_path = args.output.with_suffix(".json")
     state = json.loads(json_path.read_text()) if json_path.exists() else {"records": []}
+    budget = {"epochs": args.epochs, "update_every": args.update_every, "lr": args.lr, "batch_size": args.batch_size}
+    for record in state["records"]:
+        # a resumed file must hold runs of this budget only, or its tables would mix budgets
+        stored = {key: record.get(key, value) for key, value in budget.items()}
+        subset_differs = args.train_subset is not None and record["train_samples"] != args.train_subset
+        if stored != budget or subset_differs:
+            raise SystemExit(
+                f"{json_path} holds runs with another budget ({stored}, {record['train_samples']} training images); "
+                "pass --output for a new file or delete it"
+            )
     meta = {
-        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads "
-        "(shared with other jobs)",
+        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+        f"load average {os.getloadavg()[0]:.2f} at the start",
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "torch": torch.__version__,
     }
