@@ -147,6 +147,8 @@ def test_topk_mask_keeps_exactly_what_a_stable_descending_sort_keeps():
             scores[torch.rand(n, 1, generator=generator) < 0.1] = math.nan
         if trial % 5 == 0:
             scores[torch.rand(n, 1, generator=generator) < 0.1] = math.inf
+        if trial % 7 == 0:
+            scores[torch.rand(n, 1, generator=generator) < 0.9] = math.nan
         keep = int(torch.randint(0, n + 1, (1,), generator=generator))
         mask = topk_mask(scores, keep)
         assert mask.shape == scores.shape and int(mask.sum()) == keep

@@ -19,15 +19,15 @@ def topk_mask(scores: torch.Tensor, keep: int) -> torch.Tensor:
     # The result equals a stable descending sort's first `keep` entries (NaN first, ties by position), in O(n):
     # the keep-th largest value does not depend on the top-k implementation, and ties at it go by position.
     nan = torch.isnan(flat)
-    if bool(nan.any()):
-        flat = flat.masked_fill(nan, -math.inf)
-        keep -= int(nan.count_nonzero())
-        if keep <= 0:
-            return (nan & (torch.cumsum(nan, 0) <= keep + int(nan.count_nonzero()))).view_as(scores)
-    threshold = torch.topk(flat, keep, sorted=False).values.min()
-    above = (flat > threshold) & ~nan
-    ties = (flat == threshold) & ~nan
-    mask = nan | above | (ties & (torch.cumsum(ties, 0) <= keep - int(above.count_nonzero())))
+    nan_count = int(nan.count_nonzero())
+    if nan_count >= keep:
+        return (nan & (torch.cumsum(nan, 0) <= keep)).view_as(scores)
+    rest = keep - nan_count
+    finite = flat.masked_fill(nan, -math.inf)
+    threshold = torch.topk(finite, rest, sorted=False).values.min()
+    above = (finite > threshold) & ~nan
+    ties = (finite == threshold) & ~nan
+    mask = nan | above | (ties & (torch.cumsum(ties, 0) <= rest - int(above.count_nonzero())))
     return mask.view_as(scores)
 
 
