@@ -93,7 +93,7 @@ def make_optimizer(model: nn.Module, budget: TrainBudget) -> torch.optim.Optimiz
         return torch.optim.SGD(
             model.parameters(), lr=budget.lr, momentum=budget.momentum, weight_decay=budget.weight_decay
         )
-    # fused: one kernel per step, and it avoids the unfused CPU path's torch.sqrt, which is ~9x slower on the
+    # fused: one kernel per step, and it avoids the unfused CPU path's torch.sqrt, which is ~8x slower on the
     # exact zeros that masked Adam state holds (benchmarks/engine_overhead.py measures both).
     fused = all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in model.parameters())
     return torch.optim.AdamW(model.parameters(), lr=budget.lr, weight_decay=budget.weight_decay, fused=fused or None)
