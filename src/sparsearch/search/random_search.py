@@ -47,7 +47,7 @@ class SearchResult:
 def scoring_flops(
     model: nn.Module,
     masks: dict[str, Tensor],
-    input_shape: tuple[int, ...],
+    positions: dict[str, int],
     scorer: str,
     *,
     samples: int,
@@ -55,10 +55,11 @@ def scoring_flops(
     val_samples: int = 0,
 ) -> int:
     """FLOPs of scoring one candidate: ``steps`` training steps of ``samples`` samples (short-train) plus a
-    validation pass, or one forward and backward pass of ``samples`` samples with dense weight gradients."""
+    validation pass, or one forward and backward pass of ``samples`` samples with dense weight gradients.
+    ``positions`` is ``weight_positions(model, input_shape)`` (the same for every candidate of a space)."""
     forward_dense = forward_nonzero = 0
     parameters = dict(model.named_parameters())
-    for name, uses in weight_positions(model, input_shape).items():
+    for name, uses in positions.items():
         kept = int(masks[name].count_nonzero()) if name in masks else int(parameters[name].count_nonzero())
         forward_dense += 2 * uses * parameters[name].numel()
         forward_nonzero += 2 * uses * kept
@@ -121,17 +122,19 @@ def random_search(
     best_key: tuple[float, float] | None = None
     best_index = -1
     flops = 0
+    positions: dict[str, int] | None = None
+    samples = 1 if scorer == "synflow" else min(batch_size, len(data.y_train))
     for index in range(n_candidates):
         masks = space.sample(sampler)
         model = model_factory()
         if rescale_init:
             rescale_to_fan_in(model, masks)
         tiebreak = 0.0
-        samples = 1 if scorer == "synflow" else min(batch_size, len(data.y_train))
+        positions = positions or weight_positions(model, data.input_shape)
         flops += scoring_flops(
             model,
             masks,
-            data.input_shape,
+            positions,
             scorer,
             samples=samples,
             steps=short_train_steps,
