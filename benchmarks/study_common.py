@@ -3,6 +3,7 @@ write the report's table, the search-vs-random comparison, machine, date and loa
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -170,3 +171,20 @@ def run_and_record(
     (RESULTS / f"{name}.json").write_text(json.dumps(document, indent=1), encoding="utf-8")
     print((RESULTS / f"{name}.md").read_text())
     return document
+
+
+def main(name: str, *, study_file: Path | None, title: str, description: str) -> None:
+    """The command line shared by the study benchmarks: a fresh run, ``--resume`` or ``--report-only``."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--resume", action="store_true", help="keep the store and finish the remaining trials")
+    parser.add_argument("--report-only", action="store_true", help="re-render the results of the last run")
+    parser.add_argument("--workers", type=int, default=None, help="parallel trials (default: every core)")
+    options = parser.parse_args()
+    run_and_record(
+        name,
+        study_file=study_file,
+        title=title,
+        resume=options.resume,
+        workers=options.workers,
+        report_only=options.report_only,
+    )
