@@ -1,6 +1,5 @@
 """Each algorithm's defining behaviour, the study arms, and the multi-phase drivers."""
 
-import inspect
 import math
 
 import pytest
@@ -9,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import sparsearch as sa
-from sparsearch.algorithms import ALGORITHM_ARMS, nm_for_sparsity
+from sparsearch.algorithms import ARMS, ArmSetting, nm_for_sparsity
 from sparsearch.algorithms.imp import phase_sparsity
 from sparsearch.sparsity.distribution import layer_keep_counts
 from sparsearch.sparsity.schedules import Cubic
@@ -270,12 +269,11 @@ def test_nm_for_sparsity_picks_closest_pattern():
     assert str(nm_for_sparsity(0.9)) == "3:32"
 
 
-@pytest.mark.parametrize("arm", sorted(ALGORITHM_ARMS))
+@pytest.mark.parametrize("arm", ARMS.names())
 def test_every_arm_trains_and_reports_its_sparsity(arm):
-    factory = ALGORITHM_ARMS[arm]
     x, y = data()
-    keyword = {"batch": (x, y)} if "batch" in inspect.signature(factory).parameters else {}
-    sparsifier = factory(0.8, total_steps=40, steps_per_epoch=10, seed=0, distribution="erk", **keyword)
+    setting = ArmSetting(sparsity=0.8, total_steps=40, steps_per_epoch=10, seed=0, distribution="erk", batch=(x, y))
+    sparsifier = ARMS.get(arm)(setting)
     model = mlp()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     sparsifier.attach(model, optimizer)

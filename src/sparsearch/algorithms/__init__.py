@@ -1,7 +1,8 @@
 """The standard sparse-training algorithms, each a small Sparsifier subclass, and their study arms.
 
-``ALGORITHM_ARMS`` maps an arm name to ``factory(sparsity, *, total_steps, steps_per_epoch, seed,
-distribution[, batch]) -> Sparsifier``; the study attaches the result with ``attach(model, optimizer)``.
+``ARMS`` (a :class:`~sparsearch.registry.Registry`) maps an arm name to ``factory(setting: ArmSetting) ->
+Sparsifier``; the study attaches the result with ``attach(model, optimizer)``. Register your own arm with
+``@ARMS.register("my-arm")`` or the entry-point group ``sparsearch.arms``.
 Budget adaptations (documented, the classes keep the papers' defaults):
 
 - RigL and GMP update every ``min(100, steps_per_epoch)`` steps, so short study runs still see updates;
@@ -20,6 +21,7 @@ Budget adaptations (documented, the classes keep the papers' defaults):
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -43,130 +45,140 @@ from sparsearch.algorithms.static import (
     SynFlow,
 )
 from sparsearch.engine.sparsifier import Sparsifier
+from sparsearch.registry import Registry
 
 Batch = tuple[torch.Tensor, torch.Tensor]
-ArmFactory = Callable[..., Sparsifier]
+
+
+@dataclass(frozen=True)
+class ArmSetting:
+    """What a study tells an arm's factory: the target, the budget in steps, the seed and the data.
+
+    ``batch`` is one seeded training batch for arms that score at initialisation (SNIP, GraSP, SynFlow).
+    """
+
+    sparsity: float
+    total_steps: int
+    steps_per_epoch: int
+    seed: int
+    distribution: str
+    batch: Batch | None = None
+
+
+ArmFactory = Callable[[ArmSetting], Sparsifier]
+ARMS: Registry[ArmFactory] = Registry("study arm", "sparsearch.arms")
 
 
 def _update_every(steps_per_epoch: int) -> int:
     return max(1, min(100, steps_per_epoch))
 
 
-def _static_random_uniform(
-    sparsity: float, *, total_steps: int, steps_per_epoch: int, seed: int, distribution: str
-) -> Sparsifier:
-    return StaticRandom(sparsity, distribution="uniform", seed=seed)
+@ARMS.register("static-random-uniform")
+def _static_random_uniform(setting: ArmSetting) -> Sparsifier:
+    return StaticRandom(setting.sparsity, distribution="uniform", seed=setting.seed)
 
 
-def _static_random_erk(
-    sparsity: float, *, total_steps: int, steps_per_epoch: int, seed: int, distribution: str
-) -> Sparsifier:
-    return StaticRandom(sparsity, distribution="erk", seed=seed)
+@ARMS.register("static-random-erk")
+def _static_random_erk(setting: ArmSetting) -> Sparsifier:
+    return StaticRandom(setting.sparsity, distribution="erk", seed=setting.seed)
 
 
-def _static_magnitude(
-    sparsity: float, *, total_steps: int, steps_per_epoch: int, seed: int, distribution: str
-) -> Sparsifier:
-    return StaticMagnitude(sparsity, distribution=distribution, seed=seed)
+@ARMS.register("static-magnitude")
+def _static_magnitude(setting: ArmSetting) -> Sparsifier:
+    return StaticMagnitude(setting.sparsity, distribution=setting.distribution, seed=setting.seed)
 
 
-def _snip(
-    sparsity: float, *, total_steps: int, steps_per_epoch: int, seed: int, distribution: str, batch: Batch | None = None
-) -> Sparsifier:
-    return SNIP(sparsity, distribution=distribution, seed=seed, batch=batch)
+@ARMS.register("snip")
+def _snip(setting: ArmSetting) -> Sparsifier:
+    return SNIP(setting.sparsity, distribution=setting.distribution, seed=setting.seed, batch=setting.batch)
 
 
-def _grasp(
-    sparsity: float, *, total_steps: int, steps_per_epoch: int, seed: int, distribution: str, batch: Batch | None = None
-) -> Sparsifier:
-    return GraSP(sparsity, distribution=distribution, seed=seed, batch=batch)
+@ARMS.register("grasp")
+def _grasp(setting: ArmSetting) -> Sparsifier:
+    return GraSP(setting.sparsity, distribution=setting.distribution, seed=setting.seed, batch=setting.batch)
 
 
-def _synflow(
-    sparsity: float, *, total_steps: int, steps_per_epoch: int, seed: int, distribution: str, batch: Batch | None = None
-) -> Sparsifier:
-    return SynFlow(sparsity, distribution=distribution, seed=seed, batch=batch)
+@ARMS.register("synflow")
+def _synflow(setting: ArmSetting) -> Sparsifier:
+    return SynFlow(setting.sparsity, distribution=setting.distribution, seed=setting.seed, batch=setting.batch)
 
 
-def _gmp(sparsity: float, *, total_steps: int, steps_per_epoch: int, seed: int, distribution: str) -> Sparsifier:
+@ARMS.register("gmp")
+def _gmp(setting: ArmSetting) -> Sparsifier:
     return GMP(
-        sparsity,
-        distribution=distribution,
-        total_steps=total_steps,
-        update_every=_update_every(steps_per_epoch),
-        seed=seed,
+        setting.sparsity,
+        distribution=setting.distribution,
+        total_steps=setting.total_steps,
+        update_every=_update_every(setting.steps_per_epoch),
+        seed=setting.seed,
     )
 
 
-def _set(sparsity: float, *, total_steps: int, steps_per_epoch: int, seed: int, distribution: str) -> Sparsifier:
-    return SET(sparsity, update_every=max(1, steps_per_epoch), distribution=distribution, seed=seed)
+@ARMS.register("set")
+def _set(setting: ArmSetting) -> Sparsifier:
+    return SET(
+        setting.sparsity,
+        update_every=max(1, setting.steps_per_epoch),
+        distribution=setting.distribution,
+        seed=setting.seed,
+    )
 
 
-def _rigl(sparsity: float, *, total_steps: int, steps_per_epoch: int, seed: int, distribution: str) -> Sparsifier:
+@ARMS.register("rigl")
+def _rigl(setting: ArmSetting) -> Sparsifier:
     return RigL(
-        sparsity,
-        distribution=distribution,
-        total_steps=total_steps,
-        update_every=_update_every(steps_per_epoch),
-        seed=seed,
+        setting.sparsity,
+        distribution=setting.distribution,
+        total_steps=setting.total_steps,
+        update_every=_update_every(setting.steps_per_epoch),
+        seed=setting.seed,
     )
 
 
-def _srste(sparsity: float, *, total_steps: int, steps_per_epoch: int, seed: int, distribution: str) -> Sparsifier:
-    pattern = nm_for_sparsity(sparsity)
-    return SRSTE(pattern.n, pattern.m, total_steps=total_steps, incompatible="dense", seed=seed)
+@ARMS.register("srste")
+def _srste(setting: ArmSetting) -> Sparsifier:
+    pattern = nm_for_sparsity(setting.sparsity)
+    return SRSTE(pattern.n, pattern.m, total_steps=setting.total_steps, incompatible="dense", seed=setting.seed)
 
 
-def _pgf(sparsity: float, *, total_steps: int, steps_per_epoch: int, seed: int, distribution: str) -> Sparsifier:
-    pattern = nm_for_sparsity(sparsity)
-    finetune = max(1, int(0.8 * total_steps))
+@ARMS.register("pgf")
+def _pgf(setting: ArmSetting) -> Sparsifier:
+    pattern = nm_for_sparsity(setting.sparsity)
+    finetune = max(1, int(0.8 * setting.total_steps))
     return PGF(
         pattern.n,
         pattern.m,
         method="mask",
         rate=1.0 / finetune,
         finetune=finetune,
-        total_steps=total_steps,
+        total_steps=setting.total_steps,
         incompatible="dense",
-        seed=seed,
+        seed=setting.seed,
     )
 
 
-def _imp(sparsity: float, *, total_steps: int, steps_per_epoch: int, seed: int, distribution: str) -> Sparsifier:
+@ARMS.register("imp")
+def _imp(setting: ArmSetting) -> Sparsifier:
     phases = 3
-    phase_length = total_steps // (phases + 1)
+    phase_length = setting.total_steps // (phases + 1)
     return IterativeMagnitudePruning(
-        sparsity,
+        setting.sparsity,
         phases=phases,
-        total_steps=total_steps,
-        rewind_step=min(steps_per_epoch, phase_length // 2),
-        distribution=distribution,
-        seed=seed,
+        total_steps=setting.total_steps,
+        rewind_step=min(setting.steps_per_epoch, phase_length // 2),
+        distribution=setting.distribution,
+        seed=setting.seed,
     )
-
-
-ALGORITHM_ARMS: dict[str, ArmFactory] = {
-    "static-random-uniform": _static_random_uniform,
-    "static-random-erk": _static_random_erk,
-    "static-magnitude": _static_magnitude,
-    "snip": _snip,
-    "grasp": _grasp,
-    "synflow": _synflow,
-    "gmp": _gmp,
-    "set": _set,
-    "rigl": _rigl,
-    "srste": _srste,
-    "pgf": _pgf,
-    "imp": _imp,
-}
 
 __all__ = [
-    "ALGORITHM_ARMS",
+    "ARMS",
     "GMP",
     "PGF",
     "SET",
     "SNIP",
     "SRSTE",
+    "ArmFactory",
+    "ArmSetting",
     "DynamicSparsifier",
     "GraSP",
     "IterativeMagnitudePruning",

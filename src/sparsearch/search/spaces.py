@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -30,10 +30,13 @@ from torch import Tensor, nn
 
 from sparsearch.engine.sparsifier import default_sparsifiable_parameters
 from sparsearch.models.networks import HiddenLayer
+from sparsearch.registry import Registry
 from sparsearch.sparsity.distribution import DISTRIBUTIONS, check_sparsity, layer_keep_counts
 from sparsearch.sparsity.masks import mask_sparsity, random_mask
 
-SPACES: tuple[str, ...] = ("node", "weight")
+SpaceFactory = Callable[..., "SearchSpace"]
+# factory(model, sparsity, *, distribution) -> SearchSpace; register your own with @SPACES.register("name")
+SPACES: Registry[SpaceFactory] = Registry("search space", "sparsearch.spaces")
 
 
 @runtime_checkable
@@ -175,13 +178,19 @@ class NodeSpace:
         return masks
 
 
+@SPACES.register("node")
+def _node_space(model: nn.Module, sparsity: float, *, distribution: str = "erk") -> SearchSpace:
+    return NodeSpace(model, sparsity)
+
+
+@SPACES.register("weight")
+def _weight_space(model: nn.Module, sparsity: float, *, distribution: str = "erk") -> SearchSpace:
+    return WeightSpace(model, sparsity, distribution)
+
+
 def make_space(name: str, model: nn.Module, sparsity: float, *, distribution: str = "erk") -> SearchSpace:
-    """The search space called ``name`` ("node" or "weight"); ``distribution`` applies to the weight space."""
-    if name == "node":
-        return NodeSpace(model, sparsity)
-    if name == "weight":
-        return WeightSpace(model, sparsity, distribution)
-    raise ValueError(f"unknown search space {name!r}; allowed: {', '.join(SPACES)}")
+    """The search space registered as ``name`` in :data:`SPACES`; ``distribution`` is for spaces that use one."""
+    return SPACES.get(name)(model, sparsity, distribution=distribution)
 
 
 def weight_sparsity(masks: Mapping[str, Tensor]) -> float:

@@ -37,12 +37,10 @@ def search_spaces() -> tuple[str, ...]:
 
 
 def algorithm_arms() -> tuple[str, ...]:
-    """Arms contributed by ``sparsearch.algorithms.ALGORITHM_ARMS`` (empty until that registry exists)."""
-    try:
-        from sparsearch.algorithms import ALGORITHM_ARMS
-    except ImportError:
-        return ()
-    return tuple(name for name in ALGORITHM_ARMS if name not in BASE_ARMS)
+    """Arms registered in ``sparsearch.algorithms.ARMS`` (built-ins, user code and entry points)."""
+    from sparsearch.algorithms import ARMS
+
+    return tuple(name for name in ARMS.names() if name not in BASE_ARMS)
 
 
 def known_arms() -> tuple[str, ...]:

@@ -6,7 +6,7 @@ Arms:
 - ``search-<space>``: Random Search over the same space (N scored candidates), the winner trained with fixed
   masks. The random counterpart and the candidates come from independent generators derived from
   (seed, sparsity, arm), so neither sees the other's draws.
-- every name in ``sparsearch.algorithms.ALGORITHM_ARMS``: that algorithm's sparsifier drives training.
+- every name in ``sparsearch.algorithms.ARMS``: that algorithm's sparsifier drives training.
 
 Every arm at a seed starts from the same parent initialisation and sees the same data order and budget.
 """
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import inspect
 import math
 import time
 from collections.abc import Callable
@@ -57,23 +56,23 @@ def _weight_masks(model: nn.Module) -> dict[str, torch.Tensor]:
 def _algorithm_factory(
     config: StudyConfig, spec: TrialSpec, data: Any, steps_per_epoch: int
 ) -> Callable[[int], Sparsifier]:
-    from sparsearch.algorithms import ALGORITHM_ARMS
+    from sparsearch.algorithms import ARMS, ArmSetting
 
-    factory = ALGORITHM_ARMS[spec.arm]
-    keyword: dict[str, Any] = {}
-    if "batch" in inspect.signature(factory).parameters:
-        generator = torch.Generator().manual_seed(derive_seed(spec.seed, spec.sparsity, spec.arm, "batch"))
-        rows = torch.randperm(len(data.y_train), generator=generator)[: config.budget.batch_size]
-        keyword["batch"] = (data.x_train[rows], data.y_train[rows])
+    factory = ARMS.get(spec.arm)
+    # one seeded batch for the arms that score at initialisation; its own generator, so no other draw moves
+    generator = torch.Generator().manual_seed(derive_seed(spec.seed, spec.sparsity, spec.arm, "batch"))
+    rows = torch.randperm(len(data.y_train), generator=generator)[: config.budget.batch_size]
 
     def build(total_steps: int) -> Sparsifier:
         return factory(
-            spec.sparsity,
-            total_steps=total_steps,
-            steps_per_epoch=steps_per_epoch,
-            seed=derive_seed(spec.seed, spec.sparsity, spec.arm),
-            distribution=config.search.distribution,
-            **keyword,
+            ArmSetting(
+                sparsity=spec.sparsity,
+                total_steps=total_steps,
+                steps_per_epoch=steps_per_epoch,
+                seed=derive_seed(spec.seed, spec.sparsity, spec.arm),
+                distribution=config.search.distribution,
+                batch=(data.x_train[rows], data.y_train[rows]),
+            )
         )
 
     return build
