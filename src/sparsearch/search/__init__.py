@@ -7,12 +7,12 @@ from sparsearch.search.spaces import (
     NodeSpace,
     SearchSpace,
     WeightSpace,
-    hidden_layers_of,
     make_space,
     node_sparsity,
     rescale_to_fan_in,
     weight_sparsity,
 )
+from sparsearch.search.units import UnitAnalysis, UnitGroup, UnitSlot, find_unit_groups
 
 __all__ = [
     "SCORERS",
@@ -20,9 +20,12 @@ __all__ = [
     "NodeSpace",
     "SearchResult",
     "SearchSpace",
+    "UnitAnalysis",
+    "UnitGroup",
+    "UnitSlot",
     "WeightSpace",
     "check_scorer",
-    "hidden_layers_of",
+    "find_unit_groups",
     "make_space",
     "node_sparsity",
     "random_search",

@@ -29,8 +29,8 @@ import torch
 from torch import Tensor, nn
 
 from sparsearch.engine.sparsifier import default_sparsifiable_parameters
-from sparsearch.models.networks import HiddenLayer
 from sparsearch.registry import Registry
+from sparsearch.search.units import UnitGroup, UnitSlot, find_unit_groups
 from sparsearch.sparsity.distribution import DISTRIBUTIONS, check_sparsity, layer_keep_counts
 from sparsearch.sparsity.masks import mask_sparsity, random_mask
 
@@ -78,69 +78,58 @@ class WeightSpace:
         return {name: random_mask(shape, self.keep_counts[name], generator) for name, shape in self.shapes.items()}
 
 
-def hidden_layers_of(model: nn.Module) -> list[HiddenLayer]:
-    """The model's hidden layers: from ``model.hidden_layers()``, or inferred for a plain chain of Linear layers."""
-    if hasattr(model, "hidden_layers"):
-        return list(model.hidden_layers())
-    linears = [(name, module) for name, module in model.named_modules() if isinstance(module, nn.Linear)]
-    others = [
-        name
-        for name, module in model.named_modules()
-        if isinstance(module, nn.Conv1d | nn.Conv2d | nn.Conv3d | nn.BatchNorm1d | nn.BatchNorm2d | nn.LayerNorm)
-    ]
-    chained = all(a.out_features == b.in_features for (_, a), (_, b) in itertools.pairwise(linears))
-    if others or len(linears) < 2 or not chained:
-        raise TypeError(
-            f"NodeSpace needs to know which layers feed which: {type(model).__name__} has no hidden_layers() "
-            "method and is not a plain chain of Linear layers; use sparsearch.models.build_model or add "
-            "hidden_layers() returning sparsearch.models.HiddenLayer entries"
-        )
-    return [
-        HiddenLayer(f"{name}.weight", f"{next_name}.weight", module.out_features)
-        for (name, module), (next_name, _) in itertools.pairwise(linears)
-    ]
-
-
 class NodeSpace:
-    """Which hidden neurons (or conv channels) stay: the same keep fraction in every hidden layer.
+    """Which units (neurons, channels) stay: the same keep fraction in every removable unit group.
+
+    The groups come from :func:`sparsearch.search.units.find_unit_groups` (any model ``torch.fx`` can trace;
+    channels tied by a residual add are one group). Layers it cannot pair keep all their units; ``notes``
+    says which and why.
 
     Args:
-        model: the parent network (from ``build_model``, or a plain chain of Linear layers).
+        model: the parent network.
         sparsity: target WEIGHT sparsity in [0, 1); the keep fraction is solved for it (see module doc).
     """
 
     def __init__(self, model: nn.Module, sparsity: float) -> None:
         self.sparsity = check_sparsity(sparsity)
         self.shapes = {name: tuple(p.shape) for name, p in default_sparsifiable_parameters(model).items()}
-        self.hidden = hidden_layers_of(model)
-        if not self.hidden:
-            raise ValueError("the model has no hidden layers: the node space is empty")
-        for layer in self.hidden:
-            for name in (layer.producer, layer.consumer):
-                if name not in self.shapes:
-                    raise ValueError(f"hidden layer refers to {name!r}, which is not a Linear/Conv weight")
+        if not self.shapes:
+            raise ValueError(f"{type(model).__name__} has no Linear or Conv layers: the node space is empty")
+        analysis = find_unit_groups(model)
+        self.groups: tuple[UnitGroup, ...] = analysis.groups
+        self.notes: tuple[str, ...] = analysis.notes
+        if not self.groups:
+            raise ValueError(
+                f"no unit of {type(model).__name__} can be removed: the node space is empty ({'; '.join(self.notes)})"
+            )
         self.keep_fraction, self.kept_units = self._solve_keep_fraction()
 
     def _kept_weights(self, kept_units: Mapping[str, int]) -> int:
-        """Weights that survive when hidden layer producers keep ``kept_units[producer]`` units each."""
-        rows = {name: shape[0] for name, shape in self.shapes.items()}
-        columns = {name: shape[1] for name, shape in self.shapes.items()}
-        for layer in self.hidden:
-            rows[layer.producer] = kept_units[layer.producer]
-            columns[layer.consumer] = kept_units[layer.producer] * layer.consumer_group
-        return sum(rows[name] * columns[name] * math.prod(shape[2:]) for name, shape in self.shapes.items())
+        """Weights that survive when every group keeps ``kept_units[group.name]`` units."""
+        removed_rows = dict.fromkeys(self.shapes, 0)
+        removed_columns = dict.fromkeys(self.shapes, 0)
+        for group in self.groups:
+            removed = group.units - kept_units[group.name]
+            for slot in group.producers:
+                removed_rows[slot.parameter] += removed
+            for slot in group.consumers:
+                removed_columns[slot.parameter] += removed * slot.block
+        return sum(
+            (shape[0] - removed_rows[name]) * (shape[1] - removed_columns[name]) * math.prod(shape[2:])
+            for name, shape in self.shapes.items()
+        )
 
     def _units_for_fraction(self, fraction: float) -> dict[str, int]:
-        return {layer.producer: max(1, round(fraction * layer.units)) for layer in self.hidden}
+        return {group.name: max(1, round(fraction * group.units)) for group in self.groups}
 
     def _solve_keep_fraction(self) -> tuple[float, dict[str, int]]:
         """The fraction whose configuration keeps the number of weights closest to the target budget."""
         total = sum(math.prod(shape) for shape in self.shapes.values())
         target = (1.0 - self.sparsity) * total
-        # the configuration only changes where fraction * n_l crosses a half-integer; one candidate fraction
+        # the configuration only changes where fraction * n_g crosses a half-integer; one candidate fraction
         # between every pair of neighbouring breakpoints enumerates every distinct configuration
         breakpoints = sorted(
-            {(j + 0.5) / layer.units for layer in self.hidden for j in range(layer.units)} | {0.0, 1.0}
+            {(j + 0.5) / group.units for group in self.groups for j in range(group.units)} | {0.0, 1.0}
         )
         candidates = [(a + b) / 2 for a, b in itertools.pairwise(breakpoints)] + [1.0]
         best: tuple[float, float, dict[str, int]] | None = None
@@ -155,26 +144,29 @@ class NodeSpace:
 
     @property
     def achieved_sparsity(self) -> float:
-        """Weight sparsity of every sample (whole neurons: close to, not exactly, the target)."""
+        """Weight sparsity of every sample (whole units: close to, not exactly, the target)."""
         total = sum(math.prod(shape) for shape in self.shapes.values())
         return 1.0 - self._kept_weights(self.kept_units) / total
 
     @property
     def achieved_node_sparsity(self) -> float:
-        """Fraction of hidden units removed in every sample."""
-        units = sum(layer.units for layer in self.hidden)
+        """Fraction of the removable units removed in every sample."""
+        units = sum(group.units for group in self.groups)
         return 1.0 - sum(self.kept_units.values()) / units
 
     def sample(self, generator: torch.Generator) -> dict[str, Tensor]:
-        """Masks of a random structured sub-network: ``kept_units`` random units per hidden layer."""
+        """Masks of a random structured sub-network: ``kept_units`` random units per group."""
         masks = {name: torch.ones(shape, dtype=torch.bool) for name, shape in self.shapes.items()}
-        for layer in self.hidden:
-            keep = torch.zeros(layer.units, dtype=torch.bool)
-            keep[torch.randperm(layer.units, generator=generator)[: self.kept_units[layer.producer]]] = True
-            producer, consumer = masks[layer.producer], masks[layer.consumer]
-            producer &= keep.view(-1, *([1] * (producer.dim() - 1)))
-            columns = keep.repeat_interleave(layer.consumer_group)
-            consumer &= columns.view(1, -1, *([1] * (consumer.dim() - 2)))
+        for group in self.groups:
+            keep = torch.zeros(group.units, dtype=torch.bool)
+            keep[torch.randperm(group.units, generator=generator)[: self.kept_units[group.name]]] = True
+            for slot in group.producers:
+                rows = masks[slot.parameter][slot.offset : slot.offset + group.units]
+                rows &= keep.view(-1, *([1] * (rows.dim() - 1)))
+            for slot in group.consumers:
+                mask = masks[slot.parameter]
+                columns = mask[:, slot.offset : slot.offset + group.units * slot.block]
+                columns &= keep.repeat_interleave(slot.block).view(1, -1, *([1] * (mask.dim() - 2)))
         return masks
 
 
@@ -199,28 +191,46 @@ def weight_sparsity(masks: Mapping[str, Tensor]) -> float:
 
 
 def node_sparsity(model: nn.Module, masks: Mapping[str, Tensor]) -> float:
-    """Fraction of hidden units removed: units whose incoming or outgoing weights are all masked.
+    """Fraction of removable units removed: units whose incoming or outgoing weights are all masked.
 
     Such a unit can be deleted without changing the network's function (a unit with no inputs outputs a
-    constant that folds into the next layer's bias). Weights with no mask count as fully kept.
+    constant that folds into the next layer's bias). The units are those of ``find_unit_groups(model)``'s
+    groups (a residual group counts each channel once: removed when all its producers' rows or all its
+    consumers' columns are masked); weights with no mask count as fully kept. NaN when the model has no
+    removable unit (untraceable, or every layer kept whole).
     """
-    hidden = hidden_layers_of(model)
+    groups = find_unit_groups(model).groups
     removed = total = 0
-    for layer in hidden:
-        producer, consumer = masks.get(layer.producer), masks.get(layer.consumer)
-        incoming = (
-            producer.reshape(layer.units, -1).any(dim=1)
-            if producer is not None
-            else torch.ones(layer.units, dtype=torch.bool)
-        )
-        if consumer is not None:
-            by_column = consumer.transpose(0, 1).reshape(consumer.shape[1], -1).any(dim=1)
-            outgoing = by_column.reshape(layer.units, layer.consumer_group).any(dim=1)
-        else:
-            outgoing = torch.ones(layer.units, dtype=torch.bool)
+    for group in groups:
+        incoming = torch.zeros(group.units, dtype=torch.bool)
+        outgoing = torch.zeros(group.units, dtype=torch.bool)
+        for slot in group.producers:
+            mask = masks.get(slot.parameter)
+            rows = _units_with_inputs(mask, slot, group.units)
+            incoming |= rows if rows is not None else True
+        for slot in group.consumers:
+            columns = _units_with_outputs(masks.get(slot.parameter), slot, group.units)
+            outgoing |= columns if columns is not None else True
+        if not group.consumers:
+            outgoing[:] = True  # nothing reads them: only their inputs can cut them off
         removed += int((~(incoming & outgoing)).sum())
-        total += layer.units
-    return removed / total
+        total += group.units
+    return removed / total if total else math.nan
+
+
+def _units_with_inputs(mask: Tensor | None, slot: UnitSlot, units: int) -> Tensor | None:
+    """Per unit: does its producer row in ``mask`` keep any weight (None without a mask)."""
+    if mask is None:
+        return None
+    return mask[slot.offset : slot.offset + units].reshape(units, -1).any(dim=1).cpu()
+
+
+def _units_with_outputs(mask: Tensor | None, slot: UnitSlot, units: int) -> Tensor | None:
+    """Per unit: do its consumer columns in ``mask`` keep any weight (None without a mask)."""
+    if mask is None:
+        return None
+    columns = mask[:, slot.offset : slot.offset + units * slot.block].transpose(0, 1)
+    return columns.reshape(units, -1).any(dim=1).cpu()
 
 
 @torch.no_grad()
