@@ -231,6 +231,9 @@ class _Analysis:
         self.find_shared_weights()
         for node in self.graph.nodes:
             self.values[node] = self.visit(node)
+        for module_name, weight in self.weight_of_module.items():
+            if module_name not in self.called and not self.layer_reasons[weight]:
+                self.layer_reasons[weight].append(self.why_never_called(module_name))
         return self.result()
 
     def find_shared_weights(self) -> None:
@@ -245,8 +248,6 @@ class _Analysis:
             calls = self.called.get(module_name, 0)
             if calls > 1:
                 self.layer_reasons[weight].append(f"it is called {calls} times (shared layer)")
-            elif calls == 0:
-                self.layer_reasons[weight].append(self.why_never_called(module_name))
 
     def why_never_called(self, module_name: str) -> str:
         called_parents = [name for name in self.called if module_name.startswith(f"{name}.") or name == ""]
