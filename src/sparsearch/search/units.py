@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import builtins
 import operator
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -82,6 +83,9 @@ class UnitAnalysis:
 
 
 # ------------------------------------------------------------------------------------------------ tracing
+_TRACING = threading.Lock()  # tracing shadows `len` in module globals: one trace at a time
+
+
 class _Tracer(fx.Tracer):
     """torch.fx tracer that also records ``len(tensor)`` (fx refuses it: our CNN reshapes with ``len(x)``)."""
 
@@ -96,14 +100,15 @@ class _Tracer(fx.Tracer):
         # the forward code looks `len` up in its module's globals first: shadow the builtin there while
         # tracing (what fx.wrap does, without registering it for every fx user of the process)
         namespaces = {id(g): g for m in root.modules() if (g := getattr(type(m).forward, "__globals__", None))}
-        patched = [g for g in namespaces.values() if "len" not in g]
-        for g in patched:
-            g["len"] = traced_len
-        try:
-            return super().trace(root, concrete_args)
-        finally:
+        with _TRACING:
+            patched = [g for g in namespaces.values() if "len" not in g]
             for g in patched:
-                g.pop("len", None)
+                g["len"] = traced_len
+            try:
+                return super().trace(root, concrete_args)
+            finally:
+                for g in patched:
+                    g.pop("len", None)
 
 
 # ---------------------------------------------------------------------------------------- value layouts
@@ -250,7 +255,7 @@ class _Analysis:
                 self.layer_reasons[weight].append(f"it is called {calls} times (shared layer)")
 
     def why_never_called(self, module_name: str) -> str:
-        called_parents = [name for name in self.called if module_name.startswith(f"{name}.") or name == ""]
+        called_parents = [name for name in self.called if module_name.startswith(f"{name}.")]
         if called_parents:
             parent = max(called_parents, key=len)
             kind = type(self.model.get_submodule(parent)).__name__
