@@ -455,3 +455,45 @@ def test_weights_read_directly_shared_layers_and_mixing_reshapes_are_kept_whole(
         "which is kept whole; .reshape() reshapes them",
         "c (Linear): all units kept: they are the model's output",
     )
+
+
+def test_batchnorm1d_ties_to_a_linear_only_where_the_rank_is_known():
+    flattened = nn.Sequential(nn.Flatten(), nn.Linear(10, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 2))
+    space = NodeSpace(flattened, 0.3)
+    assert [(group.name, group.norms) for group in space.groups] == [("1.weight", ("2",))]
+    _removed_units_contribute_nothing(flattened.eval(), space, torch.randn(4, 2, 5))
+    # without the flatten the input could be (N, C) or (N, L, C), and BatchNorm1d normalises axis 1 of both
+    unflattened = nn.Sequential(nn.Linear(10, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 2))
+    analysis = find_unit_groups(unflattened)
+    assert analysis.groups == ()
+    assert analysis.notes[0] == (
+        "0 (Linear): all units kept: 1 (BatchNorm1d) normalises axis 1 of a tensor whose rank is unknown "
+        "(flatten the input first)"
+    )
+
+
+class SqueezeExcite(nn.Module):
+    """Channels gated by a squeeze-and-excitation branch: the gate multiplies them, per channel."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.squeeze, self.excite = nn.Linear(8, 4), nn.Linear(4, 8)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = F.relu(self.conv(x))
+        gate = torch.sigmoid(self.excite(F.relu(self.squeeze(h.mean((2, 3))))))
+        h = h * gate.view(gate.size(0), 8, 1, 1)
+        return self.head(h.mean((-2, -1)))
+
+
+def test_channels_gated_by_squeeze_excitation_stay_removable_and_the_gate_is_kept_whole():
+    torch.manual_seed(0)
+    model = SqueezeExcite()
+    space = NodeSpace(model, 0.4)
+    by_name = {group.name: group for group in space.groups}
+    assert set(by_name) == {"conv.weight", "squeeze.weight"}
+    assert {slot.parameter for slot in by_name["conv.weight"].consumers} == {"squeeze.weight", "head.weight"}
+    assert "excite (Linear): all units kept: .view() reshapes them" in space.notes
+    _removed_units_contribute_nothing(model, space, torch.randn(2, 3, 9, 9))

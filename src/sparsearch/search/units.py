@@ -318,6 +318,10 @@ class _Analysis:
             return self.pool(x, _POOL_MODULES[type(module)], label)
         if isinstance(module, nn.Flatten) and isinstance(x, _Value):
             return self.flatten(x, module.start_dim, module.end_dim, label)
+        if target in self.weight_of_module:
+            self.layer_reasons[self.weight_of_module[target]].append(
+                "it is called with arguments the analysis does not follow"
+            )
         return self.unknown(label, args, kwargs)
 
     def layer(self, target: str, module: nn.Module, x: Any) -> _Value:
@@ -365,15 +369,17 @@ class _Analysis:
         if x.layout is None:
             return x
         layout, rank = x.layout, x.rank
-        if dims == 1 and rank is None and layout.axis == -1:
-            rank = 2  # BatchNorm1d of a Linear's output of unknown rank: (N, C) (its size is checked below)
-        channel_axis = -(dims + 1) if dims > 1 else (None if rank is None else 1 - rank)
+        if dims == 1 and rank is None:
+            # (N, C) or (N, C, L): which axis it normalises depends on the rank; guessing could tie the wrong axis
+            self.keep(x, f"{label} normalises axis 1 of a tensor whose rank is unknown (flatten the input first)")
+            return _Value(None)
+        channel_axis = -(dims + 1) if dims > 1 else 1 - rank
         if layout.axis != channel_axis or layout.block != 1 or layout.units != module.num_features:
             self.keep(x, f"{label} normalises them along another axis than the analysis tracks")
             return _Value(rank)
         for group, _ in layout.segments:
             self.groups[self.find(group)].norms.append(target)
-        return _Value(rank if rank is not None else dims + 2, layout)
+        return _Value(rank if rank is not None else dims + 2, layout)  # BatchNorm2d/3d: (N, C, ...) only
 
     # ---------------------------------------------------------------------------------------- functions
     def call_function(self, target: Any, args: list[Any], kwargs: dict[str, Any]) -> Any:
