@@ -497,3 +497,24 @@ def test_channels_gated_by_squeeze_excitation_stay_removable_and_the_gate_is_kep
     assert {slot.parameter for slot in by_name["conv.weight"].consumers} == {"squeeze.weight", "head.weight"}
     assert "excite (Linear): all units kept: .view() reshapes them" in space.notes
     _removed_units_contribute_nothing(model, space, torch.randn(2, 3, 9, 9))
+
+
+class ScaledLinear(nn.Linear):
+    """A user's Linear subclass with the base forward (fx would otherwise trace into it)."""
+
+
+class LoRALinear(nn.Linear):
+    """A Linear subclass with its own forward: traced through, its weight is read as a tensor."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight, self.bias) * 2.0
+
+
+def test_subclasses_of_linear_keep_the_analysis_unless_they_change_forward():
+    model = nn.Sequential(nn.Flatten(), ScaledLinear(6, 8), nn.ReLU(), ScaledLinear(8, 5), nn.ReLU(), LoRALinear(5, 2))
+    analysis = find_unit_groups(model)
+    assert [(group.name, group.consumers) for group in analysis.groups] == [("1.weight", (UnitSlot("3.weight"),))]
+    assert analysis.notes == (
+        "3 (ScaledLinear): all units kept: they are read by linear, which the analysis does not understand as per-unit",
+        "5 (LoRALinear): all units kept: the forward code reads its weight directly as a tensor",
+    )

@@ -87,7 +87,14 @@ _TRACING = threading.Lock()  # tracing shadows `len` in module globals: one trac
 
 
 class _Tracer(fx.Tracer):
-    """torch.fx tracer that also records ``len(tensor)`` (fx refuses it: our CNN reshapes with ``len(x)``)."""
+    """torch.fx tracer that also records ``len(tensor)`` (fx refuses it: our CNN reshapes with ``len(x)``).
+
+    Subclasses of Linear, Conv and BatchNorm that keep the base ``forward`` are leaves like their base (fx
+    would trace into them and see their weight read as a tensor); one that overrides ``forward`` is traced.
+    """
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return type(m).forward in _BASE_FORWARDS or super().is_leaf_module(m, module_qualified_name)
 
     def trace(self, root: Any, concrete_args: dict[str, Any] | None = None) -> fx.Graph:
         tracer = self
@@ -138,6 +145,7 @@ _OTHER = object()  # any other non-tensor value (a shape, a dtype, ...)
 
 _CONVS = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
 _BATCH_NORMS = {nn.BatchNorm1d: 1, nn.BatchNorm2d: 2, nn.BatchNorm3d: 3}
+_BASE_FORWARDS = {nn.Linear.forward, *(conv.forward for conv in _CONVS), nn.modules.batchnorm._BatchNorm.forward}
 _UNARY_MODULES = (
     nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.ELU, nn.LeakyReLU, nn.Hardswish, nn.Hardtanh, nn.Sigmoid, nn.Tanh,
     nn.Mish, nn.Softplus, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Identity,
@@ -312,7 +320,7 @@ class _Analysis:
             return self.layer(target, module, x)
         if isinstance(module, _UNARY_MODULES) and isinstance(x, _Value):
             return x
-        if type(module) in _BATCH_NORMS and isinstance(x, _Value):
+        if _norm_dims(module) and isinstance(x, _Value):
             return self.batch_norm(target, module, x)
         if type(module) in _POOL_MODULES and isinstance(x, _Value) and not getattr(module, "return_indices", False):
             return self.pool(x, _POOL_MODULES[type(module)], label)
@@ -327,7 +335,7 @@ class _Analysis:
     def layer(self, target: str, module: nn.Module, x: Any) -> _Value:
         weight = self.weight_of_module[target]
         label = f"{target} ({type(module).__name__})"
-        dims = 0 if isinstance(module, nn.Linear) else _CONVS[type(module)]
+        dims = 0 if isinstance(module, nn.Linear) else next(d for kind, d in _CONVS.items() if isinstance(module, kind))
         axis = -1 if dims == 0 else -(dims + 1)
         layout = x.layout if isinstance(x, _Value) else None
         if self.layer_reasons[weight]:
@@ -364,7 +372,7 @@ class _Analysis:
         return _Value(rank, _Layout(axis, ((group, units),)))
 
     def batch_norm(self, target: str, module: nn.Module, x: _Value) -> _Value:
-        dims = _BATCH_NORMS[type(module)]
+        dims = _norm_dims(module)
         label = f"{target} ({type(module).__name__})"
         if x.layout is None:
             return x
@@ -573,6 +581,11 @@ class _Analysis:
             if reasons:
                 notes.append(f"{_layer_label(self.model, name)}: all units kept: {'; '.join(reasons)}")
         return UnitAnalysis(tuple(removable), tuple(notes))
+
+
+def _norm_dims(module: nn.Module) -> int:
+    """Spatial dimensions of a BatchNorm{1,2,3}d (subclasses included), 0 for anything else."""
+    return next((dims for kind, dims in _BATCH_NORMS.items() if isinstance(module, kind)), 0)
 
 
 def _positional(args: list[Any], kwargs: dict[str, Any], *spec: tuple[str, Any]) -> list[Any]:
