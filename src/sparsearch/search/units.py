@@ -30,8 +30,14 @@ through) and every tensor is followed from the layer that makes its units to eve
 
 Shapes are not propagated (no example input is needed), so the analysis tracks only where the unit axis
 sits, counted from the end (broadcasting keeps that fixed), and the tensor's rank where an op fixes it (a
-Conv{d} output has rank ``d + 2``: batched inputs are assumed; ``flatten(s)`` gives rank ``s + 1``). Where
-the rank is needed and unknown, the units are kept whole rather than guessed.
+Conv{d} output has rank ``d + 2``: batched inputs are assumed; ``flatten(s)`` gives rank ``s + 1``; the
+model's inputs have unknown rank). Where the rank is needed and unknown (``BatchNorm1d`` after a Linear that
+reads the raw input, ``x.mean(dim=1)`` of a Linear's output), the units are kept whole rather than guessed:
+a flatten at the input, or negative ``dim`` values, make them removable.
+
+``torch.nn`` layers are leaves of the trace, and so are user subclasses of Linear/Conv/BatchNorm that keep the
+base ``forward``; a subclass with its own ``forward`` is traced into, and its weight, read as a tensor there,
+is kept whole.
 """
 
 from __future__ import annotations
