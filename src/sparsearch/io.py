@@ -83,7 +83,8 @@ def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> 
     return [
         f"{key}: checkpoint {saved.get(key)!r}, this sparsifier {current.get(key)!r}"
         for key in sorted(set(saved) | set(current))
-        if saved.get(key) != current.get(key)
+        # the seed does not matter once loaded: the checkpoint's random state replaces the seeded one
+        if key != "seed" and saved.get(key) != current.get(key)
     ]
 
 
