@@ -12,8 +12,10 @@ Each library keeps its own choices where the recipe does not fix them, and those
 about: initialisation of the sparse layers (sparselab draws live weights with the Kaiming bound of the live
 fan-in, 1/sqrt(0.1 * fan_in); sparsearch and rigl-torch keep PyTorch's dense init and zero 90% of it),
 whether RigL skips the optimizer step on update steps (sparsearch, rigl-torch) and how grown weights start.
-The "sparsearch, ..." rows after the three libraries change one of those choices at a time, to find which
-one explains a gap (ablations).
+The "sparsearch ..." rows after the three libraries change one thing at a time, to find which one explains
+a gap (ablations); "before the fix" seeds the mask's random stream as the engine did before issue 10 (with the
+seed that also initialised the model, so the "random" mask of the first layer kept its largest positive
+weights).
 
 Adaptations, all recorded here: rigl-torch 0.5.2 imports torchvision only for two isinstance checks against
 ResNet blocks, so a stand-in module with those two classes is put in sys.modules (torchvision is not installed:
@@ -57,20 +59,20 @@ HIDDEN = r"^(0|2)\.weight$"  # the two hidden layers of nn.Sequential(Linear, Re
 # (library, method) rows in table order; the "sparsearch, ..." variants are the ablations
 VARIANTS: dict[str, str] = {
     "dense/dense": "dense (same MLP, no mask)",
-    "sparsearch/static": "sparsearch",
+    "sparsearch/static": "sparsearch (defaults)",
     "sparselab/static": "sparselab 0.2.2",
     "rigl-torch/static": "rigl-torch 0.5.2",
-    "sparsearch/set": "sparsearch",
+    "sparsearch/set": "sparsearch (defaults)",
     "sparselab/set": "sparselab 0.2.2",
-    "sparsearch/rigl": "sparsearch",
+    "sparsearch/rigl": "sparsearch (defaults)",
     "sparselab/rigl": "sparselab 0.2.2",
     "rigl-torch/rigl": "rigl-torch 0.5.2",
-    "sparsearch-dense-init/static": "sparsearch, init='dense' (before the fix: PyTorch's dense init, masked)",
-    "sparsearch-dense-init/set": "sparsearch, init='dense' (before the fix)",
-    "sparsearch-dense-init/rigl": "sparsearch, init='dense' (before the fix)",
-    "sparsearch-init-stream/static": "sparsearch, mask drawn from the init's random stream (before the fix)",
-    "sparsearch-init-stream/set": "sparsearch, mask drawn from the init's random stream (before the fix)",
-    "sparsearch-init-stream/rigl": "sparsearch, mask drawn from the init's random stream (before the fix)",
+    "sparsearch-before/static": "sparsearch before the fix (mask drawn from the init's random stream)",
+    "sparsearch-before/set": "sparsearch before the fix",
+    "sparsearch-before/rigl": "sparsearch before the fix",
+    "sparsearch-rescale/static": "sparsearch, init='rescale' (sparselab's sparsity-aware init)",
+    "sparsearch-rescale/set": "sparsearch, init='rescale'",
+    "sparsearch-rescale/rigl": "sparsearch, init='rescale'",
     "sparsearch-no-skip/rigl": "sparsearch, optimizer step not skipped on update steps",
     "sparsearch-constant-drop/rigl": "sparsearch, sparselab's schedule (drop 0.3 constant, to the end)",
 }
@@ -154,7 +156,7 @@ def build(variant: str, seed: int, total_steps: int, args: argparse.Namespace) -
         )
         run.before_step = scheduler
         return run
-    init = "dense" if library == "sparsearch-dense-init" else "rescale"
+    init = "rescale" if library == "sparsearch-rescale" else "dense"
     common = {"distribution": "uniform", "include": HIDDEN, "seed": seed, "init": init}
     if method == "static":
         sparsifier: sa.Sparsifier = sa.StaticRandom(SPARSITY, **common)
@@ -169,7 +171,7 @@ def build(variant: str, seed: int, total_steps: int, args: argparse.Namespace) -
         )
         if library == "sparsearch-no-skip":
             sparsifier.skip_update_step = False
-    if library == "sparsearch-init-stream":
+    if library == "sparsearch-before":
         sparsifier.generator = torch.Generator().manual_seed(seed)  # what the engine did before the fix
     sparsifier.attach(model, run.optimizer)
     return run

@@ -242,3 +242,46 @@ def load(
         )
     metadata = {key: value for key, value in info.items() if key != "plain"}
     return Checkpoint(masks=masks, metadata=metadata)
+
+
+def save_sparsifier_state(sparsifier: Sparsifier, path: str | Path) -> Path:
+    """Write only the sparsifier's state (masks, step, random and algorithm state) and config to ``path``, e.g.
+    beside a trainer's own checkpoint of the weights and optimizer (see ``sparsearch.integrations``)."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{str(path)!r} is a directory; pass a file path")
+    tensors: dict[str, torch.Tensor] = {}
+    plain: dict[str, Any] = {}
+    state = sparsifier.state_dict()
+    for name, mask in state.pop("masks").items():
+        tensors[f"mask/{name}"] = mask.to(torch.bool).contiguous()
+    _flatten("sparsifier", state, tensors, plain)
+    info = {
+        "format_version": FORMAT_VERSION,
+        "algorithm": type(sparsifier).__name__,
+        "config": sparsifier.config(),
+        "step": sparsifier.step,
+        "plain": plain,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path), metadata={METADATA_KEY: json.dumps(info)})
+    return path
+
+
+def read_sparsifier_state(path: str | Path, sparsifier: Sparsifier | None = None) -> dict[str, Any]:
+    """The state written by :func:`save_sparsifier_state`, for ``sparsifier.attach(model, optimizer, state=...)``.
+
+    With ``sparsifier`` given, a state written by a differently configured one is refused, naming the
+    differences."""
+    path = Path(path)
+    tensors, info = _read(path)
+    if sparsifier is not None:
+        differences = config_differences(info.get("config", {}), sparsifier.config())
+        if differences:
+            raise ValueError(
+                f"sparsifier state {str(path)!r} was written by a differently configured sparsifier: "
+                + "; ".join(differences)
+            )
+    state = _unflatten("sparsifier", tensors, info.get("plain", {}))
+    state["masks"] = {key[len("mask/") :]: value for key, value in tensors.items() if key.startswith("mask/")}
+    return state

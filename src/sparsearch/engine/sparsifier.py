@@ -255,11 +255,18 @@ class Sparsifier:
 
     # ----------------------------------------------------------------------------------- attaching
     def attach(
-        self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *, batch: Batch | None = None
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None = None,
+        *,
+        batch: Batch | None = None,
+        state: Mapping[str, Any] | None = None,
     ) -> Sparsifier:
         """Select the parameters, compute the initial masks, apply them and hook the optimizer.
 
-        ``batch`` = (inputs, targets) is used by data-dependent scores (SNIP, GraSP) and not kept.
+        ``batch`` = (inputs, targets) is used by data-dependent scores (SNIP, GraSP) and not kept. ``state`` (a
+        ``state_dict()`` of this sparsifier) resumes: its masks are used instead of new ones, so the weights and
+        optimizer state of a restored checkpoint are never masked with a mask they were not trained with.
         """
         if self.model is not None:
             raise RuntimeError("this sparsifier is already attached; create a new one for another model")
@@ -299,9 +306,12 @@ class Sparsifier:
         model._sparsearch_sparsifier = self
         self.batch = batch
         try:
-            for name, mask in self.initial_masks().items():
+            initial = state["masks"] if state is not None else self.initial_masks()
+            for name, mask in initial.items():
                 self._set_mask(name, mask)
             self.on_attach()
+            if state is not None:
+                self.load_state_dict(state)
         except Exception:
             # leave the model as it was, so that the user can fix the input and attach again
             for module, leaf in self._owners.values():
@@ -313,7 +323,7 @@ class Sparsifier:
             raise
         finally:
             self.batch = None
-        if self.init == "rescale":
+        if state is None and self.init == "rescale":
             self._rescale_kept_weights()
         self.apply_masks()
         if optimizer is not None:
