@@ -5,8 +5,10 @@ modules (they move with ``model.to(device)`` but ``model.state_dict()`` keys sta
 sparsifier's own state (masks, step, random state, algorithm state) round-trips through
 ``Sparsifier.state_dict()``. Optimizer hooks keep the invariants:
 
-- before every step: ``before_step`` runs while gradients are still dense (RigL reads them), then gradients
-  of masked weights are zeroed;
+- after ``backward()``: gradients of masked weights are zeroed as soon as they are accumulated (a
+  post-accumulate-grad hook), so clipping, logging and accumulation see the gradient the optimizer will use,
+  except on steps where ``keeps_gradients_dense()`` (RigL's update steps, whose grow step reads them);
+- before every step: ``before_step`` runs, then gradients of masked weights are zeroed (again);
 - after every step: masked weights are exactly zero and so is optimizer state (momentum, Adam moments) at
   masked positions, so neither momentum nor weight decay can revive a pruned weight, and a weight grown
   later starts from zero with zero optimizer state. Weights and state are re-masked whenever masks change
