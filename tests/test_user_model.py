@@ -93,7 +93,7 @@ def test_every_arm_trains_clips_saves_and_reloads_the_tied_transformer(arm, tmp_
         optimizer.step()
         schedule.step()
         optimizer.zero_grad()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     assert all(torch.isfinite(torch.tensor(losses)))
     assert (model.embedding.weight != 0).float().mean() > 0.99  # the embedding stayed dense
     path = sa.save(model, tmp_path / "model.safetensors", sparsifier=sparsifier, optimizer=optimizer)
