@@ -187,22 +187,37 @@ def test_pgf_mask_decay_and_structure_decay():
     assert mask.shape == weight.shape
 
 
+def _kept_are_the_top_scores(masks, scores):
+    """Every kept weight scores at least as high as every dropped one, over all layers together (global)."""
+    kept = torch.cat([scores[name][mask] for name, mask in masks.items()])
+    dropped = torch.cat([scores[name][~mask] for name, mask in masks.items()])
+    return float(kept.min()) >= float(dropped.max())
+
+
 def test_static_methods_choose_masks_by_their_scores():
+    from sparsearch.engine import default_sparsifiable_parameters
+    from sparsearch.sparsity.scores import grasp_scores, snip_scores, synflow_scores
+
     x, y = data()
-    model = mlp()
-    snip = sa.SNIP(0.9, batch=(x, y)).attach(model)
-    assert snip.overall_sparsity() == pytest.approx(0.9, abs=1e-3)
-    fresh = mlp()
+    for method, score in ((sa.SNIP, snip_scores), (sa.GraSP, grasp_scores)):
+        reference = mlp()
+        params = default_sparsifiable_parameters(reference)  # the same Linear weights, scored independently
+        scores = score(reference, params, (x, y), F.cross_entropy)
+        chosen = method(0.9, batch=(x, y)).attach(mlp())
+        assert chosen.overall_sparsity() == pytest.approx(0.9, abs=1e-3)
+        assert _kept_are_the_top_scores(chosen.masks, scores), method.__name__
+        assert not _kept_are_the_top_scores(sa.StaticRandom(0.9).attach(mlp()).masks, scores)
     with pytest.raises(ValueError, match="needs a data batch"):
-        sa.GraSP(0.9).attach(fresh)
-    assert sa.GraSP(0.9).attach(fresh, batch=(x, y)).overall_sparsity() == pytest.approx(0.9, abs=1e-3)
+        sa.GraSP(0.9).attach(mlp())
+    reference = mlp()
+    one_round = synflow_scores(reference, default_sparsifiable_parameters(reference), (12,))
+    assert _kept_are_the_top_scores(sa.SynFlow(0.95, rounds=1).attach(mlp()).masks, one_round)
     synflow = sa.SynFlow(0.95, rounds=20).attach(mlp())
     assert synflow.overall_sparsity() == pytest.approx(0.95, abs=1e-3)
-    magnitude = sa.StaticMagnitude(0.5, distribution="uniform").attach(model2 := mlp())
+    magnitude = sa.StaticMagnitude(0.5, distribution="uniform").attach(mlp())
     assert magnitude.masks["0.weight"].sum() == 12 * 32 // 2
     weights = mlp()[0].weight.abs()
     assert weights[magnitude.masks["0.weight"]].min() >= weights[~magnitude.masks["0.weight"]].max()
-    assert model2 is not model
 
 
 def test_imp_arm_prunes_in_phases_and_rewinds():

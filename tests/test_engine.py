@@ -29,9 +29,9 @@ def _batches(steps: int, seed: int = 0):
         yield torch.randn(16, 2, 4, 4, generator=generator), torch.randint(0, 3, (16,), generator=generator)
 
 
-def _train(model, optimizer, steps, seed=0, check=None):
+def _train(model, optimizer, steps, seed=0, check=None, dtype=torch.float32):
     for x, y in _batches(steps, seed):
-        loss = F.cross_entropy(model(x), y)
+        loss = F.cross_entropy(model(x.to(dtype) if x.is_floating_point() else x), y)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -80,6 +80,21 @@ def test_state_dict_keys_unchanged_and_masks_follow_device_moves():
     assert sparsifier.masks["fc1.weight"].dtype == torch.bool
     fresh = Net()
     fresh.load_state_dict(model.to(torch.float32).state_dict())  # plain loading code still works, strict
+    # a device move (the meta device stands in for an accelerator): the masks are buffers, they move along
+    model.to("meta")
+    assert {mask.device.type for mask in sparsifier.masks.values()} == {"meta"}
+    assert model.fc1.weight_mask is sparsifier.masks["fc1.weight"]
+
+
+def test_masked_training_goes_on_after_a_dtype_move():
+    model = Net()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    sparsifier = Sparsifier(0.5).attach(model, optimizer)
+    model.to(torch.float64)
+    _train(model, optimizer, 3, dtype=torch.float64)
+    for name, mask in sparsifier.masks.items():
+        param = sparsifier.params[name]
+        assert param.dtype == torch.float64 and not param[~mask].any(), name
 
 
 @pytest.mark.parametrize("distribution", ["uniform", "er", "erk", "global"])

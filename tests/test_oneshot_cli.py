@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from test_oneshot_support import make_tiny_bert, make_tiny_gpt2, single_torch_thread, stdlib_texts
+from oneshot_support import make_tiny_bert, make_tiny_gpt2, single_torch_thread, stdlib_texts
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 

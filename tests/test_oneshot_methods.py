@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from test_oneshot_support import (
+from oneshot_support import (
     capture_layer_inputs,
     make_tiny_bert,
     make_tiny_gpt2,

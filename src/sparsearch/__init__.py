@@ -1,5 +1,6 @@
 """sparsearch: find, train, compare and ship sparse neural networks in PyTorch."""
 
+from sparsearch import runtime  # `sa.runtime.convert(...)`, as the README's "Ship" snippet writes it
 from sparsearch.algorithms import (
     GMP,
     PGF,
@@ -16,7 +17,7 @@ from sparsearch.algorithms import (
     imp,
     sparse_soup,
 )
-from sparsearch.engine import LayerSparsity, Sparsifier, StaticMaskSparsifier
+from sparsearch.engine import LayerSparsity, Sparsifier, SparsityReport, StaticMaskSparsifier
 from sparsearch.io import Checkpoint, load, save
 
 __version__ = "0.1.0"
@@ -32,6 +33,7 @@ __all__ = [
     "LayerSparsity",
     "RigL",
     "Sparsifier",
+    "SparsityReport",
     "StaticMagnitude",
     "StaticMaskSparsifier",
     "StaticRandom",
@@ -40,6 +42,7 @@ __all__ = [
     "__version__",
     "imp",
     "load",
+    "runtime",
     "save",
     "sparse_soup",
 ]

@@ -8,11 +8,24 @@ hyper-parameters) is JSON in the safetensors metadata under the key ``"sparsearc
 ``load`` checks names and shapes of weights and masks against the model, and that the weights are zero
 wherever a mask says so (for algorithms that mask the weights), and raises a ValueError naming the first
 mismatch instead of loading part of a checkpoint.
+
+Why the ``model/`` prefix (and why plain ``safetensors.torch.load_model`` does not read these files): one file
+holds four namespaces, and a model's own keys may be anything, including ``mask.weight`` or
+``optimizer.state`` (a submodule named ``mask``); unprefixed, they could collide with the masks and state.
+Without sparsearch, read the weights with::
+
+    tensors = safetensors.torch.load_file(path)
+    model.load_state_dict({k.removeprefix("model/"): v for k, v in tensors.items() if k.startswith("model/")})
+
+A tied weight (a head sharing its embedding's tensor) is stored under each of its state-dict keys, as
+``model.state_dict()`` lists it; its mask, if any, under its canonical name (the one ``named_parameters()``
+gives).
 """
 
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,6 +77,17 @@ def _unflatten(prefix: str, tensors: Mapping[str, torch.Tensor], plain: Mapping[
     return tree
 
 
+def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """Human-readable differences between a checkpoint's sparsifier config and the given sparsifier's."""
+    current = json.loads(json.dumps(current))  # the same JSON types as the stored config (tuples -> lists)
+    return [
+        f"{key}: checkpoint {saved.get(key)!r}, this sparsifier {current.get(key)!r}"
+        for key in sorted(set(saved) | set(current))
+        # the seed does not matter once loaded: the checkpoint's random state replaces the seeded one
+        if key != "seed" and saved.get(key) != current.get(key)
+    ]
+
+
 def save(
     model: nn.Module,
     path: str | Path,
@@ -77,6 +101,8 @@ def save(
     ``metadata`` is any JSON-serialisable mapping stored alongside. Returns the path written.
     """
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{str(path)!r} is a directory; pass a file path such as {str(path / 'model.safetensors')!r}")
     sparsifier = sparsifier if sparsifier is not None else getattr(model, "_sparsearch_sparsifier", None)
     tensors: dict[str, torch.Tensor] = {}
     plain: dict[str, Any] = {}
@@ -147,7 +173,7 @@ def _check_model(model: nn.Module, saved: Mapping[str, torch.Tensor], path: Path
 def _check_masks(
     model: nn.Module, masks: Mapping[str, torch.Tensor], saved: Mapping[str, torch.Tensor], info: Mapping[str, Any]
 ) -> None:
-    params = dict(model.named_parameters())
+    params = dict(model.named_parameters(remove_duplicate=False))
     for name, mask in masks.items():
         if name not in params:
             raise ValueError(f"checkpoint has a mask for {name!r}, which is not a parameter of the model")
@@ -166,11 +192,14 @@ def load(
     *,
     sparsifier: Sparsifier | None = None,
     optimizer: torch.optim.Optimizer | None = None,
+    strict: bool = True,
 ) -> Checkpoint:
     """Load weights from ``path`` into ``model``; restore the sparsifier (the given one, or the one attached to
     the model) and the optimizer when given. Returns the masks and metadata.
 
-    Everything is validated before anything is written into the model.
+    Everything is validated before anything is written into the model. A checkpoint written by a sparsifier
+    configured differently (another algorithm, sparsity, distribution, ...) is refused with the differences
+    named; ``strict=False`` loads it anyway (the masks and state are the checkpoint's) with a warning.
     """
     path = Path(path)
     tensors, info = _read(path)
@@ -187,6 +216,14 @@ def load(
                 f"checkpoint {str(path)!r} has masks for {sorted(masks)}, but the sparsifier masks "
                 f"{sorted(sparsifier.params)}"
             )
+        differences = config_differences(info.get("config", {}), sparsifier.config())
+        if differences:
+            message = f"checkpoint {str(path)!r} was written by a differently configured sparsifier: " + "; ".join(
+                differences
+            )
+            if strict:
+                raise ValueError(message + "; pass strict=False to load its masks and state anyway")
+            warnings.warn(message, UserWarning, stacklevel=2)
     if optimizer is not None and "optimizer" not in info:
         raise ValueError(f"checkpoint {str(path)!r} holds no optimizer state (save it with optimizer=)")
     plain = info.get("plain", {})
@@ -205,3 +242,46 @@ def load(
         )
     metadata = {key: value for key, value in info.items() if key != "plain"}
     return Checkpoint(masks=masks, metadata=metadata)
+
+
+def save_sparsifier_state(sparsifier: Sparsifier, path: str | Path) -> Path:
+    """Write only the sparsifier's state (masks, step, random and algorithm state) and config to ``path``, e.g.
+    beside a trainer's own checkpoint of the weights and optimizer (see ``sparsearch.integrations``)."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{str(path)!r} is a directory; pass a file path")
+    tensors: dict[str, torch.Tensor] = {}
+    plain: dict[str, Any] = {}
+    state = sparsifier.state_dict()
+    for name, mask in state.pop("masks").items():
+        tensors[f"mask/{name}"] = mask.to(torch.bool).contiguous()
+    _flatten("sparsifier", state, tensors, plain)
+    info = {
+        "format_version": FORMAT_VERSION,
+        "algorithm": type(sparsifier).__name__,
+        "config": sparsifier.config(),
+        "step": sparsifier.step,
+        "plain": plain,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path), metadata={METADATA_KEY: json.dumps(info)})
+    return path
+
+
+def read_sparsifier_state(path: str | Path, sparsifier: Sparsifier | None = None) -> dict[str, Any]:
+    """The state written by :func:`save_sparsifier_state`, for ``sparsifier.attach(model, optimizer, state=...)``.
+
+    With ``sparsifier`` given, a state written by a differently configured one is refused, naming the
+    differences."""
+    path = Path(path)
+    tensors, info = _read(path)
+    if sparsifier is not None:
+        differences = config_differences(info.get("config", {}), sparsifier.config())
+        if differences:
+            raise ValueError(
+                f"sparsifier state {str(path)!r} was written by a differently configured sparsifier: "
+                + "; ".join(differences)
+            )
+    state = _unflatten("sparsifier", tensors, info.get("plain", {}))
+    state["masks"] = {key[len("mask/") :]: value for key, value in tensors.items() if key.startswith("mask/")}
+    return state

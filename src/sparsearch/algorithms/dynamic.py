@@ -10,6 +10,7 @@ in the same update keeps its value (RigL's reference behaviour). SET and RigL di
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import torch
@@ -19,6 +20,16 @@ from sparsearch.sparsity.masks import topk_mask
 from sparsearch.sparsity.schedules import Constant, Cosine, Schedule, as_schedule
 from sparsearch.sparsity.scores import random_scores
 from sparsearch.sparsity.structures import Unstructured
+
+
+def check_total_steps(total_steps: int | None) -> int | None:
+    """``total_steps`` as given, refused unless it is None or a positive int (the length of training in optimizer
+    steps)."""
+    if total_steps is None:
+        return None
+    if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
+        raise ValueError(f"total_steps must be a positive number of optimizer steps, got {total_steps!r}")
+    return total_steps
 
 
 def resolve_step(value: float | int | None, total_steps: int | None, name: str) -> int | None:
@@ -72,8 +83,10 @@ class DynamicSparsifier(Sparsifier):
         if drop_decay not in ("cosine", "constant"):
             raise ValueError(f"drop_decay must be 'cosine' or 'constant', got {drop_decay!r}")
         self.update_every = update_every
-        self.total_steps = total_steps
+        self.total_steps = check_total_steps(total_steps)
         self.stop_step = resolve_step(stop, total_steps, "stop")
+        if total_steps is not None:
+            self._check_some_update(stop)
         if isinstance(drop_fraction, int | float):
             if not 0.0 <= drop_fraction <= 1.0:
                 raise ValueError(f"drop_fraction must be in [0, 1], got {drop_fraction}")
@@ -84,6 +97,21 @@ class DynamicSparsifier(Sparsifier):
         self.drop_fraction = as_schedule(drop_fraction, "drop_fraction")
         self.updates = 0
 
+    def _check_some_update(self, stop: float | int | None) -> None:
+        # a schedule without a single update inside training is a static mask under another name: refuse it
+        assert self.total_steps is not None
+        last = self.total_steps if self.stop_step is None else min(self.stop_step, self.total_steps)
+        if self.update_every < last:
+            return
+        if self.stop_step is not None and self.stop_step < self.total_steps:
+            where = f"updates stop at step {self.stop_step} (stop={stop!r} of total_steps={self.total_steps})"
+        else:
+            where = f"training ends at total_steps={self.total_steps}"
+        raise ValueError(
+            f"{type(self).__name__} would never update its mask: the first update is at step "
+            f"update_every={self.update_every}, but {where}; lower update_every or train longer"
+        )
+
     def compute_scores(self) -> dict[str, torch.Tensor]:
         return random_scores(self.params, self.generator)
 
@@ -93,6 +121,9 @@ class DynamicSparsifier(Sparsifier):
             and self.step % self.update_every == 0
             and (self.stop_step is None or self.step < self.stop_step)
         )
+
+    def keeps_gradients_dense(self) -> bool:
+        return self.needs_dense_gradients and self.is_update_step()
 
     def before_step(self) -> None:
         if not self.is_update_step():
@@ -140,11 +171,13 @@ class DynamicSparsifier(Sparsifier):
 
 
 class SET(DynamicSparsifier):
-    """SET (Mocanu et al. 2018): every epoch drop the fraction zeta of the smallest positive weights and of the
-    negative weights closest to zero, regrow as many at random; ER initial distribution.
+    """SET (Mocanu et al. 2018): every epoch drop the fraction ``drop_fraction`` (the paper's zeta) of the smallest
+    positive weights and of the negative weights closest to zero, regrow as many at random; ER initial
+    distribution.
 
     Pass ``update_every=steps_per_epoch`` for the paper's once-per-epoch update (required). Grown weights start at
-    zero; active weights still exactly zero at the next update are dropped first.
+    zero; active weights still exactly zero at the next update are dropped first. ``zeta=`` is accepted as a
+    deprecated alias of ``drop_fraction=`` (the name every algorithm here uses).
     """
 
     def __init__(
@@ -152,16 +185,22 @@ class SET(DynamicSparsifier):
         sparsity: float | None = None,
         *,
         update_every: int,
-        zeta: float | Schedule = 0.3,
+        drop_fraction: float | Schedule = 0.3,
         stop: float | int | None = None,
         distribution: str = "er",
+        zeta: float | Schedule | None = None,
         **kwargs: Any,
     ) -> None:
+        if zeta is not None:
+            if drop_fraction != 0.3:
+                raise TypeError("pass drop_fraction= only (zeta= is its deprecated alias), not both")
+            warnings.warn("SET(zeta=...) is deprecated; use drop_fraction=", DeprecationWarning, stacklevel=2)
+            drop_fraction = zeta
         super().__init__(
             sparsity,
             update_every=update_every,
             stop=stop,
-            drop_fraction=zeta,
+            drop_fraction=drop_fraction,
             drop_decay="constant",
             distribution=distribution,
             **kwargs,
@@ -190,6 +229,11 @@ class RigL(DynamicSparsifier):
     Defaults from the paper: update every 100 steps until 75% of training (``stop=0.75``, needs
     ``total_steps``), drop fraction 0.3 decayed with a cosine, ERK distribution. On update steps the regular
     optimizer step is skipped, as in the reference code, so grown weights are exactly zero after the update.
+
+    Gradients: after ``backward()`` the gradients of masked weights are zero on every step except the update
+    steps, where they stay dense until the optimizer step (the grow step reads them there; that optimizer step
+    is skipped, so clipping on it changes nothing). With gradient accumulation the dense gradient is the
+    accumulated one.
     """
 
     skip_update_step = True
@@ -203,6 +247,7 @@ class RigL(DynamicSparsifier):
         stop: float | int | None = 0.75,
         total_steps: int | None = None,
         drop_fraction: float | Schedule = 0.3,
+        drop_decay: str = "cosine",
         distribution: str = "erk",
         **kwargs: Any,
     ) -> None:
@@ -212,7 +257,7 @@ class RigL(DynamicSparsifier):
             stop=stop,
             total_steps=total_steps,
             drop_fraction=drop_fraction,
-            drop_decay="cosine",
+            drop_decay=drop_decay,
             distribution=distribution,
             **kwargs,
         )

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from sparsearch.algorithms.dynamic import resolve_step
+from sparsearch.algorithms.dynamic import check_total_steps, resolve_step
 from sparsearch.engine.sparsifier import Sparsifier
 from sparsearch.sparsity.distribution import check_sparsity
 from sparsearch.sparsity.schedules import Cubic, Schedule
@@ -47,11 +47,17 @@ class GMP(Sparsifier):
         self.initial_sparsity = check_sparsity(initial_sparsity, "initial_sparsity")
         if not isinstance(update_every, int) or update_every < 1:
             raise ValueError(f"update_every must be a positive number of steps, got {update_every!r}")
+        check_total_steps(total_steps)
         self.begin_step = resolve_step(begin, total_steps, "begin") or 0
         end_step = resolve_step(end, total_steps, "end")
         assert end_step is not None
         if end_step <= self.begin_step:
             raise ValueError(f"end (step {end_step}) must come after begin (step {self.begin_step})")
+        if total_steps is not None and end_step > total_steps:
+            raise ValueError(
+                f"GMP would never reach sparsity {self.sparsity}: pruning ends at step {end_step} (end={end!r}), "
+                f"after training ends at total_steps={total_steps}; pass end <= total_steps or a fraction"
+            )
         self.end_step = end_step
         self.update_every = update_every
         self.schedule = schedule or Cubic(
@@ -69,9 +75,7 @@ class GMP(Sparsifier):
     def after_step(self) -> None:
         if not self.is_update_step():
             return
-        scores = {
-            name: torch.where(mask, self.params[name].detach().abs(), -1.0) for name, mask in self.masks.items()
-        }
+        scores = {name: torch.where(mask, self.params[name].detach().abs(), -1.0) for name, mask in self.masks.items()}
         self.set_masks(self.masks_from_scores(scores, self.schedule(self.step)))
 
     def config(self) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from sparsearch.algorithms.dynamic import check_total_steps
 from sparsearch.engine.sparsifier import Sparsifier, StaticMaskSparsifier
 
 TrainFn = Callable[[nn.Module, Sparsifier], None]
@@ -59,6 +60,7 @@ class IterativeMagnitudePruning(Sparsifier):
     ) -> None:
         super().__init__(sparsity, distribution=distribution, **kwargs)
         _check_phases(phases)
+        check_total_steps(total_steps)
         self.phases = phases
         self.phase_length = total_steps // (phases + 1)
         if self.phase_length < 1:

@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 import torch
 
-from sparsearch.algorithms.dynamic import resolve_step
+from sparsearch.algorithms.dynamic import check_total_steps, resolve_step
 from sparsearch.engine.forward_mask import DenseWeightSparsifier
 from sparsearch.sparsity.schedules import Schedule
 from sparsearch.sparsity.structures import NM
@@ -70,7 +70,7 @@ class SRSTE(DenseWeightSparsifier):
             raise ValueError(f"decay must be >= 0, got {decay}")
         super().__init__(structure=NM(n, m), **kwargs)
         self.decay = decay
-        self.total_steps = total_steps
+        self.total_steps = check_total_steps(total_steps)
 
     def forward_weight(self, name: str, weight: torch.Tensor) -> torch.Tensor:
         return _SparseRefinedSTE.apply(weight, self.masks[name], self.decay)
@@ -123,7 +123,7 @@ class PGF(DenseWeightSparsifier):
         if rate < 0 or dense_steps < 0:
             raise ValueError(f"rate and dense_steps must be >= 0, got rate={rate}, dense_steps={dense_steps}")
         self.method = method
-        self.total_steps = total_steps
+        self.total_steps = check_total_steps(total_steps)
         self.decay = decay
         self.rate = rate
         self.dense_steps = dense_steps

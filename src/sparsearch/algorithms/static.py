@@ -94,8 +94,9 @@ class StaticSparsifier(Sparsifier):
         input_shape = self.input_shape or infer_input_shape(self.model, batch)
         masks: Mapping[str, torch.Tensor] | None = None
         density = 1.0 - self.sparsity
+        tokens = batch[0] if batch is not None and not batch[0].is_floating_point() else None
         for round_index in range(1, self.rounds + 1):
-            scores = synflow_scores(self.model, self.params, input_shape, masks)
+            scores = synflow_scores(self.model, self.params, input_shape, masks, token_inputs=tokens)
             if masks is not None:
                 scores = {name: torch.where(masks[name], s, -1.0) for name, s in scores.items()}
             masks = self.masks_from_scores(scores, 1.0 - density ** (round_index / self.rounds))

@@ -5,6 +5,7 @@ from sparsearch.engine.sparsifier import (
     MASK_DISTRIBUTIONS,
     LayerSparsity,
     Sparsifier,
+    SparsityReport,
     StaticMaskSparsifier,
     default_sparsifiable_parameters,
 )
@@ -14,6 +15,7 @@ __all__ = [
     "DenseWeightSparsifier",
     "LayerSparsity",
     "Sparsifier",
+    "SparsityReport",
     "StaticMaskSparsifier",
     "default_sparsifiable_parameters",
 ]

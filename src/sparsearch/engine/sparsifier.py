@@ -5,8 +5,10 @@ modules (they move with ``model.to(device)`` but ``model.state_dict()`` keys sta
 sparsifier's own state (masks, step, random state, algorithm state) round-trips through
 ``Sparsifier.state_dict()``. Optimizer hooks keep the invariants:
 
-- before every step: ``before_step`` runs while gradients are still dense (RigL reads them), then gradients
-  of masked weights are zeroed;
+- after ``backward()``: gradients of masked weights are zeroed as soon as they are accumulated (a
+  post-accumulate-grad hook), so clipping, logging and accumulation see the gradient the optimizer will use,
+  except on steps where ``keeps_gradients_dense()`` (RigL's update steps, whose grow step reads them);
+- before every step: ``before_step`` runs, then gradients of masked weights are zeroed (again);
 - after every step: masked weights are exactly zero and so is optimizer state (momentum, Adam moments) at
   masked positions, so neither momentum nor weight decay can revive a pruned weight, and a weight grown
   later starts from zero with zero optimizer state. Weights and state are re-masked whenever masks change
@@ -21,8 +23,9 @@ magnitude here); schedules enter through the algorithms. Algorithms subclass and
 
 from __future__ import annotations
 
+import hashlib
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -40,6 +43,8 @@ from sparsearch.sparsity.scores import Batch
 from sparsearch.sparsity.structures import NM, Structure, Unstructured, parse_structure
 
 SPARSIFIABLE_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+# the weights nn.MultiheadAttention keeps itself (the Linear input projections of a transformer layer)
+ATTENTION_PROJECTIONS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
 # Optimizers whose update of a weight depends only on that weight, its gradient and its own state, and is
 # exactly zero when all three are zero: with gradients masked before the step, their step cannot revive a
 # pruned weight or its state, so re-masking after every step is skipped (it still runs whenever masks change).
@@ -54,6 +59,7 @@ ELEMENTWISE_OPTIMIZERS = (
 )
 MASK_SUFFIX = "_mask"
 MASK_DISTRIBUTIONS = (*DISTRIBUTIONS, "global")
+INITS = ("dense", "rescale")
 
 
 @dataclass(frozen=True)
@@ -67,24 +73,107 @@ class LayerSparsity:
     actual_sparsity: float
 
 
-def default_sparsifiable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
-    """Weights of Linear and Conv layers (biases, norms and embeddings are left dense)."""
+@dataclass(frozen=True)
+class SparsityReport:
+    """Per-parameter sparsity rows plus the overall figures; ``str()`` gives a table, iteration the rows."""
+
+    rows: tuple[LayerSparsity, ...]
+
+    @property
+    def numel(self) -> int:
+        return sum(row.numel for row in self.rows)
+
+    @property
+    def target_sparsity(self) -> float:
+        return round(sum(r.target_sparsity * r.numel for r in self.rows) / self.numel, 6) if self.rows else 0.0
+
+    @property
+    def actual_sparsity(self) -> float:
+        return round(sum(r.actual_sparsity * r.numel for r in self.rows) / self.numel, 6) if self.rows else 0.0
+
+    def __iter__(self) -> Iterator[LayerSparsity]:
+        return iter(self.rows)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> LayerSparsity:
+        return self.rows[index]
+
+    def __str__(self) -> str:
+        width = max(len("overall"), *(len(r.name) for r in self.rows))
+        lines = [f"{'parameter':<{width}}  {'weights':>10}  {'target':>7}  {'actual':>7}"]
+        lines += [
+            f"{r.name:<{width}}  {r.numel:>10}  {r.target_sparsity:>7.2%}  {r.actual_sparsity:>7.2%}" for r in self.rows
+        ]
+        lines.append(
+            f"{'overall':<{width}}  {self.numel:>10}  {self.target_sparsity:>7.2%}  {self.actual_sparsity:>7.2%}"
+        )
+        return "\n".join(lines)
+
+
+def mask_stream_seed(seed: int) -> int:
+    """The seed of the sparsifier's own random stream, derived from ``seed`` by a hash.
+
+    Seeding it with ``seed`` itself would replay the stream of ``torch.manual_seed(seed)``, which is usually what
+    initialised the model: ``torch.rand`` then draws the very numbers ``nn.Linear``'s uniform init drew, and a
+    "random" mask of the first layer keeps exactly its largest positive weights (measured: 100% positive).
+    """
+    digest = hashlib.sha256(f"sparsearch-mask-stream:{int(seed)}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def parameter_aliases(model: nn.Module) -> dict[str, str]:
+    """Every name of every parameter -> its canonical name (the one ``named_parameters()`` yields).
+
+    A tensor shared by two modules (a head tied to its embedding) has several names; the engine handles it once,
+    under its canonical name, whichever of its names a user passes.
+    """
+    canonical: dict[int, str] = {}
     return {
-        f"{module_name}.weight" if module_name else "weight": module.weight
-        for module_name, module in model.named_modules()
-        if isinstance(module, SPARSIFIABLE_MODULES)
+        name: canonical.setdefault(id(param), name) for name, param in model.named_parameters(remove_duplicate=False)
     }
 
 
+def _is_default_target(module: nn.Module, leaf: str, attention_projections: bool) -> bool:
+    if isinstance(module, SPARSIFIABLE_MODULES):
+        return leaf == "weight"
+    return attention_projections and isinstance(module, nn.MultiheadAttention) and leaf in ATTENTION_PROJECTIONS
+
+
+def default_sparsifiable_parameters(
+    model: nn.Module, *, attention_projections: bool = True, forward_masked: bool = False
+) -> dict[str, nn.Parameter]:
+    """Weights of Linear and Conv layers and the input projections of ``nn.MultiheadAttention``, by canonical name.
+
+    Biases, norms and embeddings stay dense, and so does any weight shared with a module of another kind (a
+    head tied to its embedding: masking it would sparsify the embedding table); pass ``include=`` to mask those.
+    ``forward_masked``: only weights that reach the computation through their module's own ``forward`` (for
+    algorithms that mask the forward pass: ``nn.MultiheadAttention`` reads ``out_proj.weight`` itself).
+    """
+    read_by_parent = {id(module.out_proj) for module in model.modules() if isinstance(module, nn.MultiheadAttention)}
+    verdicts: dict[int, bool] = {}
+    for module in model.modules():
+        for leaf, param in module.named_parameters(recurse=False):
+            ok = _is_default_target(module, leaf, attention_projections and not forward_masked)
+            if forward_masked and id(module) in read_by_parent:
+                ok = False
+            verdicts[id(param)] = verdicts.get(id(param), True) and ok
+    return {name: param for name, param in model.named_parameters() if verdicts.get(id(param), False)}
+
+
 def parameters_matching(model: nn.Module, pattern: str) -> dict[str, nn.Parameter]:
-    """Parameters whose full name matches the regular expression ``pattern`` (``re.search``)."""
+    """Parameters any of whose names matches the regular expression ``pattern`` (``re.search``), by canonical
+    name (a tied tensor is selected once)."""
     try:
         regex = re.compile(pattern)
     except re.error as error:
         raise ValueError(f"invalid parameter name pattern {pattern!r}: {error}") from None
-    selected = {name: p for name, p in model.named_parameters() if regex.search(name)}
+    aliases = parameter_aliases(model)
+    chosen = {canonical for name, canonical in aliases.items() if regex.search(name)}
+    selected = {name: p for name, p in model.named_parameters() if name in chosen}
     if not selected:
-        names = ", ".join(name for name, _ in model.named_parameters())
+        names = ", ".join(aliases)
         raise ValueError(f"parameter name pattern {pattern!r} matches no parameter; the model has: {names}")
     return selected
 
@@ -102,6 +191,10 @@ class Sparsifier:
         dense_layers: parameter names kept dense (they still count towards the budget).
         incompatible: what to do with a layer the structure cannot take (e.g. N:M on an input dimension not
             divisible by M): "error" (default) raises, "dense" leaves that layer dense and unmasked.
+        init: "dense" (default) leaves the kept weights as they are; "rescale" multiplies each masked layer's
+            kept weights by 1/sqrt(density) once at attach, so a layer keeping 10% of its inputs starts with
+            the variance PyTorch's init gives its live fan-in (sparsity-aware init, as sparselab and Cerebras
+            do). Use it when training from scratch, never on a pretrained model.
         seed: seed for every random choice the sparsifier makes.
     """
 
@@ -117,8 +210,12 @@ class Sparsifier:
         include: str | None = None,
         dense_layers: tuple[str, ...] = (),
         incompatible: Literal["error", "dense"] = "error",
+        init: Literal["dense", "rescale"] = "dense",
         seed: int = 0,
     ) -> None:
+        if init not in INITS:
+            raise ValueError(f"init must be one of {', '.join(map(repr, INITS))}, got {init!r}")
+        self.init = init
         self.structure = parse_structure(structure)
         if isinstance(self.structure, NM):
             implied = self.structure.sparsity
@@ -141,7 +238,7 @@ class Sparsifier:
         self.dense_layers = tuple(dense_layers)
         self.incompatible = incompatible
         self.seed = seed
-        self.generator = torch.Generator().manual_seed(seed)
+        self.generator = torch.Generator().manual_seed(mask_stream_seed(seed))
         self.step = 0
         # optimizer steps on which the algorithm needed dense gradients (RigL); counted into training FLOPs
         self.dense_gradient_steps = 0
@@ -160,11 +257,18 @@ class Sparsifier:
 
     # ----------------------------------------------------------------------------------- attaching
     def attach(
-        self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *, batch: Batch | None = None
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None = None,
+        *,
+        batch: Batch | None = None,
+        state: Mapping[str, Any] | None = None,
     ) -> Sparsifier:
         """Select the parameters, compute the initial masks, apply them and hook the optimizer.
 
-        ``batch`` = (inputs, targets) is used by data-dependent scores (SNIP, GraSP) and not kept.
+        ``batch`` = (inputs, targets) is used by data-dependent scores (SNIP, GraSP) and not kept. ``state`` (a
+        ``state_dict()`` of this sparsifier) resumes: its masks are used instead of new ones, so the weights and
+        optimizer state of a restored checkpoint are never masked with a mask they were not trained with.
         """
         if self.model is not None:
             raise RuntimeError("this sparsifier is already attached; create a new one for another model")
@@ -177,16 +281,22 @@ class Sparsifier:
             )
         if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-        params = parameters_matching(model, self.include) if self.include else default_sparsifiable_parameters(model)
+        if self.include:
+            params = parameters_matching(model, self.include)
+        else:
+            params = default_sparsifiable_parameters(model, forward_masked=not self.masks_weights)
         if not params:
             raise ValueError("the model has no Linear or Conv layers to sparsify; pass include=<name pattern>")
+        aliases = {alias: name for alias, name in parameter_aliases(model).items() if name in params}
         if isinstance(self.distribution, Mapping):
-            unknown = sorted(set(self.distribution) - set(params))
+            unknown = sorted(set(self.distribution) - set(aliases))
             if unknown:
                 raise ValueError(f"custom distribution names unknown parameters {unknown}; known: {sorted(params)}")
-        unknown_dense = sorted(set(self.dense_layers) - set(params))
+            self.distribution = {aliases[name]: value for name, value in self.distribution.items()}
+        unknown_dense = sorted(set(self.dense_layers) - set(aliases))
         if unknown_dense:
             raise ValueError(f"dense_layers names unknown parameters {unknown_dense}; known: {sorted(params)}")
+        self.dense_layers = tuple(dict.fromkeys(aliases[name] for name in self.dense_layers))
         params = self._compatible(params)
         if optimizer is not None:
             held = {id(p) for group in optimizer.param_groups for p in group["params"]}
@@ -198,9 +308,12 @@ class Sparsifier:
         model._sparsearch_sparsifier = self
         self.batch = batch
         try:
-            for name, mask in self.initial_masks().items():
+            initial = state["masks"] if state is not None else self.initial_masks()
+            for name, mask in initial.items():
                 self._set_mask(name, mask)
             self.on_attach()
+            if state is not None:
+                self.load_state_dict(state)
         except Exception:
             # leave the model as it was, so that the user can fix the input and attach again
             for module, leaf in self._owners.values():
@@ -212,13 +325,40 @@ class Sparsifier:
             raise
         finally:
             self.batch = None
+        if state is None and self.init == "rescale":
+            self._rescale_kept_weights()
         self.apply_masks()
         if optimizer is not None:
             self._handles = [
                 optimizer.register_step_pre_hook(self._pre_step_hook),
                 optimizer.register_step_post_hook(self._post_step_hook),
             ]
+            if self.masks_weights:
+                self._handles += [
+                    param.register_post_accumulate_grad_hook(self._gradient_hook(name))
+                    for name, param in params.items()
+                    if param.requires_grad
+                ]
         return self
+
+    def _gradient_hook(self, name: str) -> Any:
+        module, leaf = self._owners[name]
+
+        def mask_gradient(param: torch.Tensor) -> None:
+            # right after backward() accumulates the gradient, so that clip_grad_norm_, logging and gradient
+            # accumulation see the gradient the optimizer will use (the pre-step hook masks again: cheap, and
+            # it holds even where a wrapper such as DDP rewrites .grad after this hook)
+            if param.grad is not None and not self.keeps_gradients_dense():
+                mask = getattr(module, leaf + MASK_SUFFIX)
+                param.grad.mul_(self._multiplier(name, mask, param.grad))
+
+        return mask_gradient
+
+    def keeps_gradients_dense(self) -> bool:
+        """Whether backward() leaves the gradients of masked weights dense until the coming optimizer step (an
+        algorithm that reads dense gradients on that step, e.g. RigL's grow step); they are masked before the
+        step either way."""
+        return False
 
     def _compatible(self, params: dict[str, nn.Parameter]) -> dict[str, nn.Parameter]:
         kept = {}
@@ -233,6 +373,13 @@ class Sparsifier:
         if not kept:
             raise ValueError(f"no parameter can take the {self.structure} structure: {sorted(params)}")
         return kept
+
+    @torch.no_grad()
+    def _rescale_kept_weights(self) -> None:
+        for name, mask in self.masks.items():
+            density = int(mask.count_nonzero()) / mask.numel()
+            if 0.0 < density < 1.0:
+                self.params[name].mul_(density**-0.5)
 
     def on_attach(self) -> None:
         """Called once masks exist, before they are applied. Override to install extra hooks."""
@@ -393,8 +540,9 @@ class Sparsifier:
         """Called after each optimizer step once masks were applied. Override for post-step updates."""
 
     # ------------------------------------------------------------------------------------ reporting
-    def report(self) -> list[LayerSparsity]:
-        """Target (from the masks) and actual (zeros in the effective weights) sparsity per parameter."""
+    def report(self) -> SparsityReport:
+        """Target (from the masks) and actual (zeros in the effective weights) sparsity per parameter; prints as a
+        table, iterates over its rows."""
         rows = []
         for name, mask in self.masks.items():
             numel = mask.numel()
@@ -402,30 +550,23 @@ class Sparsifier:
                 LayerSparsity(
                     name=name,
                     numel=numel,
-                    target_sparsity=1.0 - int(mask.count_nonzero()) / numel,
-                    actual_sparsity=1.0 - int(self.effective_weight(name).count_nonzero()) / numel,
+                    target_sparsity=round(1.0 - int(mask.count_nonzero()) / numel, 6),
+                    actual_sparsity=round(1.0 - int(self.effective_weight(name).count_nonzero()) / numel, 6),
                 )
             )
-        return rows
+        return SparsityReport(tuple(rows))
 
     def overall_sparsity(self) -> float:
         """Fraction of zero weights over all masked parameters (the one meaning of "sparsity" here)."""
-        rows = self.report()
-        total = sum(r.numel for r in rows)
-        return sum(r.actual_sparsity * r.numel for r in rows) / total
+        total = sum(mask.numel() for mask in self.masks.values())
+        zeros = sum(
+            mask.numel() - int(self.effective_weight(name).count_nonzero()) for name, mask in self.masks.items()
+        )
+        return zeros / total
 
     def summary(self) -> str:
-        """A plain-text table: per layer and overall, target vs actual sparsity."""
-        rows = self.report()
-        width = max(len("overall"), *(len(r.name) for r in rows))
-        lines = [f"{'parameter':<{width}}  {'weights':>10}  {'target':>7}  {'actual':>7}"]
-        lines += [
-            f"{r.name:<{width}}  {r.numel:>10}  {r.target_sparsity:>7.2%}  {r.actual_sparsity:>7.2%}" for r in rows
-        ]
-        total = sum(r.numel for r in rows)
-        target = sum(r.target_sparsity * r.numel for r in rows) / total
-        lines.append(f"{'overall':<{width}}  {total:>10}  {target:>7.2%}  {self.overall_sparsity():>7.2%}")
-        return "\n".join(lines)
+        """A plain-text table: per layer and overall, target vs actual sparsity (``str(self.report())``)."""
+        return str(self.report())
 
     def config(self) -> dict[str, Any]:
         """The constructor settings as JSON-friendly values (recorded in checkpoints)."""
@@ -437,6 +578,7 @@ class Sparsifier:
             "structure": str(self.structure),
             "include": self.include,
             "dense_layers": list(self.dense_layers),
+            "init": self.init,
             "seed": self.seed,
         }
 
@@ -512,4 +654,3 @@ class StaticMaskSparsifier(Sparsifier):
 
     def initial_masks(self) -> dict[str, torch.Tensor]:
         return dict(self.given_masks)
-

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -94,7 +95,8 @@ def grasp_scores(
     removes the largest S; keeping the largest ``w * (H g)`` is the same rule. One batch, temperature 1.
     """
     batch = _check_batch(batch, "grasp")
-    with _model_untouched(model):
+    # the Hessian-gradient product differentiates twice; the fused attention kernels have no double backward
+    with _model_untouched(model), sdpa_kernel(SDPBackend.MATH):
         first = [g.detach() for g in _loss_gradients(model, params, batch, loss_fn)]
         second = _loss_gradients(model, params, batch, loss_fn, create_graph=True)
         gradient_dot = sum((g * g0).sum() for g, g0 in zip(second, first, strict=True))
@@ -107,11 +109,13 @@ def synflow_scores(
     params: Mapping[str, torch.Tensor],
     input_shape: tuple[int, ...],
     masks: Mapping[str, torch.Tensor] | None = None,
+    token_inputs: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """SynFlow (Tanaka et al. 2020), one round: |w * dR/dw|, R = sum of outputs of the |w| network on ones.
 
     Data-free. Runs in float64 in eval mode on a functional copy (the model's tensors are not modified);
-    ``masks`` zero already-pruned weights, for the iterative procedure.
+    ``masks`` zero already-pruned weights, for the iterative procedure. A model that takes token ids (an
+    embedding first) has no all-ones input: pass ``token_inputs`` (integer ids, e.g. a batch's) to run on them.
     """
     with _model_untouched(model, training=False):
         tensors: dict[str, torch.Tensor] = {}
@@ -125,8 +129,11 @@ def synflow_scores(
             leaves[name] = leaf.detach().requires_grad_(True)
         tensors.update(leaves)
         device = next(iter(params.values())).device
-        ones = torch.ones((1, *input_shape), dtype=torch.float64, device=device)
-        flow = functional_call(model, tensors, (ones,)).sum()
+        if token_inputs is not None:
+            inputs = token_inputs.to(device)
+        else:
+            inputs = torch.ones((1, *input_shape), dtype=torch.float64, device=device)
+        flow = functional_call(model, tensors, (inputs,)).sum()
         grads = torch.autograd.grad(flow, list(leaves.values()))
     return {name: (leaves[name] * g).detach().abs().float() for name, g in zip(leaves, grads, strict=True)}
 
