@@ -1,0 +1,197 @@
+"""Data-parallel sparse training on 2 real processes (gloo): masks identical by construction, divergence caught,
+gradient accumulation, a dying rank, checkpoints across world sizes, and the torchrun example."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+import sparsearch as sa
+from sparsearch.engine.distributed import MaskSync, mask_checksum, synchronize
+
+TESTS = Path(__file__).parent
+ROOT = TESTS.parent
+sys.path.insert(0, str(TESTS))
+from distributed_worker import ResidualAttentionNet, batch  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch(scenario: str, out: Path, *extra: str, world: int = 2, timeout: float = 120, dist_timeout: int = 30):
+    """Start ``world`` worker processes and wait for all; returns their exit codes and outputs."""
+    env = {
+        **os.environ,
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+        "WORLD_SIZE": str(world),
+        "DIST_TIMEOUT": str(dist_timeout),
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
+    }
+    command = [sys.executable, str(TESTS / "distributed_worker.py"), scenario, str(out), *extra]
+    processes = [
+        subprocess.Popen(command, env={**env, "RANK": str(rank)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        for rank in range(world)
+    ]
+    codes, outputs = [], []
+    deadline = time.monotonic() + timeout
+    for process in processes:
+        try:
+            output, _ = process.communicate(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            for other in processes:
+                other.kill()
+            raise AssertionError(f"{scenario}: a rank still ran after {timeout} s (hang)") from None
+        codes.append(process.returncode)
+        outputs.append(output.decode(errors="replace"))
+    return codes, outputs
+
+
+def results(out: Path, scenario: str, world: int = 2) -> list[dict]:
+    return [json.loads((out / f"{scenario}_rank{rank}.json").read_text()) for rank in range(world)]
+
+
+@pytest.fixture(scope="module")
+def masks_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp_masks")
+    codes, outputs = launch("masks", out)
+    assert codes == [0, 0], outputs
+    return out, results(out, "masks")
+
+
+@pytest.mark.parametrize("algorithm", ["rigl", "set"])
+def test_masks_identical_across_ranks_with_different_data_and_seeds(masks_run, algorithm):
+    out, ranks = masks_run
+    masks = [load_file(str(out / f"{algorithm}_masks_rank{rank}.safetensors")) for rank in range(2)]
+    assert masks[0].keys() == masks[1].keys() and "attention.out_proj.weight" in masks[0]
+    for name in masks[0]:
+        assert torch.equal(masks[0][name], masks[1][name]), name
+    # the masks really moved (4 updates in 13 steps) and every rank took rank 0's seed
+    assert [r[algorithm]["updates"] for r in ranks] == [4, 4]
+    assert all(r[algorithm]["changed"] > 0 for r in ranks)
+    assert [r[algorithm]["seed"] for r in ranks] == [0, 0]
+    assert ranks[0][algorithm]["mask_sparsity"] == pytest.approx(0.8, abs=0.01)
+
+
+def test_corrupted_mask_on_one_rank_is_named_on_every_rank(masks_run):
+    _, ranks = masks_run
+    for result in ranks:
+        message = result["corrupted"]
+        assert message is not None
+        assert "layer 'block.0.weight'" in message and "rank 0:" in message and "rank 1:" in message
+        assert "optimizer step 3" in message
+        assert "stem.weight" not in message  # only the corrupted layer is named
+
+
+def test_optimizer_steps_inside_no_sync_are_caught(masks_run):
+    # per-rank gradients make RigL grow different weights on each rank: the next check fails loudly
+    _, ranks = masks_run
+    for result in ranks:
+        assert result["unsynced_steps"] is not None and "masks differ across ranks" in result["unsynced_steps"]
+
+
+def test_refused_set_ups_say_what_to_do(masks_run):
+    _, ranks = masks_run
+    for result in ranks:
+        refused = result["refused"]
+        assert "ddp_model.module" in refused["wrapper"]
+        assert "configure the sparsifier differently" in refused["settings"] and "0.7" in refused["settings"]
+        assert "FSDP" in refused["fsdp2"] and "DistributedDataParallel" in refused["fsdp2"]
+        assert "was replaced after the sparsifier was attached" in refused["fsdp2_after_attach"]
+
+
+def test_no_sync_accumulation_gives_the_masks_of_the_large_batch(tmp_path):
+    codes, outputs = launch("accumulation", tmp_path)
+    assert codes == [0, 0], outputs
+    for result in results(tmp_path, "accumulation"):
+        assert result["steps"] == [7, 7]  # the micro-batches inside no_sync are not optimizer steps
+        assert result["updates"] == [3, 3]
+        assert result["differing_mask_entries"] == 0
+
+
+def test_a_dead_rank_makes_the_others_fail_instead_of_hanging(tmp_path):
+    started = time.monotonic()
+    codes, outputs = launch("die", tmp_path, dist_timeout=20, timeout=90)
+    assert codes[1] == 3
+    survivor = json.loads((tmp_path / "die_rank0.json").read_text())
+    assert survivor["error"] is not None, outputs[0]
+    assert survivor["seconds"] < 25 and time.monotonic() - started < 90
+    print(survivor["error"])
+
+
+def test_checkpoint_of_two_ranks_loads_on_one_and_back(masks_run, tmp_path):
+    out, _ = masks_run
+    rank0 = load_file(str(out / "rigl_masks_rank0.safetensors"))
+    # world size 2 -> 1: a plain model, no process group, no 'module.' prefix
+    model = ResidualAttentionNet()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    sparsifier = sa.RigL(0.8, update_every=2, stop=None).attach(model, optimizer)
+    checkpoint = sa.load(model, out / "rigl_world2.safetensors")
+    assert checkpoint.step == 13
+    assert all(torch.equal(sparsifier.masks[name], rank0[name]) for name in rank0)
+    for seed in range(3):
+        x, y = batch(seed)
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    assert sparsifier.updates >= 1
+    single = sa.save(model, tmp_path / "world1.safetensors", sparsifier=sparsifier)
+    # world size 1 -> 2: every rank loads the same file and the masks stay identical while training goes on
+    codes, outputs = launch("resume", tmp_path, str(single))
+    assert codes == [0, 0], outputs
+    ranks = results(tmp_path, "resume")
+    assert all(r["same_as_file"] and r["step"] == 20 for r in ranks)
+    final = [load_file(str(tmp_path / f"resume_masks_rank{rank}.safetensors")) for rank in range(2)]
+    assert all(torch.equal(final[0][name], final[1][name]) for name in final[0])
+
+
+def test_torchrun_example_trains_rigl_on_two_processes(tmp_path):
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+        str(ROOT / "examples" / "ddp_rigl.py"), "--epochs", "2", "--out", str(tmp_path / "rigl.safetensors"),
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "masks identical on 2 ranks" in done.stdout
+    checkpoint = load_file(str(tmp_path / "rigl.safetensors"))
+    masks = {k: v for k, v in checkpoint.items() if k.startswith("mask/")}
+    kept = sum(int(v.sum()) for v in masks.values()) / sum(v.numel() for v in masks.values())
+    assert kept == pytest.approx(0.1, abs=0.01)
+
+
+def test_synchronize_refuses_bad_use_without_a_process_group():
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        synchronize(sa.RigL(0.9, stop=None))
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        MaskSync(check_every=1)
+    model = ResidualAttentionNet()
+    sparsifier = sa.RigL(0.9, stop=None).attach(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.raises(RuntimeError, match="before attach"):
+        synchronize(sparsifier)
+
+
+def test_mask_checksum_sees_one_flipped_bit():
+    mask = torch.rand(64, 33, generator=torch.Generator().manual_seed(0)) > 0.7
+    flipped = mask.clone()
+    flipped[10, 3] = ~flipped[10, 3]
+    moved = mask.clone()  # same count, one kept weight moved
+    first_kept, first_dropped = mask.view(-1).nonzero()[0], (~mask.view(-1)).nonzero()[0]
+    moved.view(-1)[first_kept], moved.view(-1)[first_dropped] = False, True
+    assert mask_checksum(mask) == mask_checksum(mask.clone())
+    assert mask_checksum(mask) != mask_checksum(flipped)
+    assert mask_checksum(mask)[0] == mask_checksum(moved)[0] and mask_checksum(mask) != mask_checksum(moved)
