@@ -201,10 +201,12 @@ def scenario_resume(rank: int, world: int, out: Path, checkpoint: Path) -> dict:
 
 
 def scenario_die(rank: int, world: int, out: Path) -> dict:
-    """Rank 1 dies after 2 steps; the survivors must fail with an error, not hang."""
+    """Rank 1 dies (or stalls, with STALL=1) after 2 steps; the others must fail with an error, not hang."""
     ddp, optimizer = ddp_rigl(rank, seed=0, update_every=2)
     train(ddp, optimizer, range(2), rank)
     if rank == 1:
+        if os.environ.get("STALL") == "1":
+            time.sleep(20)  # longer than the test's 8 s process-group timeout
         os._exit(3)
     started = time.monotonic()
     try:
@@ -226,8 +228,9 @@ def main() -> None:
             rank, world, out
         )
     (out / f"{scenario}_rank{rank}.json").write_text(json.dumps(result))
-    if scenario != "die":
-        dist.destroy_process_group()
+    if scenario == "die":
+        os._exit(1)  # as if the error had propagated; no teardown of a broken process group
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -31,7 +31,15 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def launch(scenario: str, out: Path, *extra: str, world: int = 2, timeout: float = 120, dist_timeout: int = 30):
+def launch(
+    scenario: str,
+    out: Path,
+    *extra: str,
+    world: int = 2,
+    timeout: float = 120,
+    dist_timeout: int = 30,
+    env: dict[str, str] | None = None,
+):
     """Start ``world`` worker processes and wait for all; returns their exit codes and outputs."""
     env = {
         **os.environ,
@@ -41,6 +49,7 @@ def launch(scenario: str, out: Path, *extra: str, world: int = 2, timeout: float
         "DIST_TIMEOUT": str(dist_timeout),
         "OMP_NUM_THREADS": "1",
         "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
+        **(env or {}),
     }
     command = [sys.executable, str(TESTS / "distributed_worker.py"), scenario, str(out), *extra]
     processes = [
@@ -123,14 +132,18 @@ def test_no_sync_accumulation_gives_the_masks_of_the_large_batch(tmp_path):
         assert result["differing_mask_entries"] == 0
 
 
-def test_a_dead_rank_makes_the_others_fail_instead_of_hanging(tmp_path):
+@pytest.mark.parametrize("fault", ["dies", "stalls"])
+def test_a_lost_rank_makes_the_others_fail_instead_of_hanging(tmp_path, fault):
+    # a dead peer resets the connection at once; a stalled one is given up after init_process_group's timeout
     started = time.monotonic()
-    codes, outputs = launch("die", tmp_path, dist_timeout=20, timeout=90)
-    assert codes[1] == 3
+    env = {"STALL": "1" if fault == "stalls" else "0"}
+    codes, outputs = launch("die", tmp_path, dist_timeout=8, timeout=90, env=env)
+    assert codes[0] != 0 and codes[1] == 3
     survivor = json.loads((tmp_path / "die_rank0.json").read_text())
     assert survivor["error"] is not None, outputs[0]
-    assert survivor["seconds"] < 25 and time.monotonic() - started < 90
-    print(survivor["error"])
+    expected = "by peer" if fault == "dies" else "Timed out"  # gloo: connection reset or closed by peer
+    assert expected in survivor["error"]
+    assert survivor["seconds"] < 20 and time.monotonic() - started < 90
 
 
 def test_checkpoint_of_two_ranks_loads_on_one_and_back(masks_run, tmp_path):
