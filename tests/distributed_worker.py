@@ -85,6 +85,7 @@ def scenario_masks(rank: int, world: int, out: Path) -> dict:
         sparsifier = synchronize(make(seed=rank), ddp).attach(ddp.module, optimizer)  # seed differs per rank
         initial = masks_of(sparsifier)
         train(ddp, optimizer, range(13), rank)
+        sparsifier.mask_sync.verify(sparsifier)
         final = masks_of(sparsifier)
         result[name] = {
             "updates": sparsifier.updates,
@@ -106,7 +107,7 @@ def scenario_masks(rank: int, world: int, out: Path) -> dict:
         corrupted.view(-1)[5] ^= True
         sparsifier.set_masks({"block.0.weight": corrupted})
     try:
-        train(ddp, optimizer, range(2, 3), rank)
+        train(ddp, optimizer, range(2, 4), rank)  # step 3 is checked during step 4
         result["corrupted"] = None
     except MaskMismatchError as error:
         result["corrupted"] = str(error)
@@ -115,7 +116,7 @@ def scenario_masks(rank: int, world: int, out: Path) -> dict:
     ddp, optimizer = ddp_rigl(rank, seed=0, update_every=2)
     try:
         with ddp.no_sync():
-            train(ddp, optimizer, range(3), rank)
+            train(ddp, optimizer, range(4), rank)
         result["unsynced_steps"] = None
     except MaskMismatchError as error:
         result["unsynced_steps"] = str(error)
@@ -178,6 +179,7 @@ def scenario_accumulation(rank: int, world: int, out: Path) -> dict:
             else:
                 F.cross_entropy(ddp(x), y).backward()
             optimizer.step()
+        sparsifier.mask_sync.verify(sparsifier)
         runs[mode] = masks_of(sparsifier)
         runs[mode + "_updates"] = sparsifier.updates
         runs[mode + "_steps"] = sparsifier.step
@@ -196,6 +198,7 @@ def scenario_resume(rank: int, world: int, out: Path, checkpoint: Path) -> dict:
     loaded = sa.load(ddp.module, checkpoint)
     same_as_file = all(torch.equal(sparsifier.masks[k], loaded.masks[k]) for k in loaded.masks)
     train(ddp, optimizer, range(4), rank)
+    sparsifier.mask_sync.verify(sparsifier)
     save_file(masks_of(sparsifier), str(out / f"resume_masks_rank{rank}.safetensors"))
     return {"same_as_file": same_as_file, "step": sparsifier.step, "updates": sparsifier.updates}
 

@@ -9,7 +9,8 @@
   each rank's own batch, therefore still gives one mask everywhere: rank ``src``'s. The algorithm and its
   settings must agree across ranks (checked; the seed is taken from rank ``src``).
 - **after every optimizer step** (``after_step``): a checksum of every mask (kept count and a hash of its bits)
-  is all-gathered and compared; a mismatch raises :class:`MaskMismatchError` naming the layers and the ranks.
+  is all-gathered, without waiting, and compared at the next step; a mismatch raises :class:`MaskMismatchError`
+  naming the layers and the ranks. ``MaskSync.verify`` checks at once (call it after the last step).
 
 Mask *updates* need no communication: every input an update reads is identical on every rank under
 ``DistributedDataParallel``, and the top-k breaks ties by position (deterministic). Which algorithm reads what,
@@ -44,7 +45,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -103,8 +105,9 @@ class MaskSync:
             diverged mask instead of reporting it. Given the wrapper, the masks are left out of that broadcast.
         group: the process group of the data-parallel replicas (default: the wrapper's, else the whole world).
         src: global rank whose initial masks, seed and random state every rank takes.
-        check_every: compare mask checksums after every ``check_every``-th optimizer step (1: every step; a
-            mask update is then checked before the next forward pass). One all-gather of 2 integers per layer.
+        check_every: check mask checksums after every ``check_every``-th optimizer step (1: every step). One
+            all-gather of 2 integers per layer, compared during the next checked step (it overlaps with the
+            compute in between); ``verify()`` checks at once.
     """
 
     def __init__(
@@ -133,6 +136,8 @@ class MaskSync:
         self.steps_seen = 0
         # per parameter name: (the mask tensor hashed, its in-place version counter then, checksum)
         self._checksums: dict[str, tuple[torch.Tensor, int, tuple[int, int]]] = {}
+        # the all-gather started after the last checked step: (work, result buffer, step, layer names)
+        self._pending: tuple[dist.Work, torch.Tensor, int, list[str]] | None = None
 
     # ------------------------------------------------------------------------------ initial masks
     def agree_initial_masks(self, sparsifier: Sparsifier, masks: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -178,14 +183,28 @@ class MaskSync:
 
     # --------------------------------------------------------------------------------- checking
     def after_step(self, sparsifier: Sparsifier) -> None:
-        """Called by the sparsifier after every optimizer step (every rank takes the same number of steps)."""
+        """Called by the sparsifier after every optimizer step (every rank takes the same number of steps).
+
+        Compares the previous check's checksums and starts this step's all-gather without waiting for it: its
+        latency overlaps with the next step's forward and backward pass."""
         self.steps_seen += 1
         if self.steps_seen == 1 and self.ddp is not None:
             masks = {id(mask) for mask in sparsifier.masks.values()}
             names = {name for name, buffer in self.ddp.module.named_buffers() if id(buffer) in masks}
             self.ddp.parameters_to_ignore.update(names)  # read by DDP whenever it gathers buffers to broadcast
         if self.steps_seen % self.check_every == 0:
-            self.verify(sparsifier)
+            self._compare_pending()
+            self._start_check(sparsifier)
+
+    def verify(self, sparsifier: Sparsifier) -> None:
+        """Compare every mask's checksum and the step count across ranks now, and the check still in flight
+        (a collective: call it on every rank, e.g. after the last step).
+
+        Raises MaskMismatchError naming the layers whose masks differ and which ranks hold which mask.
+        """
+        self._compare_pending()
+        self._start_check(sparsifier)
+        self._compare_pending()
 
     def _checksum(self, name: str, mask: torch.Tensor) -> tuple[int, int]:
         # re-hash only masks replaced or modified in place since the last check (most steps change none)
@@ -195,11 +214,7 @@ class MaskSync:
             self._checksums[name] = cached
         return cached[2]
 
-    def verify(self, sparsifier: Sparsifier) -> None:
-        """Compare every mask's checksum and the step count across ranks (a collective: call it on every rank).
-
-        Raises MaskMismatchError naming the layers whose masks differ and which ranks hold which mask.
-        """
+    def _start_check(self, sparsifier: Sparsifier) -> None:
         for name, (module, leaf) in sparsifier._owners.items():
             if getattr(module, leaf) is not sparsifier.params[name]:
                 raise RuntimeError(
@@ -214,13 +229,17 @@ class MaskSync:
         device = _collective_device(self.group)
         mine = torch.tensor(local, dtype=torch.int64, device=device)
         everyone = torch.empty(self.world_size * mine.numel(), dtype=torch.int64, device=device)
-        try:
-            dist.all_gather_into_tensor(everyone, mine, group=self.group)
-        except Exception as error:  # a dead peer surfaces as one of several backend error types
-            raise RuntimeError(
-                f"rank {self.rank}: the mask check after optimizer step {sparsifier.step} could not reach the "
-                f"other ranks (did one of them die or stop training?): {error}"
-            ) from error
+        with self._reaching_peers(sparsifier.step):
+            work = dist.all_gather_into_tensor(everyone, mine, group=self.group, async_op=True)
+        self._pending = (work, everyone, sparsifier.step, names)
+
+    def _compare_pending(self) -> None:
+        if self._pending is None:
+            return
+        work, everyone, step, names = self._pending
+        self._pending = None
+        with self._reaching_peers(step):
+            work.wait()
         table = everyone.view(self.world_size, -1).tolist()
         problems = []
         steps = [row[0] for row in table]
@@ -233,11 +252,21 @@ class MaskSync:
                 problems.append(f"layer {name!r}: {_by_value(described)}")
         if problems:
             raise MaskMismatchError(
-                f"masks differ across ranks after optimizer step {sparsifier.step} ("
+                f"masks differ across ranks after optimizer step {step} ("
                 + "; ".join(problems)
                 + "). Every rank must take the same optimizer steps on DDP-synchronised gradients and change "
                 "masks only through the sparsifier"
             )
+
+    @contextmanager
+    def _reaching_peers(self, step: int) -> Iterator[None]:
+        try:
+            yield
+        except Exception as error:  # a dead peer surfaces as one of several backend error types
+            raise RuntimeError(
+                f"rank {self.rank}: the mask check after optimizer step {step} could not reach the other ranks "
+                f"(did one of them die or stop training?): {error}"
+            ) from error
 
 
 def _by_value(values: list[Any]) -> str:
