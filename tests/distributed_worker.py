@@ -137,7 +137,14 @@ def scenario_masks(rank: int, world: int, out: Path) -> dict:
             refused[case] = None
         except ValueError as error:
             refused[case] = str(error)
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
+
+    flat = FullyShardedDataParallel(ResidualAttentionNet(), device_id=torch.device("cpu"))
+    try:
+        synchronize(sa.RigL(0.8, stop=None)).attach(flat, torch.optim.SGD(flat.parameters(), lr=0.1))
+        refused["fsdp1"] = None
+    except TypeError as error:
+        refused["fsdp1"] = str(error)
 
     sharded = ResidualAttentionNet()
     fully_shard(sharded)

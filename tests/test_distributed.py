@@ -118,8 +118,10 @@ def test_refused_set_ups_say_what_to_do(masks_run):
     for result in ranks:
         refused = result["refused"]
         assert "ddp_model.module" in refused["wrapper"]
-        assert "configure the sparsifier differently" in refused["settings"] and "0.7" in refused["settings"]
-        assert "FSDP" in refused["fsdp2"] and "DistributedDataParallel" in refused["fsdp2"]
+        assert "rank 1 has sparsity=0.7 where rank 0 has 0.8" in refused["settings"]
+        assert "parameters" not in refused["settings"]  # only what differs is named
+        for fsdp in ("fsdp1", "fsdp2"):
+            assert "sharded by FSDP" in refused[fsdp] and "DistributedDataParallel" in refused[fsdp]
         assert "was replaced after the sparsifier was attached" in refused["fsdp2_after_attach"]
 
 

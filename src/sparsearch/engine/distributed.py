@@ -70,8 +70,8 @@ def refuse_sharded(model: nn.Module, params: Mapping[str, torch.Tensor]) -> None
             where = f"module {module_name!r}" if module_name else "the model"
             raise TypeError(
                 f"{where} is sharded by FSDP ({kind}); sparsearch masks full-shape parameters and does not "
-                "support FSDP's sharded or flattened parameters (masks would have no effect). Train with "
-                "DistributedDataParallel, or attach the sparsifier before sharding and finalize() it first"
+                "support FSDP's sharded or flattened parameters (masks would have no effect): train with "
+                "DistributedDataParallel"
             )
     for name, param in params.items():
         if type(param).__name__ in ("DTensor", "FlatParameter") or hasattr(param, "_local_tensor"):
@@ -153,18 +153,22 @@ class MaskSync:
         if self.ddp is not None and self.ddp.module is not model:
             raise ValueError("attach the sparsifier to the model wrapped by the given DDP wrapper (ddp.module)")
         description = {
-            "config": {key: value for key, value in sparsifier.config().items() if key != "seed"},
-            "params": [(name, tuple(param.shape)) for name, param in sparsifier.params.items()],
+            **{key: value for key, value in sparsifier.config().items() if key != "seed"},
+            "parameters": {name: list(param.shape) for name, param in sparsifier.params.items()},
         }
         gathered: list[Any] = [None] * self.world_size
-        dist.all_gather_object(gathered, json.dumps(description, sort_keys=True, default=str), group=self.group)
-        reference = gathered[0]
-        differing = [rank for rank, text in enumerate(gathered) if text != reference]
-        if differing:
+        dist.all_gather_object(gathered, json.loads(json.dumps(description, default=str)), group=self.group)
+        differences = [
+            f"rank {rank} has {key}={other.get(key)!r} where rank 0 has {gathered[0].get(key)!r}"
+            for rank, other in enumerate(gathered)
+            for key in sorted(set(other) | set(gathered[0]))
+            if other.get(key) != gathered[0].get(key)
+        ]
+        if differences:
             raise ValueError(
-                f"ranks {differing} configure the sparsifier differently from rank 0: rank 0 has "
-                f"{reference}, rank {differing[0]} has {gathered[differing[0]]}; every rank must build the same "
-                "algorithm with the same settings on the same model"
+                "the ranks configure the sparsifier differently: "
+                + "; ".join(differences)
+                + ". Every rank must build the same algorithm with the same settings on the same model"
             )
         device = _collective_device(self.group)
         names = list(masks)
