@@ -73,11 +73,13 @@ def ddp_rigl(
 
 
 def scenario_masks(rank: int, world: int, out: Path) -> dict:
-    """RigL and SET with per-rank data *and* per-rank seeds; then detection of real and injected divergence."""
+    """RigL, SET, GMP and SR-STE with per-rank data *and* per-rank seeds; then real and injected divergence."""
     result: dict = {}
     for name, make in {
         "rigl": lambda seed: sa.RigL(0.8, update_every=3, stop=None, seed=seed),
         "set": lambda seed: sa.SET(0.8, update_every=3, seed=seed),
+        "gmp": lambda seed: sa.GMP(0.8, end=12, update_every=3, seed=seed),
+        "srste": lambda seed: sa.SRSTE(2, 4, seed=seed),
     }.items():
         torch.manual_seed(100 + rank)
         ddp = DistributedDataParallel(ResidualAttentionNet())
@@ -88,7 +90,7 @@ def scenario_masks(rank: int, world: int, out: Path) -> dict:
         sparsifier.mask_sync.verify(sparsifier)
         final = masks_of(sparsifier)
         result[name] = {
-            "updates": sparsifier.updates,
+            "updates": getattr(sparsifier, "updates", None),
             "changed": sum(int((initial[k] != final[k]).sum()) for k in final),
             "seed": sparsifier.seed,
             "mask_sparsity": 1 - sparsifier.density(),

@@ -82,18 +82,20 @@ def masks_run(tmp_path_factory):
     return out, results(out, "masks")
 
 
-@pytest.mark.parametrize("algorithm", ["rigl", "set"])
+@pytest.mark.parametrize("algorithm", ["rigl", "set", "gmp", "srste"])
 def test_masks_identical_across_ranks_with_different_data_and_seeds(masks_run, algorithm):
     out, ranks = masks_run
     masks = [load_file(str(out / f"{algorithm}_masks_rank{rank}.safetensors")) for rank in range(2)]
     assert masks[0].keys() == masks[1].keys() and "attention.out_proj.weight" in masks[0]
     for name in masks[0]:
         assert torch.equal(masks[0][name], masks[1][name]), name
-    # the masks really moved (4 updates in 13 steps) and every rank took rank 0's seed
-    assert [r[algorithm]["updates"] for r in ranks] == [4, 4]
+    # the masks really moved and every rank took rank 0's seed
     assert all(r[algorithm]["changed"] > 0 for r in ranks)
     assert [r[algorithm]["seed"] for r in ranks] == [0, 0]
-    assert ranks[0][algorithm]["mask_sparsity"] == pytest.approx(0.8, abs=0.01)
+    if algorithm in ("rigl", "set"):
+        assert [r[algorithm]["updates"] for r in ranks] == [4, 4]  # steps 3, 6, 9, 12
+    target = 0.5 if algorithm == "srste" else 0.8
+    assert ranks[0][algorithm]["mask_sparsity"] == pytest.approx(target, abs=0.01)
 
 
 def test_corrupted_mask_on_one_rank_is_named_on_every_rank(masks_run):

@@ -1,5 +1,6 @@
 """The Sparsifier engine: keeps a model's weights, gradients and optimizer state masked."""
 
+from sparsearch.engine.distributed import MaskMismatchError, MaskSync, synchronize
 from sparsearch.engine.forward_mask import DenseWeightSparsifier
 from sparsearch.engine.sparsifier import (
     MASK_DISTRIBUTIONS,
@@ -13,7 +14,10 @@ __all__ = [
     "MASK_DISTRIBUTIONS",
     "DenseWeightSparsifier",
     "LayerSparsity",
+    "MaskMismatchError",
+    "MaskSync",
     "Sparsifier",
     "StaticMaskSparsifier",
     "default_sparsifiable_parameters",
+    "synchronize",
 ]
