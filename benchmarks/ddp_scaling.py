@@ -145,7 +145,9 @@ def render(rows: list[dict]) -> str:
     lines = [
         "# DDP scaling on the CPU (gloo, 1 torch thread per process)",
         "",
-        "Median block (what a user saw) and best block (the least disturbed by other jobs).",
+        "Shared machine: other engineers' jobs ran at the same time (load averages above); 1 torch thread per "
+        "process, so 2 processes need both cores to themselves to scale. Median block (what a user saw) and best "
+        "block (the least disturbed by other jobs).",
         "",
         "| model (batch per process) | set-up | processes | ms/step median (best) | steps/s median "
         "| samples/s median (best) | samples/s vs 1 process, median (best) |",
@@ -188,7 +190,12 @@ def main() -> None:
     parser.add_argument("--cnn-steps", type=int, default=8, help="steps per timed block for the CNN")
     parser.add_argument("--output", type=Path, default=RESULTS / "ddp_scaling")
     parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--render-only", action="store_true", help="rewrite the markdown from the JSON result")
     args = parser.parse_args()
+    if args.render_only:
+        payload = json.loads(args.output.with_suffix(".json").read_text())
+        write_results(args.output.name, payload, render(payload["rows"]))
+        return
     block_steps = {"MLP 784-300-100-10": args.mlp_steps, "CNN conv16-conv32-linear": args.cnn_steps}
     if args.worker is not None:
         worker(args.blocks, block_steps, args.worker)
