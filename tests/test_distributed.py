@@ -36,7 +36,7 @@ def launch(
     out: Path,
     *extra: str,
     world: int = 2,
-    timeout: float = 120,
+    timeout: float = 300,
     dist_timeout: int = 30,
     env: dict[str, str] | None = None,
 ):
@@ -141,13 +141,13 @@ def test_a_lost_rank_makes_the_others_fail_instead_of_hanging(tmp_path, fault):
     # a dead peer resets the connection at once; a stalled one is given up after init_process_group's timeout
     started = time.monotonic()
     env = {"STALL": "1" if fault == "stalls" else "0"}
-    codes, outputs = launch("die", tmp_path, dist_timeout=8, timeout=90, env=env)
+    codes, outputs = launch("die", tmp_path, dist_timeout=8, timeout=150, env=env)
     assert codes[0] != 0 and codes[1] == 3
     survivor = json.loads((tmp_path / "die_rank0.json").read_text())
     assert survivor["error"] is not None, outputs[0]
     expected = "by peer" if fault == "dies" else "Timed out"  # gloo: connection reset or closed by peer
     assert expected in survivor["error"]
-    assert survivor["seconds"] < 20 and time.monotonic() - started < 90
+    assert survivor["seconds"] < 20 and time.monotonic() - started < 150
 
 
 def test_checkpoint_of_two_ranks_loads_on_one_and_back(masks_run, tmp_path):
@@ -182,7 +182,7 @@ def test_torchrun_example_trains_rigl_on_two_processes(tmp_path):
         str(ROOT / "examples" / "ddp_rigl.py"), "--epochs", "2", "--out", str(tmp_path / "rigl.safetensors"),
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "masks identical on 2 ranks" in done.stdout
     checkpoint = load_file(str(tmp_path / "rigl.safetensors"))
