@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 import sparsearch as sa
 from sparsearch.data import load_dataset
-from sparsearch.engine.distributed import synchronize
+from sparsearch.engine.distributed import synchronize, verify
 
 
 def main() -> None:
@@ -71,7 +71,7 @@ def main() -> None:
         if rank == 0:
             print(f"epoch {epoch + 1}: test accuracy {accuracy:.3f}, sparsity {sparsifier.overall_sparsity():.3f}")
 
-    sparsifier.mask_sync.verify(sparsifier)  # raises if any rank's masks differ
+    verify(sparsifier)  # raises if any rank's masks differ
     if rank == 0:
         print(f"masks identical on {world} ranks after {sparsifier.step} steps and {sparsifier.updates} RigL updates")
         sa.save(model, args.out, sparsifier=sparsifier)

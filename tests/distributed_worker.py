@@ -21,7 +21,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 import sparsearch as sa
-from sparsearch.engine.distributed import MaskMismatchError, synchronize
+from sparsearch.engine.distributed import MaskMismatchError, synchronize, verify
 
 
 class ResidualAttentionNet(nn.Module):
@@ -87,7 +87,7 @@ def scenario_masks(rank: int, world: int, out: Path) -> dict:
         sparsifier = synchronize(make(seed=rank), ddp).attach(ddp.module, optimizer)  # seed differs per rank
         initial = masks_of(sparsifier)
         train(ddp, optimizer, range(13), rank)
-        sparsifier.mask_sync.verify(sparsifier)
+        verify(sparsifier)
         final = masks_of(sparsifier)
         result[name] = {
             "updates": getattr(sparsifier, "updates", None),
@@ -188,7 +188,7 @@ def scenario_accumulation(rank: int, world: int, out: Path) -> dict:
             else:
                 F.cross_entropy(ddp(x), y).backward()
             optimizer.step()
-        sparsifier.mask_sync.verify(sparsifier)
+        verify(sparsifier)
         runs[mode] = masks_of(sparsifier)
         runs[mode + "_updates"] = sparsifier.updates
         runs[mode + "_steps"] = sparsifier.step
@@ -207,7 +207,7 @@ def scenario_resume(rank: int, world: int, out: Path, checkpoint: Path) -> dict:
     loaded = sa.load(ddp.module, checkpoint)
     same_as_file = all(torch.equal(sparsifier.masks[k], loaded.masks[k]) for k in loaded.masks)
     train(ddp, optimizer, range(4), rank)
-    sparsifier.mask_sync.verify(sparsifier)
+    verify(sparsifier)
     save_file(masks_of(sparsifier), str(out / f"resume_masks_rank{rank}.safetensors"))
     return {"same_as_file": same_as_file, "step": sparsifier.step, "updates": sparsifier.updates}
 

@@ -10,7 +10,7 @@
   settings must agree across ranks (checked; the seed is taken from rank ``src``).
 - **after every optimizer step** (``after_step``): a checksum of every mask (kept count and a hash of its bits)
   is all-gathered, without waiting, and compared at the next step; a mismatch raises :class:`MaskMismatchError`
-  naming the layers and the ranks. ``MaskSync.verify`` checks at once (call it after the last step).
+  naming the layers and the ranks. ``verify(sparsifier)`` checks at once (call it after the last step).
 
 Mask *updates* need no communication: every input an update reads is identical on every rank under
 ``DistributedDataParallel``, and the top-k breaks ties by position (deterministic). Which algorithm reads what,
@@ -305,3 +305,11 @@ def synchronize(
         )
     sparsifier.mask_sync = MaskSync(ddp, group=group, src=src, check_every=check_every)
     return sparsifier
+
+
+def verify(sparsifier: Sparsifier) -> None:
+    """Check now that every rank holds the same masks (a collective: call it on every rank, e.g. after the last
+    step, whose check would otherwise be compared only at the next one). Raises MaskMismatchError on a mismatch."""
+    if sparsifier.mask_sync is None:
+        raise RuntimeError("this sparsifier is not synchronized: call synchronize(sparsifier, ddp) before attach()")
+    sparsifier.mask_sync.verify(sparsifier)
