@@ -1,6 +1,6 @@
 """Train RigL with DistributedDataParallel on several processes (gloo, CPU):
 
-    torchrun --standalone --nproc-per-node 2 examples/ddp_rigl.py --epochs 5 --out rigl-ddp.safetensors
+    torchrun --standalone --nproc-per-node 2 examples/ddp_rigl.py --epochs 20 --out rigl-ddp.safetensors
 
 Each rank trains on its own shard of the 8x8 digits (DistributedSampler) with ``--accumulate`` micro-batches per
 optimizer step (all but the last under ``ddp.no_sync()``). ``synchronize`` makes every rank take rank 0's initial
@@ -28,8 +28,8 @@ from sparsearch.engine.distributed import synchronize, verify
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=5)
-    parser.add_argument("--batch-size", type=int, default=32, help="per rank and micro-batch")
+    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--batch-size", type=int, default=16, help="per rank and micro-batch")
     parser.add_argument("--accumulate", type=int, default=2, help="micro-batches per optimizer step")
     parser.add_argument("--sparsity", type=float, default=0.9)
     parser.add_argument("--out", default="rigl-ddp.safetensors")
@@ -51,7 +51,7 @@ def main() -> None:
     # wrap first, then attach to the wrapped model: parameter names and checkpoints do not depend on the world size
     ddp = DistributedDataParallel(model)
     optimizer = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
-    rigl = sa.RigL(args.sparsity, update_every=10, total_steps=args.epochs * steps_per_epoch)
+    rigl = sa.RigL(args.sparsity, update_every=20, total_steps=args.epochs * steps_per_epoch)
     sparsifier = synchronize(rigl, ddp).attach(model, optimizer)
 
     for epoch in range(args.epochs):
