@@ -1,5 +1,6 @@
 """The Sparsifier engine: keeps a model's weights, gradients and optimizer state masked."""
 
+from sparsearch.engine.distributed import MaskMismatchError, MaskSync, synchronize
 from sparsearch.engine.forward_mask import DenseWeightSparsifier
 from sparsearch.engine.sparsifier import (
     MASK_DISTRIBUTIONS,
@@ -14,8 +15,11 @@ __all__ = [
     "MASK_DISTRIBUTIONS",
     "DenseWeightSparsifier",
     "LayerSparsity",
+    "MaskMismatchError",
+    "MaskSync",
     "Sparsifier",
     "SparsityReport",
     "StaticMaskSparsifier",
     "default_sparsifiable_parameters",
+    "synchronize",
 ]

@@ -32,6 +32,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from sparsearch.engine.distributed import MaskSync, refuse_sharded
 from sparsearch.sparsity.distribution import (
     DISTRIBUTIONS,
     check_sparsity,
@@ -254,6 +255,8 @@ class Sparsifier:
         self._skip_requested = False
         self._snapshot: dict[str, Any] | None = None
         self._density: float | None = None
+        #: keeps masks identical across data-parallel processes; installed by engine.distributed.synchronize
+        self.mask_sync: MaskSync | None = None
 
     # ----------------------------------------------------------------------------------- attaching
     def attach(
@@ -297,6 +300,7 @@ class Sparsifier:
         if unknown_dense:
             raise ValueError(f"dense_layers names unknown parameters {unknown_dense}; known: {sorted(params)}")
         self.dense_layers = tuple(dict.fromkeys(aliases[name] for name in self.dense_layers))
+        refuse_sharded(model, params)
         params = self._compatible(params)
         if optimizer is not None:
             held = {id(p) for group in optimizer.param_groups for p in group["params"]}
@@ -308,8 +312,13 @@ class Sparsifier:
         model._sparsearch_sparsifier = self
         self.batch = batch
         try:
-            initial = state["masks"] if state is not None else self.initial_masks()
-            for name, mask in initial.items():
+            if state is not None:
+                masks = state["masks"]  # a checkpoint every rank loads: already the same everywhere
+            else:
+                masks = self.initial_masks()
+                if self.mask_sync is not None:
+                    masks = self.mask_sync.agree_initial_masks(self, masks)
+            for name, mask in masks.items():
                 self._set_mask(name, mask)
             self.on_attach()
             if state is not None:
@@ -532,6 +541,8 @@ class Sparsifier:
         if type(optimizer) not in ELEMENTWISE_OPTIMIZERS:
             self.apply_masks()
         self.after_step()
+        if self.mask_sync is not None:
+            self.mask_sync.after_step(self)
 
     def before_step(self) -> None:
         """Called before each optimizer step while gradients are still dense. Override to update masks."""
