@@ -87,7 +87,9 @@ def masks_run(tmp_path_factory):
 def test_masks_identical_across_ranks_with_different_data_and_seeds(masks_run, algorithm):
     out, ranks = masks_run
     masks = [load_file(str(out / f"{algorithm}_masks_rank{rank}.safetensors")) for rank in range(2)]
-    assert masks[0].keys() == masks[1].keys() and "attention.out_proj.weight" in masks[0]
+    assert masks[0].keys() == masks[1].keys()
+    # forward-masking algorithms (SR-STE) leave attention alone: nn.MultiheadAttention reads out_proj.weight itself
+    assert ("attention.out_proj.weight" in masks[0]) == (algorithm != "srste")
     for name in masks[0]:
         assert torch.equal(masks[0][name], masks[1][name]), name
     # the masks really moved and every rank took rank 0's seed
@@ -158,7 +160,7 @@ def test_checkpoint_of_two_ranks_loads_on_one_and_back(masks_run, tmp_path):
     # world size 2 -> 1: a plain model, no process group, no 'module.' prefix
     model = ResidualAttentionNet()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    sparsifier = sa.RigL(0.8, update_every=2, stop=None).attach(model, optimizer)
+    sparsifier = sa.RigL(0.8, update_every=3, stop=None).attach(model, optimizer)
     checkpoint = sa.load(model, out / "rigl_world2.safetensors")
     assert checkpoint.step == 13
     assert all(torch.equal(sparsifier.masks[name], rank0[name]) for name in rank0)

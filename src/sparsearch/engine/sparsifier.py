@@ -288,6 +288,8 @@ class Sparsifier:
             params = parameters_matching(model, self.include)
         else:
             params = default_sparsifiable_parameters(model, forward_masked=not self.masks_weights)
+        # before the emptiness check: FSDP1 hides the Linear weights in one flat parameter of its own
+        refuse_sharded(model, params)
         if not params:
             raise ValueError("the model has no Linear or Conv layers to sparsify; pass include=<name pattern>")
         aliases = {alias: name for alias, name in parameter_aliases(model).items() if name in params}
@@ -300,7 +302,6 @@ class Sparsifier:
         if unknown_dense:
             raise ValueError(f"dense_layers names unknown parameters {unknown_dense}; known: {sorted(params)}")
         self.dense_layers = tuple(dict.fromkeys(aliases[name] for name in self.dense_layers))
-        refuse_sharded(model, params)
         params = self._compatible(params)
         if optimizer is not None:
             held = {id(p) for group in optimizer.param_groups for p in group["params"]}
