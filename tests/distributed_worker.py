@@ -202,7 +202,7 @@ def scenario_accumulation(rank: int, world: int, out: Path) -> dict:
 
 def scenario_resume(rank: int, world: int, out: Path, checkpoint: Path) -> dict:
     """Load a checkpoint written by another world size on every rank, then keep training."""
-    ddp, optimizer = ddp_rigl(rank, seed=rank, update_every=2)
+    ddp, optimizer = ddp_rigl(rank, seed=rank, update_every=3)
     sparsifier = ddp.module._sparsearch_sparsifier
     loaded = sa.load(ddp.module, checkpoint)
     same_as_file = all(torch.equal(sparsifier.masks[k], loaded.masks[k]) for k in loaded.masks)
