@@ -28,6 +28,9 @@ def _show_report(console: Console, store_path: Path, study: str | None, folder: 
     console.print(rich_table(report.rows, title=f"study {report.study}"))
     if report.comparison:
         console.print(rich_comparison(report.comparison))
+    for arm, notes in report.notes.items():
+        for note in notes:
+            console.print(f"note ({arm}): {note}", highlight=False, soft_wrap=True)
     console.print(f"report: {report.files.html}", highlight=False, soft_wrap=True)
     console.print(
         f"        (plots, summary.csv, results.json and summary.md in {report.files.folder})", highlight=False

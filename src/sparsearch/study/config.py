@@ -193,7 +193,9 @@ class StudyConfig(_Strict):
             if arm in allowed:
                 continue
             kind, _, space = arm.partition("-")
-            if kind in MASK_ARM_KINDS and space and space not in search_spaces():
+            if kind in MASK_ARM_KINDS and space in search_spaces():
+                continue  # a space registered by the user: random-<space> / search-<space>
+            if kind in MASK_ARM_KINDS and space:
                 raise ValueError(
                     f"unknown search space {space!r} in arm {arm!r}; allowed spaces: {_allowed(search_spaces())}"
                 )

@@ -11,6 +11,7 @@ not fit the model fails with a message naming it and what was expected.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import pickle
@@ -24,13 +25,18 @@ from sparsearch.data import DataSplits, as_splits, load_dataset
 from sparsearch.engine.sparsifier import default_sparsifiable_parameters
 from sparsearch.models import build_model
 from sparsearch.registry import resolve_reference
-from sparsearch.study.config import ModelSpec, StudyConfig, is_reference
+from sparsearch.search import make_space
+from sparsearch.study.config import MASK_ARM_KINDS, ModelSpec, StudyConfig, is_reference
 
 ModelFactory = Callable[[int], nn.Module]
 """The user's parent network: ``factory(seed) -> nn.Module`` (same seed -> same weights)."""
 
 
 def _qualified_name(function: object) -> str:
+    """``module:qualname`` of a function; a ``functools.partial`` also shows its bound arguments."""
+    if isinstance(function, functools.partial):
+        bound = [repr(arg) for arg in function.args] + [f"{k}={v!r}" for k, v in function.keywords.items()]
+        return f"{_qualified_name(function.func)}({', '.join(bound)})"
     module = getattr(function, "__module__", None) or "?"
     name = getattr(function, "__qualname__", None) or type(function).__qualname__
     return f"{module}:{name}"
@@ -181,6 +187,13 @@ def check_inputs(inputs: StudyInputs, *, needs_pickling: bool) -> None:
             "nn.Linear and nn.Conv1d/2d/3d layers, and it has none (only the 'dense' arm could run)"
         )
     _check_fit(inputs, model, data)
+    for arm in config.arms:
+        kind, _, space_name = arm.partition("-")
+        if kind in MASK_ARM_KINDS and space_name:
+            try:
+                make_space(space_name, model, config.sparsities[0], distribution=config.search.distribution)
+            except (TypeError, ValueError) as error:
+                raise ValueError(f"arm {arm!r} cannot run on {inputs.model_label}: {error}") from None
     if needs_pickling:
         for what, source in ((inputs.model_label, inputs.model), (inputs.data_label, inputs.data)):
             if source is None or not callable(source):
