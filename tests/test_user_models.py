@@ -306,3 +306,39 @@ def test_bad_user_code_exits_2_and_writes_nothing(tmp_path, monkeypatch, lines, 
     assert result.exit_code == 2, result.output
     assert message in " ".join(result.output.split()), result.output
     assert not (tmp_path / "sparsearch-runs").exists()
+
+
+# ------------------------------------------------------------- weight space on a model that is not ours
+class TiedAttention(nn.Module):
+    """Token ids -> embedding -> nn.MultiheadAttention -> Linear -> a head tied to the embedding."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(17, 16)
+        self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.mix = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 17, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x.long())
+        h, _ = self.attn(h, h, h)
+        return self.head(torch.relu(self.mix(h)).mean(1))
+
+
+def tied_attention(seed: int) -> nn.Module:
+    return TiedAttention()
+
+
+@pytest.mark.parametrize("scorer", ["short-train", "synflow"])
+def test_weight_space_arms_run_on_attention_with_a_tied_head(tmp_path, scorer):
+    tokens = torch.randint(0, 17, (300, 6), generator=torch.Generator().manual_seed(0))
+    data = {"train": (tokens[:200].float(), tokens[:200, 0]), "test": (tokens[200:].float(), tokens[200:, 0])}
+    study = {"name": "tied", "sparsities": [0.5], "arms": ["random-weight", "search-weight"], "seeds": [0],
+             "budget": {"epochs": 1}, "search": {"n_candidates": 2, "short_train_steps": 2, "scorer": scorer}}
+    run = run_study(study, model=tied_attention, data=data, store_path=tmp_path / "s.sqlite", workers=1,
+                    show_progress=False)
+    assert not run.failed, run.failed
+    for trial in _trials(tmp_path / "s.sqlite").values():
+        # masked: attn.out_proj, mix and the tied head (the embedding's tensor), half of them zero
+        assert trial["weight_sparsity"] == pytest.approx(0.5, abs=1e-3)

@@ -82,7 +82,11 @@ def parameters_matching(model: nn.Module, pattern: str) -> dict[str, nn.Paramete
         regex = re.compile(pattern)
     except re.error as error:
         raise ValueError(f"invalid parameter name pattern {pattern!r}: {error}") from None
-    selected = {name: p for name, p in model.named_parameters() if regex.search(name)}
+    # every name of a shared tensor (a head tied to its embedding), each tensor selected once, under its first match
+    selected: dict[str, nn.Parameter] = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        if regex.search(name) and all(parameter is not chosen for chosen in selected.values()):
+            selected[name] = parameter
     if not selected:
         names = ", ".join(name for name, _ in model.named_parameters())
         raise ValueError(f"parameter name pattern {pattern!r} matches no parameter; the model has: {names}")

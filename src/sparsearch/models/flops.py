@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from sparsearch.engine.sparsifier import SPARSIFIABLE_MODULES
+from sparsearch.engine.sparsifier import SPARSIFIABLE_MODULES, default_sparsifiable_parameters
 
 
 @dataclass(frozen=True)
@@ -71,7 +71,7 @@ class FlopMeter:
     def __init__(
         self, model: nn.Module, input_shape: tuple[int, ...], positions: dict[str, int] | None = None
     ) -> None:
-        weights = dict(model.named_parameters())
+        weights = default_sparsifiable_parameters(model)  # by module, so a weight tied to an embedding counts
         self.positions = positions if positions is not None else weight_positions(model, input_shape)
         self._layers = [(name, weights[name], uses) for name, uses in self.positions.items()]
         self.dense = sum(2 * uses * weight.numel() for _, weight, uses in self._layers)

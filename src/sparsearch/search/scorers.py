@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sparsearch.data.splits import DataSplits
-from sparsearch.engine.sparsifier import Sparsifier, StaticMaskSparsifier
+from sparsearch.engine.sparsifier import Sparsifier, StaticMaskSparsifier, default_sparsifiable_parameters
 from sparsearch.models.flops import FlopMeter
 from sparsearch.registry import Registry
 from sparsearch.training import TrainBudget, train
@@ -69,7 +69,8 @@ SCORERS: Registry[Scorer] = Registry("scorer", "sparsearch.scorers")
 
 
 def _masked_parameters(model: nn.Module, masks: Mapping[str, Tensor]) -> dict[str, nn.Parameter]:
-    parameters = dict(model.named_parameters())
+    # the masked weights by module name too, so a head tied to its embedding is found under its own name
+    parameters = {**dict(model.named_parameters()), **default_sparsifiable_parameters(model)}
     unknown = sorted(set(masks) - set(parameters))
     if unknown:
         raise ValueError(f"masks name parameters {unknown} that the model does not have")
