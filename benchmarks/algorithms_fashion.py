@@ -2,11 +2,14 @@
 
 Methods: dense, static random (uniform and ERK), SNIP (global), GMP (uniform, cubic 0 -> s over the first
 75% of training, every 100 steps), SET (ERK, zeta 0.3, once per epoch), RigL (ERK, every 100 steps until 75%,
-drop 0.3 cosine-decayed). Every run: the same optimizer (SGD, Nesterov momentum 0.9, weight decay 1e-4,
-batch 100, cosine learning rate from --lr), the same epochs; test accuracy after the last epoch.
-Training FLOPs per run are counted from the masks at every step (forward, input-gradient and
-weight-gradient products of Linear/Conv layers; the weight gradient is dense on RigL's update steps) and
-reported relative to dense training.
+drop 0.3 cosine-decayed). Every run goes through the study's training loop (``sparsearch.training.train``):
+the same optimizer (SGD, momentum 0.9, weight decay 1e-4, batch 100, per-step cosine learning rate from --lr),
+the same epochs; test accuracy after the last epoch. Training FLOPs per run come from the loop's FlopMeter
+(forward, input-gradient and weight-gradient products of Linear/Conv layers at every step; the weight gradient
+is dense on RigL's update steps), reported relative to dense training.
+
+Result files written before the benchmark used the shared loop (``training_loop`` missing in a record) came from
+its own loop (Nesterov momentum, last partial batch dropped); a resumed file must not mix the two.
 
 Results are appended to benchmarks/results/algorithms_fashion.json as each run finishes (re-running skips
 finished runs), then rendered to benchmarks/results/algorithms_fashion.md.
@@ -17,27 +20,27 @@ finished runs), then rendered to benchmarks/results/algorithms_fashion.md.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
 import statistics
-import time
 from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from sparsearch.algorithms import GMP, SET, SNIP, RigL, StaticRandom
 from sparsearch.data import load_dataset
 from sparsearch.engine import Sparsifier
 from sparsearch.models import build_model
-from sparsearch.models.flops import weight_positions
+from sparsearch.training import TrainBudget, train
 
 RESULTS = Path(__file__).parent / "results"
 METHODS = ("dense", "static-uniform", "static-erk", "snip", "gmp", "set", "rigl")
 SPARSITIES = (0.8, 0.9, 0.95, 0.98)
 WIDTHS = {"mlp": (300, 100), "cnn": (16, 32)}
+TRAINING_LOOP = "sparsearch.training"
 
 
 def make_sparsifier(method, sparsity, total_steps, steps_per_epoch, seed, batch, update_every):
@@ -56,77 +59,55 @@ def make_sparsifier(method, sparsity, total_steps, steps_per_epoch, seed, batch,
     raise ValueError(method)
 
 
-@torch.no_grad()
-def accuracy(model, x, y, batch=1000) -> float:
-    model.eval()
-    correct = sum(int((model(x[i : i + batch]).argmax(1) == y[i : i + batch]).sum()) for i in range(0, len(y), batch))
-    model.train()
-    return correct / len(y)
-
-
 def run(arch, method, sparsity, seed, data, args) -> dict:
-    torch.manual_seed(seed)
     model = build_model(arch, data.input_shape, data.num_classes, widths=WIDTHS[arch], seed=seed)
     n_train = args.train_subset or len(data.y_train)
-    x_train, y_train = data.x_train[:n_train], data.y_train[:n_train]
-    steps_per_epoch = n_train // args.batch_size
-    total_steps = steps_per_epoch * args.epochs
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=True, weight_decay=1e-4)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, total_steps)
-    generator = torch.Generator().manual_seed(seed)
-    batch_rows = torch.randperm(n_train, generator=generator)[: args.batch_size]
-    sparsifier: Sparsifier | None = None
-    if method != "dense":
-        sparsifier = make_sparsifier(
-            method,
-            sparsity,
-            total_steps,
-            steps_per_epoch,
-            seed,
-            (x_train[batch_rows], y_train[batch_rows]),
-            args.update_every,
+    subset = dataclasses.replace(data, x_train=data.x_train[:n_train], y_train=data.y_train[:n_train])
+    budget = TrainBudget(
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        momentum=0.9,
+        weight_decay=1e-4,
+        lr_schedule="cosine",
+    )
+    steps_per_epoch = budget.steps_per_epoch(n_train)
+    batch_rows = torch.randperm(n_train, generator=torch.Generator().manual_seed(seed))[: args.batch_size]
+    sparsifiers: list[Sparsifier] = []
+
+    def build_sparsifier(total_steps: int) -> Sparsifier:
+        batch = (subset.x_train[batch_rows], subset.y_train[batch_rows])
+        sparsifiers.append(
+            make_sparsifier(method, sparsity, total_steps, steps_per_epoch, seed, batch, args.update_every)
         )
-        sparsifier.attach(model, optimizer)
-    params = dict(model.named_parameters())
-    uses = {name: count for name, count in weight_positions(model, data.input_shape).items()}
-    flops_dense_step = sum(2 * uses[n] * 3 * params[n].numel() for n in uses)
-    train_flops = 0.0
-    started = time.perf_counter()
-    for _ in range(args.epochs):
-        order = torch.randperm(n_train, generator=generator)
-        for step in range(steps_per_epoch):
-            rows = order[step * args.batch_size : (step + 1) * args.batch_size]
-            if sparsifier is None:
-                train_flops += flops_dense_step
-            else:
-                dense_before = sparsifier.dense_gradient_steps
-                kept = {n: int(m.count_nonzero()) for n, m in sparsifier.masks.items()}
-            loss = F.cross_entropy(model(x_train[rows]), y_train[rows])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            if sparsifier is not None:
-                dense_grad = sparsifier.dense_gradient_steps > dense_before
-                for name, count in uses.items():
-                    nnz = kept.get(name, params[name].numel())
-                    train_flops += 2 * count * (2 * nnz + (params[name].numel() if dense_grad else nnz))
-    seconds = time.perf_counter() - started
+        return sparsifiers[-1]
+
+    result = train(
+        model,
+        subset,
+        budget,
+        seed=seed,
+        sparsifier_factory=None if method == "dense" else build_sparsifier,
+        evaluate_after="end",
+    )
+    dense_training_flops = 3 * result.forward_flops.dense * n_train * args.epochs
+    sparsifier = sparsifiers[0] if sparsifiers else None
     return {
         "model": arch,
         "method": method,
         "sparsity": sparsity,
         "seed": seed,
-        "test_accuracy": accuracy(model, data.x_test, data.y_test),
+        "test_accuracy": result.final_test_accuracy,
         "actual_sparsity": sparsifier.overall_sparsity() if sparsifier is not None else 0.0,
-        "train_flops_vs_dense": train_flops / (flops_dense_step * total_steps),
+        "train_flops_vs_dense": result.train_flops / dense_training_flops,
         "dense_gradient_steps": sparsifier.dense_gradient_steps if sparsifier is not None else 0,
-        "seconds": seconds,
+        "seconds": result.seconds,
         "epochs": args.epochs,
         "train_samples": n_train,
         "update_every": args.update_every,
         "lr": args.lr,
         "batch_size": args.batch_size,
+        "training_loop": TRAINING_LOOP,
     }
 
 
@@ -188,9 +169,11 @@ def main() -> None:
     json_path = args.output.with_suffix(".json")
     state = json.loads(json_path.read_text()) if json_path.exists() else {"records": []}
     budget = {"epochs": args.epochs, "update_every": args.update_every, "lr": args.lr, "batch_size": args.batch_size}
+    budget["training_loop"] = TRAINING_LOOP
     for record in state["records"]:
-        # a resumed file must hold runs of this budget only, or its tables would mix budgets
+        # a resumed file must hold runs of this budget and loop only, or its tables would mix them
         stored = {key: record.get(key, value) for key, value in budget.items()}
+        stored["training_loop"] = record.get("training_loop")
         subset_differs = args.train_subset is not None and record["train_samples"] != args.train_subset
         if stored != budget or subset_differs:
             raise SystemExit(

@@ -31,7 +31,7 @@ from sparsearch.search import (
     snip_score,
     synflow_score,
 )
-from sparsearch.study.training import TrainBudget, train
+from sparsearch.training import TrainBudget, train
 
 RESULTS = Path(__file__).parent / "results"
 WIDTHS = (256, 256)
@@ -70,7 +70,7 @@ def main() -> None:
                     rescale_to_fan_in(model, masks)
                 return model
 
-            short_accuracy, short_loss = short_train_evaluation(
+            short_accuracy, short_loss, _ = short_train_evaluation(
                 fresh(), masks, data, steps=SHORT_TRAIN_STEPS, budget=budget, seed=0
             )
             trained = train(

@@ -1,7 +1,7 @@
 """What one study trial costs on one CPU thread: data, epoch time, full-training accuracy, search scoring.
 
 Runs the library pieces the study uses (``sparsearch.data``, ``sparsearch.models``, ``sparsearch.search``,
-``sparsearch.study.training``) on MNIST-1D (10,000 generated sequences: 7,200 train / 800 val / 2,000 test)
+``sparsearch.training``) on MNIST-1D (10,000 generated sequences: 7,200 train / 800 val / 2,000 test)
 with ``torch.set_num_threads(1)``, as one study worker does. Writes benchmarks/results/training_speed.md and
 .json. Other processes may share the machine: the load average is recorded; per-epoch times are medians.
 
@@ -26,7 +26,7 @@ from sparsearch.data import load_dataset
 from sparsearch.engine import StaticMaskSparsifier
 from sparsearch.models import build_model, count_flops
 from sparsearch.search import make_space, random_search, rescale_to_fan_in, weight_sparsity
-from sparsearch.study.training import TrainBudget, train
+from sparsearch.training import TrainBudget, train
 
 RESULTS = Path(__file__).parent / "results"
 PARENTS = [("mlp", (512, 512, 256)), ("mlp", (256, 256)), ("cnn", (32, 64, 64)), ("cnn", (16, 32, 32))]

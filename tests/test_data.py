@@ -45,7 +45,7 @@ def test_validation_is_carved_from_training_data_by_the_seed_and_test_never_move
     assert pool_first == pool_other
 
 
-@pytest.mark.parametrize("bad", [0, 1, 1.5, -0.1, "0.1", None])
+@pytest.mark.parametrize("bad", [0, 1, 1.5, -0.1, "0.1"])
 def test_bad_val_fraction_is_named(bad):
     with pytest.raises(ValueError, match=r"val_fraction must be a number in \(0, 1\)"):
         load_dataset("digits", val_fraction=bad)
@@ -54,7 +54,7 @@ def test_bad_val_fraction_is_named(bad):
 def test_unknown_dataset_lists_the_allowed_ones():
     with pytest.raises(ValueError, match="unknown data set 'cifar10'; allowed: mnist1d, fashion-mnist"):
         load_dataset("cifar10")
-    assert DATASETS == ("mnist1d", "fashion-mnist", "mnist5k", "digits")
+    assert DATASETS.names()[:4] == ("mnist1d", "fashion-mnist", "mnist5k", "digits")
 
 
 def test_mnist1d_is_generated_once_then_read_from_the_cache(tmp_path, monkeypatch):

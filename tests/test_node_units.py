@@ -300,12 +300,15 @@ def test_attention_projections_are_kept_whole_with_a_note_and_the_rest_is_search
     assert space.notes == (
         "embed (Linear): all units kept: they are read by attn (MultiheadAttention), which the analysis does "
         "not understand as per-unit",
+        "attn (MultiheadAttention).in_proj_weight: all units kept: it is not the weight of a Linear or Conv layer "
+        "(attention projection)",
         "attn.out_proj (NonDynamicallyQuantizableLinear): all units kept: it runs inside attn "
         "(MultiheadAttention), whose computation the analysis does not look into",
         "head (Linear): all units kept: they are the model's output",
     )
     masks = space.sample(torch.Generator().manual_seed(0))
     assert masks["attn.out_proj.weight"].all() and masks["embed.weight"].all()
+    assert masks["attn.in_proj_weight"].all()
     assert not masks["ff.weight"].all()
     _removed_units_contribute_nothing(model, space, torch.randn(2, 5, 6))
     assert node_sparsity(model, masks) == pytest.approx(space.achieved_node_sparsity)
@@ -425,8 +428,9 @@ def test_tied_head_and_layer_norm_are_kept_whole_and_the_mlp_between_is_searched
     assert space.notes == (
         "down (Linear): all units kept: they are read by norm (LayerNorm), which the analysis does not "
         "understand as per-unit",
-        "head (Linear): all units kept: its weight is shared with embedding.weight; they are the model's output",
     )
+    # the head shares the embedding's tensor, which the engine leaves dense: it is no masked weight at all
+    assert "head.weight" not in space.sample(torch.Generator().manual_seed(0))
     tokens = torch.randint(0, 20, (2, 5))
     _removed_units_contribute_nothing(model, space, tokens)
 

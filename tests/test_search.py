@@ -23,7 +23,7 @@ from sparsearch.search import (
     synflow_score,
     weight_sparsity,
 )
-from sparsearch.study.training import TrainBudget
+from sparsearch.training import TrainBudget
 
 SPARSITIES = [0.0, 0.3, 0.5, 0.8, 0.9, 0.95, 0.99]
 

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from sparsearch.study.config import parse_study_config
-from sparsearch.study.runner import InlineExecutor, ProcessExecutor, run_study
+from sparsearch.study.executors import InlineExecutor, ProcessExecutor
+from sparsearch.study.runner import run_study
 from sparsearch.study.store import StudyStore
 
 TINY = {
@@ -95,7 +96,7 @@ def test_same_seed_same_numbers_whatever_the_executor(tmp_path):
 
 def test_ray_executor_gives_the_same_numbers_and_resumes(tmp_path):
     pytest.importorskip("ray")
-    from sparsearch.study.ray_executor import RayExecutor
+    from sparsearch.study.executors import RayExecutor
 
     config = parse_study_config({**TINY, "arms": ["dense", "random-weight", "search-node"]})
     run_study(config, store_path=tmp_path / "inline.sqlite", executor=InlineExecutor(), show_progress=False)

@@ -12,7 +12,7 @@ from sparsearch.data import load_dataset
 from sparsearch.engine import Sparsifier, StaticMaskSparsifier
 from sparsearch.models import build_model, count_flops
 from sparsearch.search import NodeSpace, WeightSpace, weight_sparsity
-from sparsearch.study.training import EpochMetrics, TrainBudget, train
+from sparsearch.training import EpochMetrics, TrainBudget, train
 
 BUDGET = TrainBudget(epochs=2, batch_size=64, lr=0.1)
 

@@ -6,11 +6,13 @@ way, with a decorator (as ``timm`` registers models)::
     from sparsearch.models import MODELS
 
     @MODELS.register("my-net")
-    def my_net(seed: int, **kwargs) -> nn.Module: ...
+    def my_net(input_shape: tuple[int, ...], num_classes: int, widths=None) -> nn.Module: ...
 
 An installed package can add entries without editing sparsearch through an entry-point group
 (``[project.entry-points."sparsearch.arms"] my-arm = "my_package.arms:my_arm"``); entry points are loaded
-the first time a registry is asked for a name it does not hold, or for its list of names.
+the first time a registry is asked for a name it does not hold, or for its list of names. The registries:
+``models.MODELS``, ``data.DATASETS``, ``algorithms.ARMS``, ``search.SPACES``, ``search.SCORERS``,
+``sparsity.distribution.DISTRIBUTIONS`` and ``sparsity.scores.SCORES``.
 
 This module is the lowest layer: it imports nothing from sparsearch.
 """

@@ -5,8 +5,9 @@ Sparsifier``; the study attaches the result with ``attach(model, optimizer)``. R
 ``@ARMS.register("my-arm")`` or the entry-point group ``sparsearch.arms``.
 Budget adaptations (documented, the classes keep the papers' defaults):
 
-- RigL and GMP update every ``min(100, steps_per_epoch)`` steps, so short study runs still see updates;
-  SET updates once per epoch. RigL and GMP stop updating at 75% of training.
+- RigL and GMP update every ``min(100, steps_per_epoch)`` steps (fewer when 75% of the budget is shorter than
+  that), so short study runs still see updates; SET updates once per epoch. RigL and GMP stop updating at 75%
+  of training.
 - "static-random-uniform"/"static-random-erk" fix their distribution; every other arm uses the study's.
 - "srste" and "pgf" ignore the exact sparsity grid value: they use the N:M pattern (M a power of two up to
   32) closest to it (0.8 -> 3:16 = 81.25%, 0.9 -> 3:32 = 90.6%, 0.95 -> 1:16 = 93.75%, 0.98 -> 1:32 =
@@ -69,8 +70,10 @@ ArmFactory = Callable[[ArmSetting], Sparsifier]
 ARMS: Registry[ArmFactory] = Registry("study arm", "sparsearch.arms")
 
 
-def _update_every(steps_per_epoch: int) -> int:
-    return max(1, min(100, steps_per_epoch))
+def _update_every(setting: ArmSetting, stop: float = 0.75) -> int:
+    # every 100 steps, or every epoch if shorter, and early enough that a short budget still updates before
+    # the schedule stops at ``stop`` of training (a study never asks for a schedule that would not update)
+    return max(1, min(100, setting.steps_per_epoch, int(stop * setting.total_steps) - 1))
 
 
 @ARMS.register("static-random-uniform")
@@ -109,7 +112,7 @@ def _gmp(setting: ArmSetting) -> Sparsifier:
         setting.sparsity,
         distribution=setting.distribution,
         total_steps=setting.total_steps,
-        update_every=_update_every(setting.steps_per_epoch),
+        update_every=_update_every(setting),
         seed=setting.seed,
     )
 
@@ -130,7 +133,7 @@ def _rigl(setting: ArmSetting) -> Sparsifier:
         setting.sparsity,
         distribution=setting.distribution,
         total_steps=setting.total_steps,
-        update_every=_update_every(setting.steps_per_epoch),
+        update_every=_update_every(setting),
         seed=setting.seed,
     )
 

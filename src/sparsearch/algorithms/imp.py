@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from sparsearch.algorithms.dynamic import check_total_steps
-from sparsearch.engine.sparsifier import Sparsifier, StaticMaskSparsifier
+from sparsearch.engine.sparsifier import Sparsifier, StaticMaskSparsifier, default_sparsifiable_parameters
 
 TrainFn = Callable[[nn.Module, Sparsifier], None]
 
@@ -126,8 +126,6 @@ def magnitude_prune(
 
 
 def _initial_masks(model: nn.Module) -> dict[str, torch.Tensor]:
-    from sparsearch.engine.sparsifier import default_sparsifiable_parameters
-
     return {name: torch.ones_like(p, dtype=torch.bool) for name, p in default_sparsifiable_parameters(model).items()}
 
 

@@ -1,6 +1,8 @@
 """Offline data sets behind one call: ``load_dataset(name) -> DataSplits`` (train / validation / test tensors).
 
-Every data set here works without a network:
+Data sets live in the :data:`DATASETS` registry (entry-point group ``sparsearch.datasets``): an entry is
+``loader(seed, **options)`` returning a :class:`DataSplits` or anything :func:`~sparsearch.data.as_splits`
+accepts. Every built-in one works without a network:
 
 - ``mnist1d``: MNIST-1D generated locally by the ``mnist1d`` package (fixed generator seed 42, the package's
   default), 10,000 sequences of length 40 -> 8,000 train / 2,000 test. Generating takes ~5-10 s, so the
@@ -23,7 +25,7 @@ import math
 import os
 import random
 import tempfile
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -31,8 +33,12 @@ import torch
 from torch import Tensor
 
 from sparsearch.data.idx import read_idx
+from sparsearch.data.splits import DataSplits, as_splits
+from sparsearch.registry import Registry
 
-DATASETS: tuple[str, ...] = ("mnist1d", "fashion-mnist", "mnist5k", "digits")
+DatasetLoader = Callable[..., object]
+# loader(seed, **options) -> DataSplits (or what as_splits accepts); register yours with @DATASETS.register("name")
+DATASETS: Registry[DatasetLoader] = Registry("data set", "sparsearch.datasets")
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_FILES = {
     "x_train": "train-images-idx3-ubyte.gz",
@@ -49,25 +55,6 @@ MNIST1D_GENERATOR_SEED = 42
 FIXED_TEST_SPLIT_SEED = 0
 
 
-@dataclass(frozen=True)
-class DataSplits:
-    """Train / validation / test tensors of one data set (x float32 normalised, y int64 class indices)."""
-
-    name: str
-    x_train: Tensor
-    y_train: Tensor
-    x_val: Tensor
-    y_val: Tensor
-    x_test: Tensor
-    y_test: Tensor
-    num_classes: int
-    input_shape: tuple[int, ...]  # per-sample shape, e.g. (40,) or (1, 28, 28)
-
-    def sizes(self) -> dict[str, int]:
-        """Number of samples in each split."""
-        return {"train": len(self.y_train), "val": len(self.y_val), "test": len(self.y_test)}
-
-
 def default_cache_dir() -> Path:
     """Where generated data is cached: ``$SPARSEARCH_CACHE`` if set, else ``~/.cache/sparsearch``."""
     configured = os.environ.get("SPARSEARCH_CACHE")
@@ -78,40 +65,47 @@ def load_dataset(
     name: str,
     *,
     seed: int = 0,
-    val_fraction: float = 0.1,
+    val_fraction: float | None = None,
     root: str | Path | None = None,
     cache_dir: str | Path | None = None,
-    mnist1d_samples: int = MNIST1D_SAMPLES,
+    mnist1d_samples: int | None = None,
 ) -> DataSplits:
-    """Load data set ``name`` (one of ``DATASETS``) with a seeded validation split carved from training data.
+    """Load data set ``name`` (registered in ``DATASETS``) with a seeded validation split carved from training data.
 
     Args:
-        name: "mnist1d", "fashion-mnist", "mnist5k" or "digits".
+        name: "mnist1d", "fashion-mnist", "mnist5k", "digits" or a data set you registered.
         seed: seed of the validation split (the test split is fixed and never depends on it).
-        val_fraction: fraction of the training data held out for validation, in (0, 1).
+        val_fraction: fraction of the training data held out for validation, in (0, 1) (default 0.1).
         root: directory of the Fashion-MNIST IDX files (default ``/usr/share/datasets/fashion-mnist``);
-            the other data sets need no files and ignore it.
-        cache_dir: where generated MNIST-1D data is cached (default: see ``default_cache_dir``).
-        mnist1d_samples: number of MNIST-1D sequences to generate (80% train, 20% test).
+            the other built-in data sets need no files and ignore it.
+        cache_dir: where generated MNIST-1D data is cached (default: see ``default_cache_dir``); MNIST-1D only.
+        mnist1d_samples: number of MNIST-1D sequences to generate (80% train, 20% test); MNIST-1D only.
+
+    Options left as None are not passed, so a registered loader only needs to accept the ones it is given.
     """
-    if name not in DATASETS:
-        raise ValueError(f"unknown data set {name!r}; allowed: {', '.join(DATASETS)}")
+    loader = DATASETS.get(name)
+    given = {"val_fraction": val_fraction, "root": root, "cache_dir": cache_dir, "mnist1d_samples": mnist1d_samples}
+    options = {key: value for key, value in given.items() if value is not None}
+    try:
+        loaded = loader(seed=seed, **options)
+    except TypeError as error:
+        if options and "unexpected keyword argument" in str(error):
+            raise ValueError(f"data set {name!r} does not take option(s) {sorted(options)}: {error}") from None
+        raise
+    return as_splits(loaded, seed=seed, name=name, what=f"data set {name!r}")
+
+
+def _split_pool(
+    name: str,
+    arrays: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
+    input_shape: tuple[int, ...],
+    seed: int,
+    val_fraction: float,
+) -> DataSplits:
+    """Splits with a validation part of the training pool drawn with ``seed``; the test split stays fixed."""
     if isinstance(val_fraction, bool) or not isinstance(val_fraction, int | float) or not 0 < val_fraction < 1:
         raise ValueError(f"val_fraction must be a number in (0, 1), got {val_fraction!r}")
-    if name == "mnist1d":
-        x_pool, y_pool, x_test, y_test = _mnist1d_arrays(
-            Path(cache_dir) if cache_dir is not None else default_cache_dir(), mnist1d_samples
-        )
-        input_shape: tuple[int, ...] = (x_pool.shape[1],)
-    elif name == "fashion-mnist":
-        x_pool, y_pool, x_test, y_test = _fashion_mnist_arrays(Path(root) if root is not None else FASHION_MNIST_DIR)
-        input_shape = (1, 28, 28)
-    elif name == "mnist5k":
-        x_pool, y_pool, x_test, y_test = _mnist5k_arrays()
-        input_shape = (1, 28, 28)
-    else:
-        x_pool, y_pool, x_test, y_test = _digits_arrays()
-        input_shape = (1, 8, 8)
+    x_pool, y_pool, x_test, y_test = arrays
     n_val = math.ceil(val_fraction * len(y_pool))
     if not 0 < n_val < len(y_pool):
         raise ValueError(
@@ -137,6 +131,35 @@ def load_dataset(
         num_classes=int(max(y_pool.max(), y_test.max())) + 1,
         input_shape=input_shape,
     )
+
+
+@DATASETS.register("mnist1d")
+def _load_mnist1d(
+    seed: int = 0,
+    *,
+    val_fraction: float = 0.1,
+    root: str | Path | None = None,
+    cache_dir: str | Path | None = None,
+    mnist1d_samples: int = MNIST1D_SAMPLES,
+) -> DataSplits:
+    arrays = _mnist1d_arrays(Path(cache_dir) if cache_dir is not None else default_cache_dir(), mnist1d_samples)
+    return _split_pool("mnist1d", arrays, (arrays[0].shape[1],), seed, val_fraction)
+
+
+@DATASETS.register("fashion-mnist")
+def _load_fashion_mnist(seed: int = 0, *, val_fraction: float = 0.1, root: str | Path | None = None) -> DataSplits:
+    arrays = _fashion_mnist_arrays(Path(root) if root is not None else FASHION_MNIST_DIR)
+    return _split_pool("fashion-mnist", arrays, (1, 28, 28), seed, val_fraction)
+
+
+@DATASETS.register("mnist5k")
+def _load_mnist5k(seed: int = 0, *, val_fraction: float = 0.1, root: str | Path | None = None) -> DataSplits:
+    return _split_pool("mnist5k", _mnist5k_arrays(), (1, 28, 28), seed, val_fraction)
+
+
+@DATASETS.register("digits")
+def _load_digits(seed: int = 0, *, val_fraction: float = 0.1, root: str | Path | None = None) -> DataSplits:
+    return _split_pool("digits", _digits_arrays(), (1, 8, 8), seed, val_fraction)
 
 
 Arrays = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]

@@ -1,4 +1,5 @@
-"""Cost of a forward pass: dense and non-zero FLOPs of Linear/Conv layers, and parameter counts.
+"""Cost of a network: dense and non-zero FLOPs of Linear/Conv layers (one meter for forward passes, training
+steps and search scoring), and parameter counts.
 
 A FLOP here is one multiply or one add: a multiply-accumulate counts 2. Only the weights of Linear and Conv
 layers are counted (they dominate; biases, activations and pooling are left out), for ONE sample. Non-zero
@@ -7,6 +8,7 @@ FLOPs count only multiply-accumulates with a non-zero weight, i.e. what a sparse
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -53,15 +55,56 @@ def weight_positions(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str
     return positions
 
 
+class FlopMeter:
+    """The one FLOP counter: forward FLOPs of one sample from the current (or given) masks, and training FLOPs.
+
+    A training step costs 3 forward passes of the non-zero weights per sample (forward, input-gradient and
+    weight-gradient passes), with the dense weight-gradient pass instead where the step needed dense gradients
+    (RigL's growth step, SNIP and SynFlow scores). ``total`` accumulates what :meth:`add_step` was told.
+
+    Args:
+        model: the network; its Linear/Conv weights are read at every call (so masks applied in place count).
+        input_shape: per-sample input shape.
+        positions: ``weight_positions(model, input_shape)`` if already known (same for every sub-network).
+    """
+
+    def __init__(
+        self, model: nn.Module, input_shape: tuple[int, ...], positions: dict[str, int] | None = None
+    ) -> None:
+        # by module, not by masked parameter: a head tied to its embedding is unmasked but still computes
+        weights = {
+            f"{module_name}.weight" if module_name else "weight": module.weight
+            for module_name, module in model.named_modules()
+            if isinstance(module, SPARSIFIABLE_MODULES)
+        }
+        self.positions = positions if positions is not None else weight_positions(model, input_shape)
+        self._layers = [(name, weights[name], uses) for name, uses in self.positions.items()]
+        self.dense = sum(2 * uses * weight.numel() for _, weight, uses in self._layers)
+        self.total = 0
+
+    def forward(self, masks: Mapping[str, torch.Tensor] | None = None) -> FlopCount:
+        """FLOPs of one forward pass of one sample; a weight with a mask in ``masks`` counts its kept entries."""
+        nonzero = 0
+        for name, weight, uses in self._layers:
+            kept = masks[name] if masks is not None and name in masks else weight.detach()
+            nonzero += 2 * uses * int(kept.count_nonzero())
+        return FlopCount(dense=self.dense, nonzero=nonzero)
+
+    def step_flops(
+        self, batch: int, *, dense_weight_gradient: bool = False, masks: Mapping[str, torch.Tensor] | None = None
+    ) -> int:
+        """FLOPs of one training step (forward and backward) on ``batch`` samples."""
+        nonzero = self.forward(masks).nonzero
+        return batch * (2 * nonzero + (self.dense if dense_weight_gradient else nonzero))
+
+    def add_step(self, batch: int, *, dense_weight_gradient: bool = False) -> None:
+        """Count one training step of the model as it is now."""
+        self.total += self.step_flops(batch, dense_weight_gradient=dense_weight_gradient)
+
+
 def count_flops(model: nn.Module, input_shape: tuple[int, ...]) -> FlopCount:
     """Dense and non-zero FLOPs (2 per multiply-accumulate) of one forward pass of one sample."""
-    weights = dict(model.named_parameters())
-    dense = nonzero = 0
-    for name, uses in weight_positions(model, input_shape).items():
-        weight = weights[name]
-        dense += 2 * uses * weight.numel()
-        nonzero += 2 * uses * int(weight.detach().count_nonzero())
-    return FlopCount(dense=dense, nonzero=nonzero)
+    return FlopMeter(model, input_shape).forward()
 
 
 def parameter_counts(model: nn.Module) -> tuple[int, int]:

@@ -12,13 +12,18 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-ARCHITECTURES: tuple[str, ...] = ("mlp", "cnn")
+from sparsearch.registry import Registry
+
+ModelFactory = Callable[..., nn.Module]
+# factory(input_shape, num_classes, widths) -> nn.Module, called under a seeded RNG by build_model;
+# register yours with @MODELS.register("name") or the entry-point group "sparsearch.models"
+MODELS: Registry[ModelFactory] = Registry("model", "sparsearch.models")
 DEFAULT_MLP_WIDTHS: tuple[int, ...] = (512, 512, 256)
 DEFAULT_CNN_CHANNELS: tuple[int, ...] = (32, 64, 64)
 
@@ -118,6 +123,27 @@ class CNN(nn.Module):
         return layers
 
 
+def _sizes(arch: str, what: str, widths: Sequence[int] | None, default: tuple[int, ...]) -> tuple[int, ...]:
+    sizes = tuple(default if widths is None else widths)
+    if not sizes or any(isinstance(w, bool) or not isinstance(w, int) or w < 1 for w in sizes):
+        raise ValueError(f"{arch} {what} must be a non-empty sequence of positive integers, got {widths!r}")
+    return sizes
+
+
+@MODELS.register("mlp")
+def _mlp(input_shape: tuple[int, ...], num_classes: int, widths: Sequence[int] | None = None) -> nn.Module:
+    return MLP(input_shape, num_classes, _sizes("mlp", "widths", widths, DEFAULT_MLP_WIDTHS))
+
+
+@MODELS.register("cnn")
+def _cnn(input_shape: tuple[int, ...], num_classes: int, widths: Sequence[int] | None = None) -> nn.Module:
+    if len(input_shape) not in (1, 2, 3):
+        raise ValueError(
+            f"cnn needs input_shape (length,), (channels, length) or (channels, height, width), got {input_shape}"
+        )
+    return CNN(input_shape, num_classes, _sizes("cnn", "channels", widths, DEFAULT_CNN_CHANNELS))
+
+
 def build_model(
     arch: str,
     input_shape: tuple[int, ...],
@@ -126,34 +152,25 @@ def build_model(
     widths: Sequence[int] | None = None,
     seed: int = 0,
 ) -> nn.Module:
-    """Build a reference network with weights initialised from ``seed`` (same seed -> same weights).
+    """Build a registered network with weights initialised from ``seed`` (same seed -> same weights).
 
     Args:
-        arch: "mlp" or "cnn".
+        arch: a name in ``MODELS``: "mlp", "cnn" or one you registered.
         input_shape: per-sample shape, e.g. (40,) for MNIST-1D or (1, 28, 28) for images.
         num_classes: number of output classes.
         widths: MLP hidden widths (default ``DEFAULT_MLP_WIDTHS``) or CNN channels (``DEFAULT_CNN_CHANNELS``).
         seed: seed of the weight initialisation; the global torch RNG is left as it was.
     """
-    if arch not in ARCHITECTURES:
-        raise ValueError(f"unknown architecture {arch!r}; allowed: {', '.join(ARCHITECTURES)}")
+    factory = MODELS.get(arch)
     shape = tuple(input_shape)
     if not shape or any(not isinstance(d, int) or d < 1 for d in shape):
         raise ValueError(f"input_shape must be a non-empty tuple of positive integers, got {input_shape!r}")
-    if arch == "cnn" and len(shape) not in (1, 2, 3):
-        raise ValueError(
-            f"cnn needs input_shape (length,), (channels, length) or (channels, height, width), got {shape}"
-        )
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
         raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
-    default = DEFAULT_MLP_WIDTHS if arch == "mlp" else DEFAULT_CNN_CHANNELS
-    sizes = tuple(default if widths is None else widths)
-    what = "widths" if arch == "mlp" else "channels"
-    if not sizes or any(isinstance(w, bool) or not isinstance(w, int) or w < 1 for w in sizes):
-        raise ValueError(f"{arch} {what} must be a non-empty sequence of positive integers, got {widths!r}")
     # fork_rng: the seed decides the weights without disturbing the caller's global random state
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        if arch == "mlp":
-            return MLP(shape, num_classes, sizes)
-        return CNN(shape, num_classes, sizes)
+        model = factory(shape, num_classes, widths)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model factory {arch!r} returned {type(model).__name__}, expected a torch.nn.Module")
+    return model

@@ -16,6 +16,7 @@ from sparsearch.report.summary import (
     StudyResults,
     compare_search_with_random,
     load_results,
+    space_notes,
     summarize,
 )
 
@@ -31,6 +32,7 @@ __all__ = [
     "load_results",
     "rich_comparison",
     "rich_table",
+    "space_notes",
     "summarize",
     "write_report",
 ]

@@ -28,6 +28,7 @@ from sparsearch.report.summary import (
     load_results,
     markdown_table,
     search_info,
+    space_notes,
     summarize,
     table_cells,
 )
@@ -54,6 +55,7 @@ class Report:
     files: ReportFiles
     rows: list[ArmSummary]
     comparison: list[SearchComparison]
+    notes: dict[str, list[str]]  # per arm: what its search space said about the model
 
 
 def default_report_folder(store_path: Path, study: str) -> Path:
@@ -173,6 +175,19 @@ def _html_page(
             "pp = percentage points of test accuracy.</p>",
             _html_table(COMPARISON_HEADERS, comparison_cells(comparison)),
         ]
+    notes = space_notes(results)
+    if notes:
+        parts += [
+            "<h2>Search-space notes</h2>",
+            "<p class='note'>What the search spaces found about the model (layers kept whole, units tied).</p>",
+            "<ul>",
+            *(
+                f"<li><b>{html.escape(arm)}</b>: {html.escape(note)}</li>"
+                for arm, lines in notes.items()
+                for note in lines
+            ),
+            "</ul>",
+        ]
     parts += [
         "<h2>Accuracy vs sparsity</h2>",
         _inline_png(files.accuracy_plot, "accuracy vs sparsity"),
@@ -214,7 +229,11 @@ def write_report(store_path: str | Path, study: str | None = None, folder: str |
         writer.writeheader()
         writer.writerows(asdict(row) for row in rows)
     trials = [
-        {**{k: v for k, v in trial.items() if k != "search_json"}, "search": search_info(trial)}
+        {
+            **{k: v for k, v in trial.items() if k not in ("search_json", "notes_json")},
+            "search": search_info(trial),
+            "notes": json.loads(trial.get("notes_json") or "[]"),
+        }
         for trial in results.trials
     ]
     document = {
@@ -230,6 +249,9 @@ def write_report(store_path: str | Path, study: str | None = None, folder: str |
     markdown = [markdown_table(TABLE_HEADERS, table_cells(rows))]
     if comparison:
         markdown.append(markdown_table(COMPARISON_HEADERS, comparison_cells(comparison)))
+    notes = space_notes(results)
+    if notes:
+        markdown.append("\n".join(f"- {arm}: {note}" for arm, lines in notes.items() for note in lines))
     files.markdown.write_text("\n\n".join(markdown) + f"\n\n{SPARSITY_DEFINITION}.\n", encoding="utf-8")
     files.html.write_text(_html_page(results, rows, comparison, files), encoding="utf-8")
-    return Report(results.name, files, rows, comparison)
+    return Report(results.name, files, rows, comparison, notes)

@@ -112,6 +112,23 @@ def arm_order(results: StudyResults) -> list[str]:
     return listed + sorted({t["arm"] for t in results.trials} - set(listed))
 
 
+def _mean_known(values: Sequence[float | None]) -> float:
+    """Mean of the values that are known (SQLite stores an unmeasurable NaN as NULL); NaN if none is."""
+    known = [value for value in values if value is not None and not math.isnan(value)]
+    return float(np.mean(known)) if known else math.nan
+
+
+def space_notes(results: StudyResults) -> dict[str, list[str]]:
+    """What the search spaces said about the model, per arm (each note once, in first-seen order)."""
+    notes: dict[str, list[str]] = {}
+    for trial in results.trials:
+        for note in json.loads(trial.get("notes_json") or "[]"):
+            arm_notes = notes.setdefault(trial["arm"], [])
+            if note not in arm_notes:
+                arm_notes.append(note)
+    return notes
+
+
 def summarize(results: StudyResults) -> list[ArmSummary]:
     """One row per arm x sparsity over finished trials, dense first, then by sparsity and arm order."""
     dense = dense_accuracy_by_seed(results)
@@ -140,6 +157,7 @@ def summarize(results: StudyResults) -> list[ArmSummary]:
                 test_accuracy_std=_std(accuracies),
                 epochs_to_target_mean=float(np.mean(reached)) if reached else None,
                 seeds_reaching_target=len(reached),
+                node_sparsity=_mean_known([t["node_sparsity"] for t in trials]),
                 **{
                     column: float(np.mean([t[column] for t in trials]))
                     for column in (
@@ -149,7 +167,6 @@ def summarize(results: StudyResults) -> list[ArmSummary]:
                         "flops_nonzero",
                         "train_flops",
                         "weight_sparsity",
-                        "node_sparsity",
                         "wall_seconds",
                     )
                 },
@@ -232,7 +249,7 @@ def table_cells(rows: Sequence[ArmSummary]) -> list[list[str]]:
             format_count(row.params_nonzero),
             format_count(row.flops_nonzero),
             format_count(row.train_flops),
-            f"{row.node_sparsity:.2f}",
+            "—" if math.isnan(row.node_sparsity) else f"{row.node_sparsity:.2f}",
             f"{row.wall_seconds:.1f}",
         ]
         for row in rows

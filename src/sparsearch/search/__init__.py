@@ -1,7 +1,16 @@
 """Sparse-architecture search: node and weight search spaces, candidate scorers, Random Search."""
 
 from sparsearch.search.random_search import SearchResult, check_scorer, random_search
-from sparsearch.search.scorers import SCORERS, short_train_evaluation, short_train_score, snip_score, synflow_score
+from sparsearch.search.scorers import (
+    SCORERS,
+    Score,
+    Scorer,
+    ScoringContext,
+    short_train_evaluation,
+    short_train_score,
+    snip_score,
+    synflow_score,
+)
 from sparsearch.search.spaces import (
     SPACES,
     NodeSpace,
@@ -18,6 +27,9 @@ __all__ = [
     "SCORERS",
     "SPACES",
     "NodeSpace",
+    "Score",
+    "Scorer",
+    "ScoringContext",
     "SearchResult",
     "SearchSpace",
     "UnitAnalysis",

@@ -10,7 +10,7 @@ validation loss; remaining ties keep the earliest candidate; a NaN score ranks l
 Cost (benchmarks/results/training_speed.md): SynFlow and SNIP take ~5-30 ms per candidate; short-train takes
 n_candidates x k optimizer steps, so keep n_candidates * k below epochs * steps_per_epoch for the search to
 cost less than one full training (8 x 40 steps: ~1.4 s for MLP (256, 256), ~5-6 s for (512, 512, 256)).
-``SearchResult.flops`` counts that cost with the training loop's convention (a training step is 3 forward
+``SearchResult.flops`` counts that cost with the training loop's FLOP meter (a training step is 3 forward
 passes of the candidate's non-zero weights, except that the weight gradients of SNIP and SynFlow are dense), so
 a study can add it to the searched arm's training FLOPs.
 """
@@ -25,11 +25,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from sparsearch.data.datasets import DataSplits
-from sparsearch.models.flops import weight_positions
-from sparsearch.search.scorers import SCORERS, short_train_evaluation, snip_score, synflow_score
+from sparsearch.data.splits import DataSplits
+from sparsearch.models.flops import FlopMeter, weight_positions
+from sparsearch.search.scorers import SCORERS, ScoringContext
 from sparsearch.search.spaces import SearchSpace, rescale_to_fan_in
-from sparsearch.study.training import TrainBudget
+from sparsearch.training import TrainBudget
 
 
 @dataclass
@@ -40,38 +40,13 @@ class SearchResult:
     scores: list[float]
     best_index: int
     seconds: float
-    val_losses: list[float] | None = None  # short-train only: validation loss of every candidate (tie-break)
+    val_losses: list[float] | None = None  # scorers that report one (short-train): every candidate's, the tie-break
     flops: int = 0  # floating-point operations spent scoring all candidates
 
 
-def scoring_flops(
-    model: nn.Module,
-    masks: dict[str, Tensor],
-    positions: dict[str, int],
-    scorer: str,
-    *,
-    samples: int,
-    steps: int = 0,
-    val_samples: int = 0,
-) -> int:
-    """FLOPs of scoring one candidate: ``steps`` training steps of ``samples`` samples (short-train) plus a
-    validation pass, or one forward and backward pass of ``samples`` samples with dense weight gradients.
-    ``positions`` is ``weight_positions(model, input_shape)`` (the same for every candidate of a space)."""
-    forward_dense = forward_nonzero = 0
-    parameters = dict(model.named_parameters())
-    for name, uses in positions.items():
-        kept = int(masks[name].count_nonzero()) if name in masks else int(parameters[name].count_nonzero())
-        forward_dense += 2 * uses * parameters[name].numel()
-        forward_nonzero += 2 * uses * kept
-    if scorer == "short-train":
-        return steps * samples * 3 * forward_nonzero + val_samples * forward_nonzero
-    return samples * (2 * forward_nonzero + forward_dense)
-
-
 def check_scorer(scorer: str) -> str:
-    """Return ``scorer`` if it is one of ``SCORERS``, else raise a ValueError naming the allowed ones."""
-    if scorer not in SCORERS:
-        raise ValueError(f"unknown scorer {scorer!r}; allowed: {', '.join(SCORERS)}")
+    """Return ``scorer`` if it is registered in ``SCORERS``, else raise a ValueError naming the allowed ones."""
+    SCORERS.get(scorer)
     return scorer
 
 
@@ -94,7 +69,7 @@ def random_search(
         space: a ``NodeSpace`` or ``WeightSpace`` (anything with ``sample(generator)``).
         model_factory: builds a fresh parent model (same seed every call, normally).
         data: splits; SNIP uses one training batch, short-train trains on train and judges on validation.
-        scorer: "synflow", "snip" or "short-train".
+        scorer: a name in ``SCORERS``: "synflow", "snip", "short-train" or one you registered.
         n_candidates: number of candidates sampled and scored (>= 1).
         seed: seeds the candidate sampler, the SNIP batch and the short-train batch order.
         short_train_steps: optimizer steps per candidate for "short-train".
@@ -103,55 +78,49 @@ def random_search(
         rescale_init: apply ``rescale_to_fan_in`` to every candidate before scoring; pass True exactly when
             the trained arms get the same sparsity-aware initialisation, so candidates are scored as trained.
     """
-    check_scorer(scorer)
+    score_candidate = SCORERS.get(scorer)
     if isinstance(n_candidates, bool) or not isinstance(n_candidates, int) or n_candidates < 1:
         raise ValueError(f"n_candidates must be a positive integer, got {n_candidates!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    if scorer == "short-train" and (
-        isinstance(short_train_steps, bool) or not isinstance(short_train_steps, int) or short_train_steps < 1
-    ):
+    if isinstance(short_train_steps, bool) or not isinstance(short_train_steps, int) or short_train_steps < 1:
         raise ValueError(f"short_train_steps must be a positive integer, got {short_train_steps!r}")
     started = time.perf_counter()
     sampler = torch.Generator().manual_seed(seed)
     batch_indices = torch.randperm(len(data.y_train), generator=torch.Generator().manual_seed(seed))[:batch_size]
-    snip_batch = (data.x_train[batch_indices], data.y_train[batch_indices])
+    batch = (data.x_train[batch_indices], data.y_train[batch_indices])
     scores: list[float] = []
-    val_losses: list[float] = []
+    val_losses: list[float | None] = []
     best_masks: dict[str, Tensor] = {}
     best_key: tuple[float, float] | None = None
     best_index = -1
     flops = 0
     positions: dict[str, int] | None = None
-    samples = 1 if scorer == "synflow" else min(batch_size, len(data.y_train))
     for index in range(n_candidates):
         masks = space.sample(sampler)
         model = model_factory()
         if rescale_init:
             rescale_to_fan_in(model, masks)
-        tiebreak = 0.0
         positions = positions or weight_positions(model, data.input_shape)
-        flops += scoring_flops(
-            model,
-            masks,
-            positions,
-            scorer,
-            samples=samples,
-            steps=short_train_steps,
-            val_samples=len(data.y_val),
+        context = ScoringContext(
+            data=data,
+            budget=budget or TrainBudget(),
+            seed=seed,
+            batch_size=batch_size,
+            short_train_steps=short_train_steps,
+            batch=batch,
+            flop_meter=FlopMeter(model, data.input_shape, positions),
         )
-        if scorer == "synflow":
-            score = synflow_score(model, masks, data.input_shape)
-        elif scorer == "snip":
-            score = snip_score(model, masks, snip_batch)
-        else:
-            score, loss = short_train_evaluation(
-                model, masks, data, steps=short_train_steps, batch_size=batch_size, budget=budget, seed=seed
-            )
-            val_losses.append(loss)
-            tiebreak = -loss
-        scores.append(score)
-        key = (-math.inf, -math.inf) if math.isnan(score) else (score, -math.inf if math.isnan(tiebreak) else tiebreak)
+        score = score_candidate(model, masks, context)
+        flops += score.flops
+        scores.append(score.value)
+        val_losses.append(score.val_loss)
+        tiebreak = score.tiebreak
+        key = (
+            (-math.inf, -math.inf)
+            if math.isnan(score.value)
+            else (score.value, -math.inf if math.isnan(tiebreak) else tiebreak)
+        )
         if best_key is None or key > best_key:
             best_key, best_index, best_masks = key, index, masks
     return SearchResult(
@@ -159,6 +128,6 @@ def random_search(
         scores=scores,
         best_index=best_index,
         seconds=time.perf_counter() - started,
-        val_losses=val_losses if scorer == "short-train" else None,
+        val_losses=None if None in val_losses else [float(loss) for loss in val_losses if loss is not None],
         flops=flops,
     )

@@ -14,6 +14,8 @@
   often leave several candidates at the same accuracy (at high sparsity, all at chance level): Random Search
   then breaks ties by the lower validation loss.
 
+Scorers live in the :data:`SCORERS` registry (entry-point group ``sparsearch.scorers``): a scorer is
+``scorer(model, masks, context: ScoringContext) -> Score``; register your own with ``@SCORERS.register("name")``.
 None of them looks at the test split. SynFlow and SNIP cost one forward/backward pass per candidate;
 short-train costs k training steps plus one validation pass.
 """
@@ -21,27 +23,54 @@ short-train costs k training steps plus one validation pass.
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sparsearch.data.datasets import DataSplits
-from sparsearch.engine.sparsifier import StaticMaskSparsifier
-from sparsearch.study.training import (
-    TrainBudget,
-    batch_order,
-    deterministic_algorithms,
-    evaluate,
-    make_optimizer,
-)
+from sparsearch.data.splits import DataSplits
+from sparsearch.engine.sparsifier import Sparsifier, StaticMaskSparsifier, default_sparsifiable_parameters
+from sparsearch.models.flops import FlopMeter
+from sparsearch.registry import Registry
+from sparsearch.training import TrainBudget, train
 
-SCORERS: tuple[str, ...] = ("synflow", "snip", "short-train")
+
+@dataclass(frozen=True)
+class ScoringContext:
+    """What a scorer may use besides the candidate: the data, the study's budget and the search settings.
+
+    ``batch`` is one seeded training batch (SNIP); ``flop_meter`` counts the scoring cost on the candidate's
+    model (built once per candidate with the search's weight positions).
+    """
+
+    data: DataSplits
+    budget: TrainBudget
+    seed: int
+    batch_size: int
+    short_train_steps: int
+    batch: tuple[Tensor, Tensor]
+    flop_meter: FlopMeter
+
+
+@dataclass(frozen=True)
+class Score:
+    """A candidate's score (higher is better), what breaks ties (higher is better) and its cost in FLOPs."""
+
+    value: float
+    flops: int
+    tiebreak: float = 0.0
+    val_loss: float | None = None
+
+
+Scorer = Callable[[nn.Module, Mapping[str, Tensor], ScoringContext], Score]
+SCORERS: Registry[Scorer] = Registry("scorer", "sparsearch.scorers")
 
 
 def _masked_parameters(model: nn.Module, masks: Mapping[str, Tensor]) -> dict[str, nn.Parameter]:
-    parameters = dict(model.named_parameters())
+    # the masked weights by module name too, so a head tied to its embedding is found under its own name
+    parameters = {**dict(model.named_parameters()), **default_sparsifiable_parameters(model)}
     unknown = sorted(set(masks) - set(parameters))
     if unknown:
         raise ValueError(f"masks name parameters {unknown} that the model does not have")
@@ -91,7 +120,7 @@ def short_train_score(
     seed: int = 0,
 ) -> float:
     """Validation accuracy after ``steps`` training steps with the mask fixed (trains ``model`` in place)."""
-    accuracy, _ = short_train_evaluation(
+    accuracy, _, _ = short_train_evaluation(
         model, masks, data, steps=steps, batch_size=batch_size, budget=budget, seed=seed
     )
     return accuracy
@@ -106,30 +135,61 @@ def short_train_evaluation(
     batch_size: int = 128,
     budget: TrainBudget | None = None,
     seed: int = 0,
-) -> tuple[float, float]:
-    """(validation accuracy, validation loss) after ``steps`` training steps with the mask fixed."""
+) -> tuple[float, float, int]:
+    """(validation accuracy, validation loss, training FLOPs) after ``steps`` steps with the mask fixed.
+
+    The study's training loop with a step limit, the budget's optimizer at a constant learning rate, batches
+    of ``batch_size`` drawn with ``seed`` (so every candidate sees the same batches in the same order), and
+    one validation pass at the end; the test split is never evaluated.
+    """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"short-train steps must be a positive integer, got {steps!r}")
-    budget = budget or TrainBudget()
-    optimizer = make_optimizer(model, budget)
-    sparsifier = StaticMaskSparsifier(masks, seed=seed).attach(model, optimizer)
-    # same seed -> every candidate sees the same batches in the same order
-    generator = torch.Generator().manual_seed(seed)
-    n_train = len(data.y_train)
-    device = next(model.parameters()).device
-    done = 0
-    model.train()
-    with deterministic_algorithms():
-        while done < steps:
-            for indices in batch_order(n_train, batch_size, generator):
-                inputs, targets = data.x_train[indices].to(device), data.y_train[indices].to(device)
-                loss = F.cross_entropy(model(inputs), targets)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                done += 1
-                if done == steps:
-                    break
-        accuracy, loss = evaluate(model, data.x_val, data.y_val)
-    sparsifier.detach()
-    return accuracy, loss
+    short_budget = (budget or TrainBudget()).model_copy(update={"batch_size": batch_size, "lr_schedule": "constant"})
+    attached: list[Sparsifier] = []
+
+    def fixed_mask(total_steps: int) -> Sparsifier:
+        attached.append(StaticMaskSparsifier(masks, seed=seed))
+        return attached[-1]
+
+    result = train(
+        model,
+        data,
+        short_budget,
+        seed=seed,
+        sparsifier_factory=fixed_mask,
+        steps=steps,
+        evaluate_after="end",
+        test=False,
+    )
+    attached[0].detach()
+    return result.final_val_accuracy, result.final_val_loss, result.train_flops
+
+
+@SCORERS.register("synflow")
+def _synflow(model: nn.Module, masks: Mapping[str, Tensor], context: ScoringContext) -> Score:
+    # one sample of ones; the weight gradients are dense
+    flops = context.flop_meter.step_flops(1, dense_weight_gradient=True, masks=masks)
+    return Score(synflow_score(model, masks, context.data.input_shape), flops)
+
+
+@SCORERS.register("snip")
+def _snip(model: nn.Module, masks: Mapping[str, Tensor], context: ScoringContext) -> Score:
+    flops = context.flop_meter.step_flops(len(context.batch[1]), dense_weight_gradient=True, masks=masks)
+    return Score(snip_score(model, masks, context.batch), flops)
+
+
+@SCORERS.register("short-train")
+def _short_train(model: nn.Module, masks: Mapping[str, Tensor], context: ScoringContext) -> Score:
+    # the forward FLOPs of the validation pass, counted before training changes nothing: the mask is fixed
+    validation = len(context.data.y_val) * context.flop_meter.forward(masks).nonzero
+    accuracy, loss, train_flops = short_train_evaluation(
+        model,
+        masks,
+        context.data,
+        steps=context.short_train_steps,
+        batch_size=context.batch_size,
+        budget=context.budget,
+        seed=context.seed,
+    )
+    # ties (often all candidates at chance level) go to the lower validation loss
+    return Score(accuracy, train_flops + validation, tiebreak=-loss, val_loss=loss)

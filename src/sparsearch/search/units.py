@@ -149,6 +149,7 @@ class _Value:
 _BATCH = object()  # x.size(0), x.shape[0], len(x): the batch size
 _OTHER = object()  # any other non-tensor value (a shape, a dtype, ...)
 
+_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONVS = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
 _BATCH_NORMS = {nn.BatchNorm1d: 1, nn.BatchNorm2d: 2, nn.BatchNorm3d: 3}
 _BASE_FORWARDS = {nn.Linear.forward, *(conv.forward for conv in _CONVS), nn.modules.batchnorm._BatchNorm.forward}
@@ -193,9 +194,10 @@ class _Group:
 
 
 def _layer_label(model: nn.Module, parameter: str) -> str:
-    module_name = parameter.removesuffix(".weight").removesuffix("weight")
+    module_name, _, leaf = parameter.rpartition(".")
     module = model.get_submodule(module_name)
-    return f"{module_name or '(root)'} ({type(module).__name__})"
+    where = f"{module_name or '(root)'} ({type(module).__name__})"
+    return where if leaf == "weight" else f"{where}.{leaf}"
 
 
 class _Analysis:
@@ -205,10 +207,19 @@ class _Analysis:
         self.model = model
         self.graph = graph
         self.masked = default_sparsifiable_parameters(model)
-        self.weight_of_module = {name.removesuffix("weight").removesuffix("."): name for name in self.masked}
+        # Linear/Conv modules whose own weight is masked (a head tied to its embedding is not), by module name
+        name_of = {id(parameter): name for name, parameter in self.masked.items()}
+        self.weight_of_module = {
+            module_name: name_of[id(module.weight)]
+            for module_name, module in model.named_modules()
+            if isinstance(module, _LAYERS) and id(module.weight) in name_of
+        }
         self.groups: list[_Group] = []
         self.parent: list[int] = []
         self.layer_reasons: dict[str, list[str]] = {name: [] for name in self.masked}
+        for name in set(self.masked) - set(self.weight_of_module.values()):
+            # nn.MultiheadAttention's input projections: masked weights that are no Linear/Conv layer's own
+            self.layer_reasons[name].append("it is not the weight of a Linear or Conv layer (attention projection)")
         self.values: dict[fx.Node, Any] = {}
         self.called: dict[str, int] = {}
         for node in graph.nodes:
@@ -322,7 +333,7 @@ class _Analysis:
         module = self.model.get_submodule(target)
         label = f"{target} ({type(module).__name__})"
         x = args[0] if args else None
-        if isinstance(module, nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d) and len(args) == 1 and not kwargs:
+        if isinstance(module, _LAYERS) and target in self.weight_of_module and len(args) == 1 and not kwargs:
             return self.layer(target, module, x)
         if isinstance(module, _UNARY_MODULES) and isinstance(x, _Value):
             return x

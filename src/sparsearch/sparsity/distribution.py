@@ -9,9 +9,13 @@ ever asked to keep more weights than it has.
 from __future__ import annotations
 
 import math
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 
-DISTRIBUTIONS = ("uniform", "er", "erk")
+from sparsearch.registry import Registry
+
+DensityRule = Callable[[Sequence[int]], float]
+# rule(layer shape) -> relative density before scaling; register yours with @DISTRIBUTIONS.register("name")
+DISTRIBUTIONS: Registry[DensityRule] = Registry("distribution", "sparsearch.distributions")
 
 
 def check_sparsity(sparsity: float, name: str = "sparsity") -> float:
@@ -29,12 +33,23 @@ def _numel(shape: Sequence[int]) -> int:
     return math.prod(int(d) for d in shape)
 
 
-def _raw_density_score(shape: Sequence[int], distribution: str) -> float:
-    """Relative density of a layer before scaling: ER uses (n_out + n_in) / (n_out * n_in), ERK all dims."""
-    if distribution == "erk":
-        return sum(shape) / _numel(shape)
+@DISTRIBUTIONS.register("uniform")
+def _uniform(shape: Sequence[int]) -> float:
+    """Every layer keeps the same fraction."""
+    return 1.0
+
+
+@DISTRIBUTIONS.register("er")
+def _erdos_renyi(shape: Sequence[int]) -> float:
+    """Erdős-Rényi: (n_out + n_in) / (n_out * n_in), kernel dimensions folded into n_in."""
     n_out, n_in = int(shape[0]), _numel(shape[1:])
     return (n_out + n_in) / (n_out * n_in)
+
+
+@DISTRIBUTIONS.register("erk")
+def _erdos_renyi_kernel(shape: Sequence[int]) -> float:
+    """Erdős-Rényi-Kernel: the sum of all dimensions over their product."""
+    return sum(shape) / _numel(shape)
 
 
 def layer_densities(
@@ -49,8 +64,7 @@ def layer_densities(
     would exceed 1 become dense and the rest is solved again (iterated until no layer exceeds 1).
     """
     sparsity = check_sparsity(sparsity)
-    if distribution not in DISTRIBUTIONS:
-        raise ValueError(f"unknown distribution {distribution!r}; allowed: {', '.join(DISTRIBUTIONS)}")
+    density_rule = DISTRIBUTIONS.get(distribution)
     if not shapes:
         raise ValueError("no layers to sparsify: the shapes mapping is empty")
     unknown = set(dense_layers) - set(shapes)
@@ -70,10 +84,7 @@ def layer_densities(
             )
         if not free:
             break
-        if distribution == "uniform":
-            raw = {name: 1.0 for name in free}
-        else:
-            raw = {name: _raw_density_score(shapes[name], distribution) for name in free}
+        raw = {name: density_rule(shapes[name]) for name in free}
         epsilon = max(remaining, 0.0) / sum(raw[name] * sizes[name] for name in free)
         too_dense = [name for name in free if epsilon * raw[name] > 1.0]
         if not too_dense:

@@ -16,11 +16,14 @@ from torch import nn
 from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from sparsearch.registry import Registry
+
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Batch = tuple[torch.Tensor, torch.Tensor]
 
-SCORES = ("magnitude", "random", "gradient", "snip", "grasp", "synflow")
-DATA_SCORES = ("gradient", "snip", "grasp")
+ScoreFn = Callable[..., dict[str, torch.Tensor]]
+# score(model, params, *, batch, loss_fn, generator, input_shape) -> {name: scores}; @SCORES.register("name")
+SCORES: Registry[ScoreFn] = Registry("score", "sparsearch.weight_scores")
 
 
 @contextmanager
@@ -148,19 +151,52 @@ def compute_scores(
     generator: torch.Generator | None = None,
     input_shape: tuple[int, ...] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Scores of ``kind`` (one of :data:`SCORES`) for ``params``."""
-    if kind == "magnitude":
-        return magnitude_scores(params)
-    if kind == "random":
-        return random_scores(params, generator if generator is not None else torch.Generator().manual_seed(0))
-    if kind == "gradient":
-        return gradient_scores(model, params, _check_batch(batch, kind), loss_fn)
-    if kind == "snip":
-        return snip_scores(model, params, _check_batch(batch, kind), loss_fn)
-    if kind == "grasp":
-        return grasp_scores(model, params, _check_batch(batch, kind), loss_fn)
-    if kind == "synflow":
-        if input_shape is None:
-            raise ValueError("the 'synflow' score needs input_shape (per-sample shape) or a batch to infer it from")
-        return synflow_scores(model, params, input_shape)
-    raise ValueError(f"unknown score {kind!r}; allowed: {', '.join(SCORES)}")
+    """Scores of ``kind`` (a name in :data:`SCORES`) for ``params``."""
+    score = SCORES.get(kind)
+    return score(model, params, batch=batch, loss_fn=loss_fn, generator=generator, input_shape=input_shape)
+
+
+@SCORES.register("magnitude")
+def _magnitude(model: nn.Module, params: Mapping[str, torch.Tensor], **context: object) -> dict[str, torch.Tensor]:
+    return magnitude_scores(params)
+
+
+@SCORES.register("random")
+def _random(
+    model: nn.Module, params: Mapping[str, torch.Tensor], *, generator: torch.Generator | None, **context: object
+) -> dict[str, torch.Tensor]:
+    return random_scores(params, generator if generator is not None else torch.Generator().manual_seed(0))
+
+
+@SCORES.register("gradient")
+def _gradient(
+    model: nn.Module, params: Mapping[str, torch.Tensor], *, batch: Batch | None, loss_fn: LossFn, **context: object
+) -> dict[str, torch.Tensor]:
+    return gradient_scores(model, params, _check_batch(batch, "gradient"), loss_fn)
+
+
+@SCORES.register("snip")
+def _snip(
+    model: nn.Module, params: Mapping[str, torch.Tensor], *, batch: Batch | None, loss_fn: LossFn, **context: object
+) -> dict[str, torch.Tensor]:
+    return snip_scores(model, params, _check_batch(batch, "snip"), loss_fn)
+
+
+@SCORES.register("grasp")
+def _grasp(
+    model: nn.Module, params: Mapping[str, torch.Tensor], *, batch: Batch | None, loss_fn: LossFn, **context: object
+) -> dict[str, torch.Tensor]:
+    return grasp_scores(model, params, _check_batch(batch, "grasp"), loss_fn)
+
+
+@SCORES.register("synflow")
+def _synflow(
+    model: nn.Module,
+    params: Mapping[str, torch.Tensor],
+    *,
+    input_shape: tuple[int, ...] | None,
+    **context: object,
+) -> dict[str, torch.Tensor]:
+    if input_shape is None:
+        raise ValueError("the 'synflow' score needs input_shape (per-sample shape) or a batch to infer it from")
+    return synflow_scores(model, params, input_shape)

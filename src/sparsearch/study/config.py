@@ -1,6 +1,12 @@
 """The study file: a validated description of one sparse-architecture study (data, model, sparsities, arms,
 seeds, budgets, search settings, store and executor), read from TOML and checked with pydantic.
 
+The model is a registered architecture (``[model] arch = "cnn"``, see ``sparsearch.models.MODELS``) or the
+user's own factory ``model = "package.module:function"`` (``function(seed) -> nn.Module``); the data set is a
+registered name (``sparsearch.data.DATASETS``) or ``dataset = "package.module:function"``
+(``function(seed)`` returning a ``DataSplits`` or a mapping of splits, see ``sparsearch.data.as_splits``).
+References are imported from the environment or the current directory when the file is read.
+
 Every problem in a study file becomes one line naming the key, the bad value and what is allowed.
 """
 
@@ -17,8 +23,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from sparsearch.algorithms import ARMS
+from sparsearch.data import DATASETS
+from sparsearch.models import MODELS
+from sparsearch.registry import resolve_reference
+from sparsearch.search import SCORERS, SPACES
 from sparsearch.sparsity.distribution import DISTRIBUTIONS
-from sparsearch.study.training import TrainBudget
+from sparsearch.training import TrainBudget
 
 BASE_ARMS = ("dense", "random-node", "random-weight", "search-node", "search-weight")
 """Arms every study knows: the dense parent, random sparse sub-networks, and Random-Search winners."""
@@ -31,16 +42,24 @@ RUN_ONLY_KEYS = frozenset({"store", "workers", "executor", "ray_address"})
 
 def search_spaces() -> tuple[str, ...]:
     """Names of the search spaces a mask arm (``random-<space>`` / ``search-<space>``) may use."""
-    from sparsearch.search import SPACES
-
-    return tuple(SPACES)
+    return SPACES.names()
 
 
 def algorithm_arms() -> tuple[str, ...]:
     """Arms registered in ``sparsearch.algorithms.ARMS`` (built-ins, user code and entry points)."""
-    from sparsearch.algorithms import ARMS
-
     return tuple(name for name in ARMS.names() if name not in BASE_ARMS)
+
+
+def is_reference(name: str) -> bool:
+    """Whether ``name`` is a ``"package.module:function"`` reference rather than a registered name."""
+    return ":" in name
+
+
+def _check_reference(reference: str, what: str) -> str:
+    target = resolve_reference(reference, what=what)
+    if not callable(target):
+        raise ValueError(f"{what} {reference!r} is a {type(target).__name__}, expected a function of the seed")
+    return reference
 
 
 def known_arms() -> tuple[str, ...]:
@@ -67,10 +86,11 @@ class ModelSpec(_Strict):
     @field_validator("arch")
     @classmethod
     def _known_arch(cls, arch: str) -> str:
-        from sparsearch.models import ARCHITECTURES
-
-        if arch not in ARCHITECTURES:
-            raise ValueError(f"unknown model arch {arch!r}; allowed: {_allowed(ARCHITECTURES)}")
+        if arch not in MODELS:
+            raise ValueError(
+                f"unknown model arch {arch!r}; allowed: {_allowed(MODELS.names())} "
+                "(or your own: model = \"package.module:function\" at the top level of the study file)"
+            )
         return arch
 
     @field_validator("widths")
@@ -95,17 +115,15 @@ class SearchSpec(_Strict):
     @field_validator("scorer")
     @classmethod
     def _known_scorer(cls, scorer: str) -> str:
-        from sparsearch.search import SCORERS
-
         if scorer not in SCORERS:
-            raise ValueError(f"unknown scorer {scorer!r}; allowed: {_allowed(SCORERS)}")
+            raise ValueError(f"unknown scorer {scorer!r}; allowed: {_allowed(SCORERS.names())}")
         return scorer
 
     @field_validator("distribution")
     @classmethod
     def _known_distribution(cls, distribution: str) -> str:
         if distribution not in DISTRIBUTIONS:
-            raise ValueError(f"unknown distribution {distribution!r}; allowed: {_allowed(DISTRIBUTIONS)}")
+            raise ValueError(f"unknown distribution {distribution!r}; allowed: {_allowed(DISTRIBUTIONS.names())}")
         return distribution
 
 
@@ -115,7 +133,7 @@ class StudyConfig(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=100)
     dataset: str = "mnist1d"
     data_dir: Path | None = None
-    model: ModelSpec = ModelSpec()
+    model: ModelSpec | str = ModelSpec()
     sparsities: tuple[float, ...]
     arms: tuple[str, ...] = BASE_ARMS
     seeds: tuple[int, ...] = (0, 1, 2)
@@ -129,11 +147,26 @@ class StudyConfig(_Strict):
     @field_validator("dataset")
     @classmethod
     def _known_dataset(cls, dataset: str) -> str:
-        from sparsearch.data import DATASETS
-
+        if is_reference(dataset):
+            return _check_reference(dataset, "dataset")
         if dataset not in DATASETS:
-            raise ValueError(f"unknown dataset {dataset!r}; allowed: {_allowed(DATASETS)}")
+            raise ValueError(
+                f"unknown dataset {dataset!r}; allowed: {_allowed(DATASETS.names())} "
+                "or your own as \"package.module:function\""
+            )
         return dataset
+
+    @field_validator("model")
+    @classmethod
+    def _model_reference(cls, model: ModelSpec | str) -> ModelSpec | str:
+        if isinstance(model, str):
+            if not is_reference(model):
+                raise ValueError(
+                    f"model {model!r} is neither a [model] table nor a \"package.module:function\" reference; "
+                    f"for a registered architecture write [model] arch = {model!r}"
+                )
+            return _check_reference(model, "model")
+        return model
 
     @field_validator("sparsities")
     @classmethod
@@ -160,7 +193,9 @@ class StudyConfig(_Strict):
             if arm in allowed:
                 continue
             kind, _, space = arm.partition("-")
-            if kind in MASK_ARM_KINDS and space and space not in search_spaces():
+            if kind in MASK_ARM_KINDS and space in search_spaces():
+                continue  # a space registered by the user: random-<space> / search-<space>
+            if kind in MASK_ARM_KINDS and space:
                 raise ValueError(
                     f"unknown search space {space!r} in arm {arm!r}; allowed spaces: {_allowed(search_spaces())}"
                 )

@@ -1,31 +1,34 @@
-"""Running a study: expand the config into trials, skip the finished ones, run the rest on an executor,
-and write every event to the store from this (the only writing) process, with a Rich progress bar.
+"""Running a study: expand the config into trials, skip the finished ones, run the rest on an executor
+(``sparsearch.study.executors``), and write every event to the store from this (the only writing) process,
+with a Rich progress bar.
 
-Executors are pluggable: ``inline`` (this process, one trial at a time), ``process`` (a local pool of worker
-processes, one per core, started from a fork server) and ``ray`` (a Ray cluster, local or remote). Each trial
-runs with one torch thread wherever it runs, so its numbers do not depend on the executor or worker count.
+``run_study(config, model=..., data=...)`` is the Python entry point: the same store, resume, executors and
+report as ``sparsearch study``, with your own model factory (``seed -> nn.Module``) and data (tensors,
+torch Datasets or a ``DataSplits``; see ``sparsearch.study.inputs``).
 """
 
 from __future__ import annotations
 
-import multiprocessing
-import os
-import queue
-import threading
 import time
-import traceback
-from collections.abc import Callable, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
 
-import torch
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from sparsearch.study.config import StudyConfig
-from sparsearch.study.store import EpochRow, StudyStore, TrialOutcome, TrialSpec
+from sparsearch.study.config import StudyConfig, load_study_config, parse_study_config
+from sparsearch.study.executors import (
+    EpochDone,
+    Executor,
+    InlineExecutor,
+    TrialEvent,
+    TrialFinished,
+    TrialStarted,
+    make_executor,
+)
+from sparsearch.study.inputs import ModelFactory, StudyInputs, check_inputs
+from sparsearch.study.store import StudyStore, TrialSpec
 
 
 def expand_trials(config: StudyConfig) -> list[TrialSpec]:
@@ -39,198 +42,17 @@ def expand_trials(config: StudyConfig) -> list[TrialSpec]:
     return trials
 
 
-def check_study_inputs(config: StudyConfig) -> None:
-    """Fail before the store is touched if the data cannot be loaded or the parent model cannot be built.
-
-    Also warms the data cache (MNIST-1D is generated once), so workers do not all generate it at once.
-    """
-    from sparsearch.models import build_model
-    from sparsearch.study.trial import load_trial_data
-
-    data = load_trial_data(config, config.seeds[0])
-    build_model(config.model.arch, data.input_shape, data.num_classes, widths=config.model.widths, seed=0)
-
-
-# ------------------------------------------------------------------------------------------- events
-@dataclass(frozen=True)
-class TrialStarted:
-    """A worker began a trial."""
-
-    key: str
-    time: float
-
-
-@dataclass(frozen=True)
-class EpochDone:
-    """A running trial finished an epoch."""
-
-    key: str
-    row: EpochRow
-
-
-@dataclass(frozen=True)
-class TrialFinished:
-    """A trial completed with its metrics."""
-
-    key: str
-    outcome: TrialOutcome
-
-
-@dataclass(frozen=True)
-class TrialFailed:
-    """A trial raised; the text is stored and the trial re-runs on resume."""
-
-    key: str
-    error: str
-
-
-TrialEvent = TrialStarted | EpochDone | TrialFinished | TrialFailed
-EventHandler = Callable[[TrialEvent], None]
-
-
-class Executor(Protocol):
-    """Runs trials somewhere and reports every event to ``handle`` in the calling process."""
-
-    def run(self, config: StudyConfig, trials: Sequence[TrialSpec], handle: EventHandler) -> None: ...
-
-
-def run_trial_single_threaded(
-    config: StudyConfig, spec: TrialSpec, on_epoch: Callable[[EpochRow], None]
-) -> TrialOutcome:
-    """Run one trial with one torch thread (restored afterwards), as every executor does."""
-    from sparsearch.study.trial import run_trial
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return run_trial(config, spec, on_epoch)
-    finally:
-        torch.set_num_threads(threads)
-
-
-class InlineExecutor:
-    """Run trials one after another in this process (no start-up cost; handy for debugging)."""
-
-    def run(self, config: StudyConfig, trials: Sequence[TrialSpec], handle: EventHandler) -> None:
-        for spec in trials:
-            handle(TrialStarted(spec.key, time.time()))
-            try:
-                outcome = run_trial_single_threaded(config, spec, lambda row, key=spec.key: handle(EpochDone(key, row)))
-            except Exception:
-                handle(TrialFailed(spec.key, traceback.format_exc()))
-            else:
-                handle(TrialFinished(spec.key, outcome))
-
-
-# ------------------------------------------------------------------------------- local process pool
-_worker_events: multiprocessing.Queue | None = None
-
-
-def _study_process_alive(study_pid: int, parent_pid: int) -> bool:
-    if os.getppid() != parent_pid:
-        return False
-    try:
-        os.kill(study_pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _exit_when_orphaned(study_pid: int, parent_pid: int) -> None:
-    # a worker whose study process was killed (even with kill -9) stops instead of computing for nobody;
-    # under forkserver the worker's parent is the fork server, which outlives the study while workers live
-    while _study_process_alive(study_pid, parent_pid):
-        time.sleep(0.5)
-    os._exit(1)
-
-
-def _init_worker(events: multiprocessing.Queue, study_pid: int) -> None:
-    global _worker_events
-    _worker_events = events
-    torch.set_num_threads(1)
-    threading.Thread(target=_exit_when_orphaned, args=(study_pid, os.getppid()), daemon=True).start()
-
-
-def worker_context() -> multiprocessing.context.BaseContext:
-    """Forkserver where the platform has it, else spawn; never plain fork (torch and fork mix badly).
-
-    The fork server preloads torch and the trial code once, so each worker starts in milliseconds instead of
-    re-importing everything (and the caller's ``__main__``), as spawn does.
-    """
-    if "forkserver" in multiprocessing.get_all_start_methods():
-        context = multiprocessing.get_context("forkserver")
-        context.set_forkserver_preload(["sparsearch.study.trial"])
-        return context
-    return multiprocessing.get_context("spawn")
-
-
-def _run_in_worker(config: StudyConfig, spec: TrialSpec) -> TrialOutcome:
-    events = _worker_events
-    assert events is not None, "worker was not initialised"
-    events.put(TrialStarted(spec.key, time.time()))
-    return run_trial_single_threaded(config, spec, lambda row: events.put(EpochDone(spec.key, row)))
-
-
-class ProcessExecutor:
-    """A pool of worker processes on this machine, one trial per worker at a time (see ``worker_context``)."""
-
-    def __init__(self, workers: int) -> None:
-        if workers < 1:
-            raise ValueError(f"workers must be at least 1, got {workers}")
-        self.workers = workers
-
-    def run(self, config: StudyConfig, trials: Sequence[TrialSpec], handle: EventHandler) -> None:
-        if not trials:
-            return
-        context = worker_context()
-        events: multiprocessing.Queue = context.Queue()
-        pool = ProcessPoolExecutor(
-            max_workers=min(self.workers, len(trials)),
-            mp_context=context,
-            initializer=_init_worker,
-            initargs=(events, os.getpid()),
-        )
-        try:
-            futures: dict[Future[TrialOutcome], TrialSpec] = {
-                pool.submit(_run_in_worker, config, spec): spec for spec in trials
-            }
-            running = set(futures)
-            while running:
-                finished, running = wait(running, timeout=0.25, return_when=FIRST_COMPLETED)
-                _drain(events, handle)
-                for future in finished:
-                    spec = futures[future]
-                    try:
-                        outcome = future.result()
-                    except Exception:
-                        handle(TrialFailed(spec.key, traceback.format_exc()))
-                    else:
-                        handle(TrialFinished(spec.key, outcome))
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
-            events.close()
-
-
-def _drain(events: multiprocessing.Queue, handle: EventHandler) -> None:
-    while True:
-        try:
-            event = events.get_nowait()
-        except queue.Empty:
-            return
-        handle(event)
-
-
-def make_executor(config: StudyConfig, workers: int) -> Executor:
-    """The executor the study asks for, with ``workers`` parallel trials."""
-    if config.executor == "ray":
-        from sparsearch.study.ray_executor import RayExecutor
-
-        return RayExecutor(workers, address=config.ray_address)
-    if workers == 1:
-        return InlineExecutor()
-    return ProcessExecutor(workers)
+def as_study_config(config: StudyConfig | Mapping[str, object] | str | Path) -> StudyConfig:
+    """A ``StudyConfig`` from itself, a mapping of study-file keys, or the path of a TOML study file."""
+    if isinstance(config, StudyConfig):
+        return config
+    if isinstance(config, Mapping):
+        return parse_study_config(dict(config), "study config")
+    if isinstance(config, str | Path):
+        return load_study_config(config)
+    raise ValueError(
+        f"config must be a StudyConfig, a mapping of study-file keys or a TOML file path, got {type(config).__name__}"
+    )
 
 
 # ------------------------------------------------------------------------------------------ running
@@ -286,30 +108,54 @@ class _Recorder:
 
 
 def run_study(
-    config: StudyConfig,
+    config: StudyConfig | Mapping[str, object] | str | Path,
     *,
+    model: ModelFactory | None = None,
+    data: object | None = None,
     store_path: str | Path | None = None,
     workers: int | None = None,
     executor: Executor | None = None,
     console: Console | None = None,
     show_progress: bool = True,
 ) -> StudyRun:
-    """Run every trial of ``config`` that the store does not hold as done; return what happened.
+    """Run every trial of the study that the store does not hold as done; return what happened.
 
-    Re-running with the same config resumes: finished trials are kept as they are, unfinished ones
-    (including one cut off by ``kill -9``) are run again from scratch.
+    Re-running with the same config (and the same model and data) resumes: finished trials are kept as they
+    are, unfinished ones (including one cut off by ``kill -9``) are run again from scratch.
+
+    Args:
+        config: a ``StudyConfig``, a mapping of study-file keys, or the path of a TOML study file.
+        model: your parent network, ``model(seed) -> nn.Module``; default: the config's model. With more
+            than one worker it must be a top-level function of an importable module (it is pickled).
+        data: your data: a ``DataSplits``, a mapping ``{"train": (x, y), "test": (x, y)}`` (optionally
+            "val"; a split may also be a torch Dataset of (input, label) items), or ``data(seed)`` returning
+            one of those; default: the config's data set.
+        store_path: the SQLite store (default: the config's ``store``, else ./sparsearch-runs/<name>.sqlite).
+        workers: parallel trials (default: the config's ``workers``, else every core).
+        executor: run trials on this executor instead of the config's.
+        console: where the progress bar goes.
+        show_progress: show a progress bar with ETA.
+
+    Bad input (a model that does not build or has nothing to mask, data that does not fit it) raises
+    ValueError before the store is created or changed.
     """
     started = time.perf_counter()
+    config = as_study_config(config)
+    inputs = StudyInputs(config, model=model, data=data)
     path = config.store_path(store_path)
     worker_count = config.worker_count(workers)
     trials = expand_trials(config)
-    check_study_inputs(config)
+    chosen = (
+        executor
+        if executor is not None
+        else make_executor(config.executor, worker_count, ray_address=config.ray_address)
+    )
+    check_inputs(inputs, needs_pickling=not isinstance(chosen, InlineExecutor))
     with StudyStore(path) as store:
-        store.register_study(config.name, config.content(), config.config_hash(), trials)
+        store.register_study(config.name, inputs.content(), inputs.config_hash(), trials)
         store.reset_unfinished(config.name)
         pending = store.trials_with_status(config.name, "pending")
         run = StudyRun(config.name, path, len(trials), already_done=len(trials) - len(pending))
-        chosen = executor if executor is not None else make_executor(config, worker_count)
         progress = (
             Progress(
                 TextColumn("{task.description}"),
@@ -326,8 +172,8 @@ def run_study(
         recorder = _Recorder(store, config.name, run, progress, config.budget.epochs)
         if progress is not None:
             with progress:
-                chosen.run(config, pending, recorder)
+                chosen.run(inputs, pending, recorder)
         else:
-            chosen.run(config, pending, recorder)
+            chosen.run(inputs, pending, recorder)
     run.seconds = time.perf_counter() - started
     return run

@@ -62,6 +62,10 @@ CREATE TABLE IF NOT EXISTS epoch (
 """
 
 
+# columns added after the first release, with their declarations; _add_missing_columns adds them to old stores
+_ADDED_TRIAL_COLUMNS = {"notes_json": "TEXT"}
+
+
 @dataclass(frozen=True)
 class TrialSpec:
     """One unit of work: an arm at a sparsity with a seed (the dense arm has sparsity 0)."""
@@ -105,6 +109,7 @@ class TrialOutcome:
     wall_seconds: float
     epochs: tuple[EpochRow, ...]
     search: Mapping[str, Any] | None = field(default=None)
+    notes: tuple[str, ...] = ()  # what the trial's search space says about the model (layers kept whole, ...)
 
 
 def _connect(path: Path) -> sqlite3.Connection:
@@ -137,8 +142,16 @@ class StudyStore:
         try:
             self.connection = _connect(self.path)
             self.connection.executescript(_SCHEMA)
+            self._add_missing_columns()
         except sqlite3.DatabaseError as error:
             raise ValueError(f"{str(self.path)!r} is not a sparsearch results store (SQLite said: {error})") from None
+
+    def _add_missing_columns(self) -> None:
+        """Bring a store written by an older sparsearch up to this schema (columns are only ever added)."""
+        columns = {row["name"] for row in self.connection.execute("PRAGMA table_info(trial)")}
+        for name, declaration in _ADDED_TRIAL_COLUMNS.items():
+            if name not in columns:
+                self.connection.execute(f"ALTER TABLE trial ADD COLUMN {name} {declaration}")
 
     def close(self) -> None:
         """Close the connection."""
@@ -258,7 +271,7 @@ class StudyStore:
                 """UPDATE trial SET status = 'done', finished = ?, test_accuracy = ?, val_accuracy = ?,
                    params_total = ?, params_nonzero = ?, flops_dense = ?, flops_nonzero = ?, train_flops = ?,
                    weight_sparsity = ?, node_sparsity = ?, search_json = ?, train_seconds = ?, wall_seconds = ?,
-                   error = NULL
+                   notes_json = ?, error = NULL
                    WHERE study = ? AND key = ?""",
                 (
                     time.time(),
@@ -274,6 +287,7 @@ class StudyStore:
                     json.dumps(outcome.search) if outcome.search is not None else None,
                     outcome.train_seconds,
                     outcome.wall_seconds,
+                    json.dumps(list(outcome.notes)) if outcome.notes else None,
                     study,
                     key,
                 ),

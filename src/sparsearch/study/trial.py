@@ -13,7 +13,6 @@ Every arm at a seed starts from the same parent initialisation and sees the same
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import math
 import time
@@ -23,10 +22,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from sparsearch.algorithms import ARMS, ArmSetting
+from sparsearch.data import DataSplits
 from sparsearch.engine.sparsifier import Sparsifier, StaticMaskSparsifier, default_sparsifiable_parameters
+from sparsearch.models import count_flops, parameter_counts
+from sparsearch.search import SearchSpace, make_space, node_sparsity, random_search, weight_sparsity
 from sparsearch.study.config import StudyConfig
+from sparsearch.study.inputs import StudyInputs
 from sparsearch.study.store import EpochRow, TrialOutcome, TrialSpec
-from sparsearch.study.training import EpochMetrics, train
+from sparsearch.training import EpochMetrics, train
 
 
 def derive_seed(*parts: object) -> int:
@@ -35,29 +39,14 @@ def derive_seed(*parts: object) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
-@functools.lru_cache(maxsize=4)
-def _cached_dataset(name: str, seed: int, root: str | None) -> Any:
-    from sparsearch.data import load_dataset
-
-    return load_dataset(name, seed=seed, root=root)
-
-
-def load_trial_data(config: StudyConfig, seed: int) -> Any:
-    """The study's data splits for ``seed`` (loaded once per process)."""
-    root = str(config.data_dir) if config.data_dir is not None else None
-    return _cached_dataset(config.dataset, seed, root)
-
-
 def _weight_masks(model: nn.Module) -> dict[str, torch.Tensor]:
     """Where the masked (Linear/Conv) weights are non-zero after training."""
     return {name: param.detach() != 0 for name, param in default_sparsifiable_parameters(model).items()}
 
 
 def _algorithm_factory(
-    config: StudyConfig, spec: TrialSpec, data: Any, steps_per_epoch: int
+    config: StudyConfig, spec: TrialSpec, data: DataSplits, steps_per_epoch: int
 ) -> Callable[[int], Sparsifier]:
-    from sparsearch.algorithms import ARMS, ArmSetting
-
     factory = ARMS.get(spec.arm)
     # one seeded batch for the arms that score at initialisation; its own generator, so no other draw moves
     generator = torch.Generator().manual_seed(derive_seed(spec.seed, spec.sparsity, spec.arm, "batch"))
@@ -78,22 +67,21 @@ def _algorithm_factory(
     return build
 
 
-def run_trial(config: StudyConfig, spec: TrialSpec, on_epoch: Callable[[EpochRow], None] | None = None) -> TrialOutcome:
+def run_trial(
+    inputs: StudyInputs, spec: TrialSpec, on_epoch: Callable[[EpochRow], None] | None = None
+) -> TrialOutcome:
     """Run one trial and return its final metrics and curve; ``on_epoch`` sees each epoch as it ends."""
-    from sparsearch.models import build_model, count_flops, parameter_counts
-    from sparsearch.search import make_space, node_sparsity, random_search, weight_sparsity
-
+    config = inputs.config
     started = time.perf_counter()
-    data = load_trial_data(config, spec.seed)
+    data = inputs.load_data(spec.seed)
 
     def parent() -> nn.Module:
-        return build_model(
-            config.model.arch, data.input_shape, data.num_classes, widths=config.model.widths, seed=spec.seed
-        )
+        return inputs.build_model(spec.seed, data)
 
     model = parent()
     kind, _, space_name = spec.arm.partition("-")
     search_info: dict[str, Any] | None = None
+    space: SearchSpace | None = None
     sparsifier_factory: Callable[[int], Sparsifier] | None = None
     if spec.arm == "dense":
         pass
@@ -147,12 +135,21 @@ def run_trial(config: StudyConfig, spec: TrialSpec, on_epoch: Callable[[EpochRow
         # the searched arm pays for scoring its candidates too
         train_flops=int(trained.train_flops) + (search_info["flops"] if search_info else 0),
         weight_sparsity=float(weight_sparsity(final_masks)),
-        node_sparsity=float(node_sparsity(model, final_masks)),
+        node_sparsity=_node_sparsity(model, final_masks),
         train_seconds=float(trained.seconds),
         wall_seconds=time.perf_counter() - started,
         epochs=tuple(_epoch_row(metrics) for metrics in trained.epochs),
         search=search_info,
+        notes=tuple(str(note) for note in getattr(space, "notes", ())),
     )
+
+
+def _node_sparsity(model: nn.Module, masks: dict[str, torch.Tensor]) -> float:
+    """Fraction of hidden units removed; NaN for a model whose units the node analysis cannot find."""
+    try:
+        return float(node_sparsity(model, masks))
+    except (TypeError, ValueError):
+        return math.nan
 
 
 def _static(masks: dict[str, torch.Tensor]) -> Callable[[int], Sparsifier]:

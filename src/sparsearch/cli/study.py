@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
+
+from sparsearch.cli.errors import user_errors
+from sparsearch.report import rich_comparison, rich_table, write_report
+from sparsearch.study import DEFAULT_STORE_DIR, default_study_config, load_study_config, run_study
 
 # output written to a file or a pipe gets room for the table's columns instead of the 80 Rich assumes there
 PIPE_WIDTH = 140
@@ -18,12 +24,13 @@ def _console() -> Console:
 
 
 def _show_report(console: Console, store_path: Path, study: str | None, folder: Path | None) -> Path:
-    from sparsearch.report import rich_comparison, rich_table, write_report
-
     report = write_report(store_path, study, folder)
     console.print(rich_table(report.rows, title=f"study {report.study}"))
     if report.comparison:
         console.print(rich_comparison(report.comparison))
+    for arm, notes in report.notes.items():
+        for note in notes:
+            console.print(f"note ({arm}): {note}", highlight=False, soft_wrap=True)
     console.print(f"report: {report.files.html}", highlight=False, soft_wrap=True)
     console.print(
         f"        (plots, summary.csv, results.json and summary.md in {report.files.folder})", highlight=False
@@ -41,13 +48,11 @@ def study_command(
     progress: Annotated[bool, typer.Option(help="Show a progress bar with ETA.")] = True,
 ) -> None:
     """Run a sparse-architecture study; re-running the same command resumes it."""
-    from sparsearch.cli import user_errors  # imported here: sparsearch.cli imports this module
-
     console = _console()
+    # a study file's model = "my_models:resnet" / dataset = "my_data:load" import from the current folder
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
     with user_errors():
-        from sparsearch.study.config import default_study_config, load_study_config
-        from sparsearch.study.runner import run_study
-
         study = load_study_config(config) if config is not None else default_study_config()
         store_path = study.store_path(store)
         console.print(
@@ -80,8 +85,6 @@ def study_command(
 
 
 def _resolve_store(target: str | None) -> Path:
-    from sparsearch.study.config import DEFAULT_STORE_DIR, default_study_config
-
     if target is None:
         return DEFAULT_STORE_DIR / f"{default_study_config().name}.sqlite"
     path = Path(target)
@@ -105,7 +108,5 @@ def report_command(
     out: Annotated[Path | None, typer.Option(help="Folder for the report (default: next to the store).")] = None,
 ) -> None:
     """Render a study's table, plots, HTML, CSV and JSON from its results store alone."""
-    from sparsearch.cli import user_errors  # imported here: sparsearch.cli imports this module
-
     with user_errors():
         _show_report(_console(), _resolve_store(target), study, out)

@@ -9,6 +9,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from sparsearch.cli.errors import user_errors
+from sparsearch.oneshot.calibration import read_calibration_file
+from sparsearch.oneshot.config import OneShotConfig
+
 console = Console()
 
 
@@ -36,11 +40,8 @@ def prune_command(
     ] = None,
 ) -> None:
     """Prune a pretrained transformers model in one shot and save a copy that loads with transformers."""
-    from sparsearch.cli import user_errors  # imported here: sparsearch.cli imports this module
-
     with user_errors():
-        from sparsearch.oneshot.calibration import read_calibration_file
-        from sparsearch.oneshot.config import OneShotConfig
+        # imported here: sparsearch.oneshot.hf imports transformers, which takes seconds, for this command only
         from sparsearch.oneshot.hf import REPORT_NAME, prune_pretrained
 
         config = OneShotConfig(method=method, sparsity=sparsity, pattern=pattern, budget=budget, dsnot=dsnot)

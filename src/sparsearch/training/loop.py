@@ -1,4 +1,5 @@
-"""The deterministic training loop every study arm shares: same budget, same seed -> same numbers.
+"""The one training loop: every study arm and the short-training search score run it (same budget, same seed
+-> same numbers).
 
 ``train(model, data, budget, seed=...)`` trains with SGD (momentum) or AdamW and a constant or per-step cosine
 learning rate, optionally under a Sparsifier built by ``sparsifier_factory(total_steps)``, and evaluates the
@@ -8,9 +9,13 @@ with ``seed``, and runs with ``torch.use_deterministic_algorithms(True, warn_onl
 afterwards). Results are bit-identical for the same seed, torch build, device and thread count. Batches move
 to the device of the model's parameters, so a model on a GPU trains there.
 
-Training FLOPs count 3x the non-zero forward FLOPs per sample seen (forward, input-gradient and
-weight-gradient passes), measured on the weights at every step, and the dense weight-gradient pass instead
-of the sparse one on the steps where the sparsifier asked for dense gradients (``dense_gradient_steps``).
+``steps=k`` trains exactly k optimizer steps instead of ``budget.epochs`` epochs (the last epoch cut short):
+the short-training search score is ``train(..., steps=k, evaluate="end", test=False)``.
+
+Training FLOPs come from :class:`sparsearch.models.FlopMeter`: 3x the non-zero forward FLOPs per sample seen
+(forward, input-gradient and weight-gradient passes), measured on the weights at every step, and the dense
+weight-gradient pass instead of the sparse one on the steps where the sparsifier asked for dense gradients
+(``dense_gradient_steps``).
 
 Cost on this project's machine (AMD EPYC, 1 thread, batch 128, MNIST-1D with 7,200 train samples, other load
 present; ``python benchmarks/training_speed.py`` -> benchmarks/results/training_speed.md): one epoch of the
@@ -34,9 +39,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sparsearch.data.datasets import DataSplits
+from sparsearch.data.splits import DataSplits
 from sparsearch.engine.sparsifier import Sparsifier
-from sparsearch.models.flops import FlopCount, count_flops, weight_positions
+from sparsearch.models.flops import FlopCount, FlopMeter
 
 EVAL_BATCH_SIZE = 1024
 
@@ -65,7 +70,10 @@ class TrainBudget(pydantic.BaseModel):
 
 @dataclass
 class EpochMetrics:
-    """What one epoch produced; ``step`` is the number of optimizer steps done so far."""
+    """What one epoch produced; ``step`` is the number of optimizer steps done so far.
+
+    Accuracies and the validation loss are NaN for a split that was not evaluated after this epoch.
+    """
 
     epoch: int
     train_loss: float
@@ -73,6 +81,7 @@ class EpochMetrics:
     test_accuracy: float
     seconds: float
     step: int
+    val_loss: float = math.nan
 
 
 @dataclass
@@ -84,6 +93,7 @@ class TrainResult:
     final_test_accuracy: float
     seconds: float
     train_flops: int
+    final_val_loss: float = math.nan
     forward_flops: FlopCount | None = None  # of the trained model, per sample (dense and non-zero)
 
 
@@ -150,21 +160,6 @@ def deterministic_algorithms() -> Iterator[None]:
         torch.use_deterministic_algorithms(previous, warn_only=previous_warn_only)
 
 
-class _FlopMeter:
-    """Training FLOPs from the current non-zero weights: 3 passes of sparse FLOPs per sample seen."""
-
-    def __init__(self, model: nn.Module, input_shape: tuple[int, ...]) -> None:
-        weights = dict(model.named_parameters())
-        self._layers = [(weights[name], uses) for name, uses in weight_positions(model, input_shape).items()]
-        self._dense = sum(2 * uses * weight.numel() for weight, uses in self._layers)
-        self.total = 0
-
-    def add_step(self, batch: int, dense_weight_gradient: bool) -> None:
-        nonzero = sum(2 * uses * int(weight.detach().count_nonzero()) for weight, uses in self._layers)
-        weight_gradient = self._dense if dense_weight_gradient else nonzero
-        self.total += batch * (2 * nonzero + weight_gradient)
-
-
 def train(
     model: nn.Module,
     data: DataSplits,
@@ -173,8 +168,11 @@ def train(
     seed: int,
     sparsifier_factory: Callable[[int], Sparsifier] | None = None,
     on_epoch: Callable[[EpochMetrics], None] | None = None,
+    steps: int | None = None,
+    evaluate_after: Literal["every-epoch", "end"] = "every-epoch",
+    test: bool = True,
 ) -> TrainResult:
-    """Train ``model`` on ``data.x_train`` for ``budget.epochs`` epochs; evaluate val and test after each.
+    """Train ``model`` on ``data.x_train`` for ``budget.epochs`` epochs (or ``steps`` steps) and evaluate it.
 
     Args:
         model: the network (trained in place).
@@ -185,12 +183,18 @@ def train(
             attached to the model and the optimizer before the first step and stays attached afterwards
             (its masks live with the model as buffers).
         on_epoch: called with each epoch's metrics as soon as they exist (e.g. to stream them to a store).
+        steps: train exactly this many optimizer steps instead of ``budget.epochs`` epochs.
+        evaluate_after: evaluate after every epoch, or only after the last one.
+        test: evaluate the test split too (False: validation only, as a search score must).
     """
     if not isinstance(budget, TrainBudget):
         raise TypeError(f"budget must be a TrainBudget, got {type(budget).__name__}")
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+        raise ValueError(f"steps must be a positive integer, got {steps!r}")
     started = time.perf_counter()
     n_train = len(data.y_train)
-    total_steps = budget.total_steps(n_train)
+    total_steps = budget.total_steps(n_train) if steps is None else steps
+    epochs = budget.epochs if steps is None else math.ceil(steps / budget.steps_per_epoch(n_train))
     torch.manual_seed(seed)
     shuffle_generator = torch.Generator().manual_seed(seed)
     optimizer = make_optimizer(model, budget)
@@ -198,15 +202,15 @@ def train(
     sparsifier = sparsifier_factory(total_steps) if sparsifier_factory is not None else None
     if sparsifier is not None:
         sparsifier.attach(model, optimizer)
-    flops = _FlopMeter(model, data.input_shape)
+    flops = FlopMeter(model, data.input_shape)
     device = _device_of(model)
     history: list[EpochMetrics] = []
     step = 0
     model.train()
     with deterministic_algorithms():
-        for epoch in range(1, budget.epochs + 1):
+        for epoch in range(1, epochs + 1):
             epoch_started = time.perf_counter()
-            loss_sum = 0.0
+            loss_sum, seen = 0.0, 0
             for indices in batch_order(n_train, budget.batch_size, shuffle_generator):
                 dense_steps_before = sparsifier.dense_gradient_steps if sparsifier is not None else 0
                 inputs, targets = data.x_train[indices].to(device), data.y_train[indices].to(device)
@@ -217,17 +221,24 @@ def train(
                 scheduler.step()
                 step += 1
                 dense_gradient = sparsifier is not None and sparsifier.dense_gradient_steps > dense_steps_before
-                flops.add_step(len(indices), dense_gradient)
+                flops.add_step(len(indices), dense_weight_gradient=dense_gradient)
                 loss_sum += float(loss.detach()) * len(indices)
-            val_accuracy, _ = evaluate(model, data.x_val, data.y_val)
-            test_accuracy, _ = evaluate(model, data.x_test, data.y_test)
+                seen += len(indices)
+                if step == total_steps:
+                    break
+            val_accuracy = val_loss = test_accuracy = math.nan
+            if evaluate_after == "every-epoch" or epoch == epochs:
+                val_accuracy, val_loss = evaluate(model, data.x_val, data.y_val)
+                if test:
+                    test_accuracy, _ = evaluate(model, data.x_test, data.y_test)
             metrics = EpochMetrics(
                 epoch=epoch,
-                train_loss=loss_sum / n_train,
+                train_loss=loss_sum / seen,
                 val_accuracy=val_accuracy,
                 test_accuracy=test_accuracy,
                 seconds=time.perf_counter() - epoch_started,
                 step=step,
+                val_loss=val_loss,
             )
             history.append(metrics)
             if on_epoch is not None:
@@ -238,5 +249,6 @@ def train(
         final_test_accuracy=history[-1].test_accuracy,
         seconds=time.perf_counter() - started,
         train_flops=flops.total,
-        forward_flops=count_flops(model, data.input_shape),
+        forward_flops=flops.forward(),
+        final_val_loss=history[-1].val_loss,
     )

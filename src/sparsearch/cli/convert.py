@@ -9,6 +9,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from sparsearch.cli.errors import user_errors
+from sparsearch.runtime.convert import convert_file
+
 console = Console()
 
 
@@ -31,11 +34,7 @@ def convert_command(
     max_density: Annotated[float, typer.Option(help="Layers denser than this stay dense without timing.")] = 0.7,
 ) -> None:
     """Store the Linear weights of a masked/pruned model sparse where the CPU kernels are measured faster."""
-    from sparsearch.cli import user_errors  # imported here: sparsearch.cli imports this module
-
     with user_errors():
-        from sparsearch.runtime.convert import convert_file
-
         sizes = _batch_sizes(batch_sizes)
         with console.status(f"timing dense vs sparse layers of {model_file}"):
             report, size = convert_file(model_file, out, batch_sizes=sizes, min_speedup=min_speedup,

@@ -1,0 +1,28 @@
+"""The one training loop, below both search (short-training scores) and study (every arm): budget, optimizer,
+learning-rate schedule, deterministic batches, evaluation and training FLOPs."""
+
+from sparsearch.training.loop import (
+    EVAL_BATCH_SIZE,
+    EpochMetrics,
+    TrainBudget,
+    TrainResult,
+    batch_order,
+    deterministic_algorithms,
+    evaluate,
+    make_optimizer,
+    make_scheduler,
+    train,
+)
+
+__all__ = [
+    "EVAL_BATCH_SIZE",
+    "EpochMetrics",
+    "TrainBudget",
+    "TrainResult",
+    "batch_order",
+    "deterministic_algorithms",
+    "evaluate",
+    "make_optimizer",
+    "make_scheduler",
+    "train",
+]
