@@ -156,8 +156,13 @@ class _Recorder:
     def _advance(self, amount: float) -> None:
         if self.progress is not None and self.task is not None:
             self.progress.advance(self.task, amount)
-            done = len(self.run.finished) + len(self.run.failed) + self.run.already_done
-            self.progress.update(self.task, description=f"{self.study}: {done}/{self.run.total_trials} trials")
+            # counted in the store: other processes on it finish trials too
+            done = self.store.status_counts(self.study).get("done", 0) + len(self.run.failed)
+            bar = next(task for task in self.progress.tasks if task.id == self.task)
+            completed = max(bar.completed, done)
+            self.progress.update(
+                self.task, completed=completed, description=f"{self.study}: {done}/{self.run.total_trials} trials"
+            )
 
 
 def run_study(
