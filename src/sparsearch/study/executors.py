@@ -405,6 +405,8 @@ class _CpuWait:
             return
         self.next_notice = now + 3 * RAY_WAIT_NOTICE_SECONDS
         free, total = ray.available_resources().get("CPU", 0.0), ray.cluster_resources().get("CPU", 0.0)
+        if free >= 1 or (total >= 1 and total - free <= len(in_flight)):
+            return  # a CPU is free, or every busy CPU may be ours, its worker still starting (slow, not stuck)
         where = f"at {self.address}" if self.address else "started here"
         self.handle(
             Notice(
