@@ -65,12 +65,13 @@ def study_command(
         except KeyboardInterrupt:
             console.print("interrupted: finished trials are stored; re-run the same command to resume")
             raise typer.Exit(code=130) from None
+        by_others = f", {run.by_others} run by other processes" if run.by_others else ""
         console.print(
-            f"{len(run.finished)} trials run, {run.already_done} already done, {len(run.failed)} failed "
+            f"{len(run.finished)} trials run, {run.already_done} already done, {len(run.failed)} failed{by_others} "
             f"({run.total_trials} in the study) in {run.seconds:.1f} s",
             highlight=False,
         )
-        if report and (run.finished or run.already_done):
+        if report and (run.finished or run.already_done or run.by_others):
             _show_report(console, store_path, study.name, None)
         if run.failed:
             first_key, first_error = next(iter(run.failed.items()))

@@ -1,6 +1,8 @@
-"""Running a study: expand the config into trials, skip the finished ones, run the rest on an executor
-(``sparsearch.study.executors``), and write every event to the store from this (the only writing) process,
-with a Rich progress bar.
+"""Running a study: expand the config into trials, skip the finished ones, claim the rest one at a time in the
+store and run them on an executor (``sparsearch.study.executors``), and write every event to the store from
+this process (its workers never write), with a Rich progress bar. Several study processes on one store share
+its trials: each claims only pending ones, and waits at the end for trials other processes still run (taking
+over those whose process died).
 
 ``run_study(config, model=..., data=...)`` is the Python entry point: the same store, resume, executors and
 report as ``sparsearch study``, with your own model factory (``seed -> nn.Module``) and data (tensors,
@@ -20,8 +22,10 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from sparsearch.study.config import StudyConfig, load_study_config, parse_study_config
 from sparsearch.study.executors import (
     EpochDone,
+    EventHandler,
     Executor,
     InlineExecutor,
+    Notice,
     TrialEvent,
     TrialFinished,
     TrialStarted,
@@ -67,13 +71,58 @@ class StudyRun:
     finished: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
+    by_others: int = 0  # trials that other processes on the same store finished while this one ran
+
+
+class _ClaimSource:
+    """Hands an executor the store's pending trials, each claimed for this process just before it runs."""
+
+    def __init__(self, store: StudyStore, study: str, notify: EventHandler, poll_seconds: float = 1.0) -> None:
+        self.store, self.study, self.notify, self.poll_seconds = store, study, notify, poll_seconds
+        self.next_query = 0.0
+        self.done = False
+        self.told_about: set[str] = set()
+
+    def take(self) -> TrialSpec | None:
+        now = time.monotonic()
+        if now < self.next_query:
+            return None
+        spec = self.store.claim_next(self.study)
+        if spec is None:
+            # nothing pending: the study is over for this process unless others still run trials, which it
+            # waits for (and takes over if their process dies: claim_next releases their stale claims)
+            self.next_query = now + self.poll_seconds
+            elsewhere = self.store.running_elsewhere(self.study)
+            self.done = not elsewhere and not self.store.status_counts(self.study).get("pending", 0)
+            owners = set(elsewhere.values())
+            if elsewhere and not owners <= self.told_about:
+                self.told_about |= owners
+                self.notify(
+                    Notice(
+                        f"waiting for {len(elsewhere)} trials that other processes on this store run "
+                        f"({', '.join(sorted(owners))}); taken over here if their process dies"
+                    )
+                )
+        return spec
+
+    def exhausted(self) -> bool:
+        return self.done
 
 
 class _Recorder:
     """Writes events to the store and moves the progress bar (events for finished trials are ignored)."""
 
-    def __init__(self, store: StudyStore, study: str, run: StudyRun, progress: Progress | None, epochs: int) -> None:
+    def __init__(
+        self,
+        store: StudyStore,
+        study: str,
+        run: StudyRun,
+        progress: Progress | None,
+        epochs: int,
+        console: Console | None = None,
+    ) -> None:
         self.store, self.study, self.run, self.progress, self.epochs = store, study, run, progress, epochs
+        self.console = progress.console if progress is not None else (console or Console(stderr=True))
         self.task = (
             progress.add_task("trials", total=run.total_trials, completed=run.already_done) if progress else None
         )
@@ -81,21 +130,25 @@ class _Recorder:
         self.epochs_seen: dict[str, int] = {}
 
     def __call__(self, event: TrialEvent) -> None:
+        if isinstance(event, Notice):
+            self.console.print(event.text, highlight=False, soft_wrap=True)
+            return
         if event.key in self.closed:
             return
         if isinstance(event, TrialStarted):
-            self.store.mark_running(self.study, event.key, event.time)
+            self.store.mark_running(self.study, event.key, event.time, event.worker)
         elif isinstance(event, EpochDone):
             self.store.add_epoch(self.study, event.key, event.row)
             self.epochs_seen[event.key] = self.epochs_seen.get(event.key, 0) + 1
             self._advance(1.0 / max(self.epochs, 1))
         else:
             self.closed.add(event.key)
+            # False: this process lost its claim (it was silent past the claim timeout) and another owns the
+            # trial now; the other's result stands
             if isinstance(event, TrialFinished):
-                self.store.finish_trial(self.study, event.key, event.outcome)
-                self.run.finished.append(event.key)
-            else:
-                self.store.fail_trial(self.study, event.key, event.error)
+                if self.store.finish_trial(self.study, event.key, event.outcome):
+                    self.run.finished.append(event.key)
+            elif self.store.fail_trial(self.study, event.key, event.error):
                 self.run.failed[event.key] = event.error
             # the rest of this trial's share of the bar, whatever its epochs already moved
             self._advance(1.0 - min(self.epochs_seen.pop(event.key, 0), self.epochs) / max(self.epochs, 1))
@@ -103,8 +156,13 @@ class _Recorder:
     def _advance(self, amount: float) -> None:
         if self.progress is not None and self.task is not None:
             self.progress.advance(self.task, amount)
-            done = len(self.run.finished) + len(self.run.failed) + self.run.already_done
-            self.progress.update(self.task, description=f"{self.study}: {done}/{self.run.total_trials} trials")
+            # counted in the store: other processes on it finish trials too
+            done = self.store.status_counts(self.study).get("done", 0) + len(self.run.failed)
+            bar = next(task for task in self.progress.tasks if task.id == self.task)
+            completed = max(bar.completed, done)
+            self.progress.update(
+                self.task, completed=completed, description=f"{self.study}: {done}/{self.run.total_trials} trials"
+            )
 
 
 def run_study(
@@ -121,7 +179,9 @@ def run_study(
     """Run every trial of the study that the store does not hold as done; return what happened.
 
     Re-running with the same config (and the same model and data) resumes: finished trials are kept as they
-    are, unfinished ones (including one cut off by ``kill -9``) are run again from scratch.
+    are, unfinished ones (including one cut off by ``kill -9``) are run again from scratch. Several processes
+    (or machines sharing the store's folder, see the README) may run the same study on one store at once: each
+    trial is claimed and run by one of them, and each returns when the whole study is done.
 
     Args:
         config: a ``StudyConfig``, a mapping of study-file keys, or the path of a TOML study file.
@@ -153,9 +213,13 @@ def run_study(
     check_inputs(inputs, needs_pickling=not isinstance(chosen, InlineExecutor))
     with StudyStore(path) as store:
         store.register_study(config.name, inputs.content(), inputs.config_hash(), trials)
-        store.reset_unfinished(config.name)
-        pending = store.trials_with_status(config.name, "pending")
-        run = StudyRun(config.name, path, len(trials), already_done=len(trials) - len(pending))
+        store.release_stale_claims(config.name)
+        # claims under this process's own id that no run of it holds any more (an earlier run_study in this
+        # process that died without cleaning up)
+        store.release_own_claims(config.name)
+        store.retry_failed(config.name)
+        done_before = store.status_counts(config.name).get("done", 0)
+        run = StudyRun(config.name, path, len(trials), already_done=done_before)
         progress = (
             Progress(
                 TextColumn("{task.description}"),
@@ -169,11 +233,18 @@ def run_study(
             if show_progress
             else None
         )
-        recorder = _Recorder(store, config.name, run, progress, config.budget.epochs)
-        if progress is not None:
-            with progress:
-                chosen.run(inputs, pending, recorder)
-        else:
-            chosen.run(inputs, pending, recorder)
+        recorder = _Recorder(store, config.name, run, progress, config.budget.epochs, console)
+        source = _ClaimSource(store, config.name, recorder)
+        try:
+            with store.heartbeat():
+                if progress is not None:
+                    with progress:
+                        chosen.run(inputs, source, recorder)
+                else:
+                    chosen.run(inputs, source, recorder)
+        finally:
+            # after Ctrl-C or an error, this process's unfinished trials go back to pending at once
+            store.release_own_claims(config.name)
+        run.by_others = store.status_counts(config.name).get("done", 0) - done_before - len(run.finished)
     run.seconds = time.perf_counter() - started
     return run

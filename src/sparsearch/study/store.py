@@ -1,16 +1,25 @@
 """The results store: one SQLite file holding studies, their trials, per-epoch curves and final metrics.
 
-Only the study's parent process writes (workers send their numbers back), so there is a single writer; WAL
-mode lets ``sparsearch report`` read while a study runs. A finished trial's metrics and all its epoch rows
-are committed in one transaction, so a trial is either completely stored as "done" or re-run on resume.
+Several study processes may work on one store at once (each writes only from its parent process; its workers
+send their numbers back). A process claims one pending trial at a time in a ``BEGIN IMMEDIATE`` transaction,
+so each trial has one owner (``host:pid:start-time``); the owner keeps a heartbeat on its claims, and a claim
+whose owner is gone (same host: the process no longer exists; any host: no heartbeat for ``claim_timeout``
+seconds) is released and the trial runs again from scratch. Every claim is logged in the ``attempt`` table.
+A finished trial's metrics and all its epoch rows are committed in one transaction, and only by the trial's
+owner, so a trial is either completely stored as "done" once or re-run. WAL mode lets ``sparsearch report``
+read while studies run; WAL needs every process on one host (SQLite's shared memory), see the README.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import socket
 import sqlite3
+import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,11 +68,75 @@ CREATE TABLE IF NOT EXISTS epoch (
     seconds REAL NOT NULL,
     PRIMARY KEY (study, trial_key, epoch)
 );
+CREATE TABLE IF NOT EXISTS attempt (
+    study TEXT NOT NULL,
+    trial_key TEXT NOT NULL,
+    owner TEXT NOT NULL,
+    claimed REAL NOT NULL,
+    started REAL,
+    worker TEXT,
+    ended REAL,
+    outcome TEXT
+);
 """
 
 
 # columns added after the first release, with their declarations; _add_missing_columns adds them to old stores
-_ADDED_TRIAL_COLUMNS = {"notes_json": "TEXT"}
+_ADDED_TRIAL_COLUMNS = {"notes_json": "TEXT", "owner": "TEXT", "heartbeat": "REAL"}
+
+# how an attempt (one claim of a trial) ended; NULL while it runs
+ATTEMPT_OUTCOMES = ("done", "failed", "released", "expired")
+
+DEFAULT_CLAIM_TIMEOUT = 60.0
+CLAIM_TIMEOUT_VARIABLE = "SPARSEARCH_CLAIM_TIMEOUT"
+
+
+def _process_start(pid: int) -> str | None:
+    """The start time of process ``pid`` in clock ticks since boot (Linux), or None if it is gone or a zombie.
+
+    With the pid it names one process for good: a pid reused by a later process has another start time.
+    """
+    try:
+        fields = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return None if fields[0] in ("Z", "X") else fields[19]
+
+
+def owner_id(pid: int | None = None) -> str:
+    """This process's claim owner id, ``host:pid:start-time`` (start time 0 where /proc is missing)."""
+    pid = os.getpid() if pid is None else pid
+    return f"{socket.gethostname()}:{pid}:{_process_start(pid) or 0}"
+
+
+def owner_is_gone(owner: str) -> bool:
+    """True if ``owner`` ran on this host and that process no longer exists; False if it lives or is elsewhere."""
+    host, pid, start = owner.rsplit(":", 2)
+    if host != socket.gethostname():
+        return False
+    if Path("/proc").is_dir():
+        return _process_start(int(pid)) != start
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def claim_timeout_from_environment() -> float:
+    """Seconds without a heartbeat after which a claim of another host is released (``SPARSEARCH_CLAIM_TIMEOUT``)."""
+    text = os.environ.get(CLAIM_TIMEOUT_VARIABLE)
+    if text is None:
+        return DEFAULT_CLAIM_TIMEOUT
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise ValueError(f"{CLAIM_TIMEOUT_VARIABLE} must be a number of seconds above 0, got {text!r}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -127,10 +200,24 @@ class StudyStore:
     Args:
         path: the SQLite file.
         create: create the file (and its folder) if missing; readers pass False and get FileNotFoundError.
+        owner: the id this instance claims trials under (default: this process, see ``owner_id``).
+        claim_timeout: seconds without a heartbeat after which another owner's claim is released (default:
+            ``SPARSEARCH_CLAIM_TIMEOUT`` or 60); claims of dead processes on this host are released at once.
     """
 
-    def __init__(self, path: str | Path, *, create: bool = True) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        create: bool = True,
+        owner: str | None = None,
+        claim_timeout: float | None = None,
+    ) -> None:
         self.path = Path(path)
+        self.owner = owner or owner_id()
+        self.claim_timeout = claim_timeout if claim_timeout is not None else claim_timeout_from_environment()
+        if not self.claim_timeout > 0:
+            raise ValueError(f"claim_timeout must be above 0 seconds, got {self.claim_timeout}")
         if not self.path.exists():
             if not create:
                 raise FileNotFoundError(
@@ -217,20 +304,159 @@ class StudyStore:
         return added
 
     # -------------------------------------------------------------------------------------- trials
-    def reset_unfinished(self, study: str) -> int:
-        """Make every trial that is not done pending again and drop its partial epoch rows; return the count."""
+    def retry_failed(self, study: str) -> int:
+        """Make the failed trials of ``study`` pending again (a new run retries them); return the count."""
         connection = self._transaction()
-        connection.execute(
-            "DELETE FROM epoch WHERE study = ? AND trial_key IN "
-            "(SELECT key FROM trial WHERE study = ? AND status != 'done')",
-            (study, study),
-        )
-        cursor = connection.execute(
-            "UPDATE trial SET status = 'pending', started = NULL, error = NULL WHERE study = ? AND status != 'done'",
-            (study,),
-        )
-        connection.execute("COMMIT")
+        try:
+            cursor = connection.execute(
+                "UPDATE trial SET status = 'pending', owner = NULL, heartbeat = NULL, started = NULL, error = NULL "
+                "WHERE study = ? AND status = 'failed'",
+                (study,),
+            )
+            connection.execute("COMMIT")
+        except BaseException:
+            connection.execute("ROLLBACK")
+            raise
         return cursor.rowcount
+
+    def _stale_claims(self, study: str, now: float) -> list[tuple[str, str | None]]:
+        """(key, owner) of the running trials whose owner is gone or silent for longer than the claim timeout.
+
+        This owner's own claims are never stale to itself (it is alive, whatever its heartbeat says).
+        """
+        rows = self.connection.execute(
+            "SELECT key, owner, heartbeat FROM trial WHERE study = ? AND status = 'running' AND owner IS NOT ?",
+            (study, self.owner),
+        ).fetchall()
+        return [
+            (row["key"], row["owner"])
+            for row in rows
+            if row["owner"] is None  # written by a sparsearch without claims, or by hand: nobody holds it
+            or row["heartbeat"] is None
+            or now - row["heartbeat"] > self.claim_timeout
+            or owner_is_gone(row["owner"])
+        ]
+
+    def _release(self, study: str, claims: list[tuple[str, str | None]], outcome: str, now: float) -> None:
+        # inside a transaction: the trials become pending with no partial curve, their attempts are closed
+        for key, owner in claims:
+            self.connection.execute(
+                "UPDATE trial SET status = 'pending', owner = NULL, heartbeat = NULL, started = NULL "
+                "WHERE study = ? AND key = ? AND status = 'running' AND owner IS ?",
+                (study, key, owner),
+            )
+            self.connection.execute("DELETE FROM epoch WHERE study = ? AND trial_key = ?", (study, key))
+            self.connection.execute(
+                "UPDATE attempt SET ended = ?, outcome = ? WHERE study = ? AND trial_key = ? AND owner IS ? "
+                "AND ended IS NULL",
+                (now, outcome, study, key, owner),
+            )
+
+    def release_stale_claims(self, study: str) -> int:
+        """Release the claims of owners that are gone (see the class); return how many trials became pending."""
+        connection = self._transaction()
+        try:
+            now = time.time()
+            stale = self._stale_claims(study, now)
+            self._release(study, stale, "expired", now)
+            connection.execute("COMMIT")
+        except BaseException:
+            connection.execute("ROLLBACK")
+            raise
+        return len(stale)
+
+    def claim_next(self, study: str) -> TrialSpec | None:
+        """Claim the first pending trial of ``study`` for this owner, atomically; None if none is pending.
+
+        Stale claims of other owners are released first, in the same transaction, so their trials are claimable.
+        """
+        connection = self._transaction()
+        try:
+            now = time.time()
+            self._release(study, self._stale_claims(study, now), "expired", now)
+            row = connection.execute(
+                "SELECT key, arm, sparsity, seed FROM trial WHERE study = ? AND status = 'pending' ORDER BY rowid "
+                "LIMIT 1",
+                (study,),
+            ).fetchone()
+            if row is not None:
+                connection.execute(
+                    "UPDATE trial SET status = 'running', owner = ?, heartbeat = ?, started = NULL, error = NULL "
+                    "WHERE study = ? AND key = ?",
+                    (self.owner, now, study, row["key"]),
+                )
+                connection.execute("DELETE FROM epoch WHERE study = ? AND trial_key = ?", (study, row["key"]))
+                connection.execute(
+                    "INSERT INTO attempt (study, trial_key, owner, claimed) VALUES (?, ?, ?, ?)",
+                    (study, row["key"], self.owner, now),
+                )
+            connection.execute("COMMIT")
+        except BaseException:
+            connection.execute("ROLLBACK")
+            raise
+        return None if row is None else TrialSpec(row["arm"], row["sparsity"], row["seed"])
+
+    def release_own_claims(self, study: str) -> int:
+        """Give this owner's running trials back (pending, partial curves dropped), e.g. on Ctrl-C."""
+        connection = self._transaction()
+        try:
+            keys = [
+                (row["key"], self.owner)
+                for row in connection.execute(
+                    "SELECT key FROM trial WHERE study = ? AND status = 'running' AND owner = ?", (study, self.owner)
+                )
+            ]
+            self._release(study, keys, "released", time.time())
+            connection.execute("COMMIT")
+        except BaseException:
+            connection.execute("ROLLBACK")
+            raise
+        return len(keys)
+
+    def running_elsewhere(self, study: str) -> dict[str, str]:
+        """Trials of ``study`` that other owners are running, as {key: owner}."""
+        rows = self.connection.execute(
+            "SELECT key, owner FROM trial WHERE study = ? AND status = 'running' AND owner IS NOT ?",
+            (study, self.owner),
+        )
+        return {row["key"]: row["owner"] for row in rows}
+
+    def status_counts(self, study: str) -> dict[str, int]:
+        """How many trials of ``study`` are in each status."""
+        rows = self.connection.execute("SELECT status, COUNT(*) FROM trial WHERE study = ? GROUP BY status", (study,))
+        return {status: count for status, count in rows}
+
+    @contextlib.contextmanager
+    def heartbeat(self, interval: float | None = None) -> Iterator[None]:
+        """Keep this owner's claims alive from a background thread (its own connection) while the block runs.
+
+        A thread, not the main loop: an inline trial can keep the main thread busy for longer than the timeout.
+        """
+        interval = interval if interval is not None else max(0.5, min(10.0, self.claim_timeout / 4))
+        stop = threading.Event()
+
+        def beat() -> None:
+            connection = _connect(self.path)
+            try:
+                while not stop.wait(interval):
+                    connection.execute(
+                        "UPDATE trial SET heartbeat = ? WHERE owner = ? AND status = 'running'",
+                        (time.time(), self.owner),
+                    )
+            finally:
+                connection.close()
+
+        thread = threading.Thread(target=beat, name="sparsearch-heartbeat", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
+
+    # the trial's writes below apply only while it is not done and this owner holds it (or nobody does, for
+    # direct use of the store without claims): a process that lost its claim cannot overwrite the new owner
+    _MINE = "study = ? AND key = ? AND status != 'done' AND (owner IS NULL OR owner = ?)"
 
     def trials_with_status(self, study: str, status: str) -> list[TrialSpec]:
         """Trials of ``study`` in ``status``, in a stable order."""
@@ -241,24 +467,43 @@ class StudyStore:
         )
         return [TrialSpec(row["arm"], row["sparsity"], row["seed"]) for row in rows]
 
-    def mark_running(self, study: str, key: str, started: float) -> None:
-        """Note that a worker began ``key``."""
-        self.connection.execute(
-            "UPDATE trial SET status = 'running', started = ? WHERE study = ? AND key = ? AND status != 'done'",
-            (started, study, key),
-        )
+    def mark_running(self, study: str, key: str, started: float, worker: str = "") -> None:
+        """Note that a worker (``host:pid``, where known) began ``key``."""
+        connection = self._transaction()
+        try:
+            cursor = connection.execute(
+                f"UPDATE trial SET status = 'running', started = ? WHERE {self._MINE}",
+                (started, study, key, self.owner),
+            )
+            if cursor.rowcount:
+                connection.execute(
+                    "UPDATE attempt SET started = ?, worker = ? WHERE study = ? AND trial_key = ? AND owner = ? "
+                    "AND ended IS NULL",
+                    (started, worker or None, study, key, self.owner),
+                )
+            connection.execute("COMMIT")
+        except BaseException:
+            connection.execute("ROLLBACK")
+            raise
 
     def add_epoch(self, study: str, key: str, row: EpochRow) -> None:
         """Stream one epoch of a running trial (replaced by the final rows when the trial finishes)."""
+        values = (study, key, row.epoch, row.step, row.train_loss, row.val_accuracy, row.test_accuracy, row.seconds)
         self.connection.execute(
-            "INSERT OR REPLACE INTO epoch VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (study, key, row.epoch, row.step, row.train_loss, row.val_accuracy, row.test_accuracy, row.seconds),
+            f"INSERT OR REPLACE INTO epoch SELECT ?, ?, ?, ?, ?, ?, ?, ? WHERE EXISTS (SELECT 1 FROM trial WHERE "
+            f"{self._MINE})",
+            (*values, study, key, self.owner),
         )
 
-    def finish_trial(self, study: str, key: str, outcome: TrialOutcome) -> None:
-        """Store a finished trial's metrics and its complete curve atomically."""
+    def finish_trial(self, study: str, key: str, outcome: TrialOutcome) -> bool:
+        """Store a finished trial's metrics and its complete curve atomically; False if another owner holds it."""
         connection = self._transaction()
         try:
+            mine = connection.execute(f"SELECT 1 FROM trial WHERE {self._MINE}", (study, key, self.owner)).fetchone()
+            if mine is None:
+                connection.execute("ROLLBACK")
+                return False
+            now = time.time()
             connection.execute("DELETE FROM epoch WHERE study = ? AND trial_key = ?", (study, key))
             connection.executemany(
                 "INSERT INTO epoch VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -271,10 +516,10 @@ class StudyStore:
                 """UPDATE trial SET status = 'done', finished = ?, test_accuracy = ?, val_accuracy = ?,
                    params_total = ?, params_nonzero = ?, flops_dense = ?, flops_nonzero = ?, train_flops = ?,
                    weight_sparsity = ?, node_sparsity = ?, search_json = ?, train_seconds = ?, wall_seconds = ?,
-                   notes_json = ?, error = NULL
+                   notes_json = ?, error = NULL, heartbeat = NULL
                    WHERE study = ? AND key = ?""",
                 (
-                    time.time(),
+                    now,
                     outcome.test_accuracy,
                     outcome.val_accuracy,
                     outcome.params_total,
@@ -292,16 +537,35 @@ class StudyStore:
                     key,
                 ),
             )
+            self._close_attempt(study, key, "done", now)
             connection.execute("COMMIT")
         except BaseException:
             connection.execute("ROLLBACK")
             raise
+        return True
 
-    def fail_trial(self, study: str, key: str, error: str) -> None:
-        """Record that a trial raised; it is re-run on the next resume."""
+    def fail_trial(self, study: str, key: str, error: str) -> bool:
+        """Record that a trial raised (it is re-run by the next run); False if another owner holds it."""
+        connection = self._transaction()
+        try:
+            now = time.time()
+            cursor = connection.execute(
+                f"UPDATE trial SET status = 'failed', finished = ?, error = ?, heartbeat = NULL WHERE {self._MINE}",
+                (now, error, study, key, self.owner),
+            )
+            if cursor.rowcount:
+                self._close_attempt(study, key, "failed", now)
+            connection.execute("COMMIT")
+        except BaseException:
+            connection.execute("ROLLBACK")
+            raise
+        return bool(cursor.rowcount)
+
+    def _close_attempt(self, study: str, key: str, outcome: str, now: float) -> None:
         self.connection.execute(
-            "UPDATE trial SET status = 'failed', finished = ?, error = ? WHERE study = ? AND key = ?",
-            (time.time(), error, study, key),
+            "UPDATE attempt SET ended = ?, outcome = ? WHERE study = ? AND trial_key = ? AND owner = ? "
+            "AND ended IS NULL",
+            (now, outcome, study, key, self.owner),
         )
 
     # ------------------------------------------------------------------------------------- reading
@@ -326,3 +590,8 @@ class StudyStore:
                 )
             )
         return curves
+
+    def attempts(self, study: str) -> list[dict[str, Any]]:
+        """Every claim of a trial of ``study`` (owner, worker, times, outcome), in claim order."""
+        rows = self.connection.execute("SELECT * FROM attempt WHERE study = ? ORDER BY rowid", (study,))
+        return [dict(row) for row in rows]
