@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 import zlib
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from sparsearch.runtime.format import PanelCSRMatrix
-from sparsearch.runtime.modules import SparseLinear
+from sparsearch.runtime.modules import SparseLinear, linear_like, reason_to_keep_dense, shared_parameters
 
 FORMAT_NAME = "sparsearch-runtime"
 FORMAT_VERSION = "1"
@@ -142,13 +143,17 @@ def read_sparse_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[st
 def load_sparse(path: str | Path, model: nn.Module) -> nn.Module:
     """Load a file written by `save_sparse` into `model`, an instance of the same architecture (dense is fine).
 
-    Entries that ran sparse replace the model's `nn.Linear` of that name by `SparseLinear`; the others are
-    expanded into the model's dense parameters. The model is returned in eval mode with gradients off.
+    Entries that ran sparse replace the model's `nn.Linear` (or GPT-2 `Conv1D`) of that name by `SparseLinear`,
+    unless the model may not have it replaced (its parent reads the weight, the weight is tied, or the module
+    is not Linear-like: then it runs dense, with a warning); the others are expanded into the model's dense
+    parameters. The model is returned in eval mode with gradients off.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     dense_state, matrices, entries = read_sparse_file(path)
     sparse_names = set()
+    owners = shared_parameters(model)
+    ran_dense = []
     for prefix, matrix in matrices.items():
         if entries[prefix]["execute"] == "dense":
             dense_state[prefix] = matrix.to_dense().reshape(entries[prefix]["weight_shape"])
@@ -157,16 +162,33 @@ def load_sparse(path: str | Path, model: nn.Module) -> nn.Module:
             module = model.get_submodule(prefix)
         except AttributeError as error:
             raise ValueError(f"{str(path)!r} holds sparse layer {prefix!r} but the model has no such module") from error
-        if not isinstance(module, nn.Linear | SparseLinear):
-            raise ValueError(f"sparse layer {prefix!r} must be a Linear in the model, found {type(module).__name__}")
-        if (module.out_features, module.in_features) != matrix.shape:
-            raise ValueError(f"sparse layer {prefix!r} has shape {matrix.shape} but the model's Linear there "
-                             f"has shape {(module.out_features, module.in_features)}")
+        view = linear_like(module)
+        if isinstance(module, SparseLinear):
+            shape = (module.out_features, module.in_features)
+        elif view is not None:
+            shape = tuple(view[1].shape)
+        else:
+            shape = tuple(getattr(module, "weight", torch.empty(0)).shape)
+        if math.prod(shape) != matrix.rows * matrix.cols or (view is not None and shape != matrix.shape):
+            raise ValueError(f"sparse layer {prefix!r} has shape {matrix.shape} but the model's "
+                             f"{type(module).__name__} there has weight shape {shape}")
+        reason = None if isinstance(module, SparseLinear) else (
+            f"{type(module).__name__} is not a layer SparseLinear can replace" if view is None
+            else reason_to_keep_dense(model, prefix, owners))
+        if reason is not None:  # the file stays loadable: this layer runs dense
+            weight = matrix.to_dense()
+            dense_state[f"{prefix}.weight"] = weight.t() if view is not None and view[0] == "Conv1D" else \
+                weight.reshape(module.weight.shape)
+            ran_dense.append(f"{prefix} ({reason})")
+            continue
         bias = dense_state.pop(f"{prefix}.bias", None)
         parent_name, _, child = prefix.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, SparseLinear(matrix, bias))
         sparse_names.add(prefix)
+    if ran_dense:
+        warnings.warn(f"sparsearch.runtime.load_sparse: layers stored sparse run dense in this model: "
+                      f"{'; '.join(ran_dense)}", UserWarning, stacklevel=2)
     expected = {k for k in model.state_dict() if k.rpartition(".")[0] not in sparse_names}
     missing, unexpected = sorted(expected - set(dense_state)), sorted(set(dense_state) - expected)
     if missing or unexpected:
