@@ -1,12 +1,14 @@
 """CPU kernels for `PanelCSRMatrix` and the function `sparse_linear` that dispatches to them.
 
 Two backends compute the same thing:
-- "c": csrc/sparse_kernels.c (vectorised, OpenMP), compiled once with the system C compiler for this machine
+- "c": csrc/sparse_kernels.c (vectorised, own thread pool), compiled once with the system C compiler for this machine
   (-O3 -march=native) and cached under $SPARSEARCH_CACHE (default ~/.cache/sparsearch, as for data); called
   through ctypes on tensor data pointers, so no build step needs torch. Chosen by measurement: 1.1 to 2.4x faster
   than the numba version of the same algorithm on 4096x4096 (benchmarks/results/runtime_kernels.md).
 - "numba": the same algorithm in numba, used when no C compiler is available.
-Set SPARSEARCH_KERNEL_BACKEND=c|numba to force one. Both use `torch.get_num_threads()` threads.
+Set SPARSEARCH_KERNEL_BACKEND=c|numba to force one. Both use up to `torch.get_num_threads()` threads; the C
+kernels run each layer on their own thread pool (not OpenMP: see csrc/sparse_kernels.c for why) and on one
+thread when they measure that to be faster for that layer and batch size (a busy machine).
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ def _compile_library() -> Path:
     if compiler is None:
         raise RuntimeError("no C compiler found (set CC or install gcc)")
     source = _SOURCE.read_bytes()
-    flag_sets = (["-O3", "-march=native", "-fopenmp"], ["-O3", "-fopenmp"])
+    flag_sets = (["-O3", "-march=native", "-pthread"], ["-O3", "-pthread"])
     key = hashlib.sha256(source + compiler.encode() + _cpu_fingerprint().encode()).hexdigest()[:16]
     target = _cache_dir() / f"sparse_kernels_{key}.so"
     if target.exists():
@@ -180,9 +182,13 @@ def _threads_for(work: int) -> int:
     return max(1, min(torch.get_num_threads(), work // PARALLEL_GRAIN))
 
 
+
 def sparse_linear(x: torch.Tensor, matrix: PanelCSRMatrix, bias: torch.Tensor | None = None,
-                  backend: str | None = None) -> torch.Tensor:
-    """y = x W^T + bias like `F.linear`, for any leading batch shape and any strides of x; y is contiguous."""
+                  backend: str | None = None, threads: int | None = None) -> torch.Tensor:
+    """y = x W^T + bias like `F.linear`, for any leading batch shape and any strides of x; y is contiguous.
+
+    `threads` caps the threads (default: `torch.get_num_threads()`); the C kernels still run a layer on one
+    thread when they measure that to be faster (a busy machine)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype != torch.float32:
@@ -197,8 +203,10 @@ def sparse_linear(x: torch.Tensor, matrix: PanelCSRMatrix, bias: torch.Tensor | 
     batch = math.prod(lead)
     if batch == 0 or matrix.rows == 0:
         return x.new_zeros(*lead, matrix.rows) + (0 if bias is None else bias)
+    if threads is not None and (not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"threads must be a positive int or None, got {threads!r}")
     kernels = get_backend(backend)
-    threads = _threads_for(matrix.nnz * batch)
+    threads = min(_threads_for(matrix.nnz * batch), threads or torch.get_num_threads())
     x2 = x.detach().reshape(batch, matrix.cols)
     if batch == 1:
         y = torch.empty(matrix.rows, dtype=torch.float32)
