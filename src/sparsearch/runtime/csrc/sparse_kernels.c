@@ -287,17 +287,20 @@ static void transpose_block(int64_t r0, int64_t r1, int64_t c0, int64_t c1, cons
  * The pool never waits for a helper that has not started, but it does wait for a chunk a helper has started
  * and then lost its core to another process; on a machine with more runnable processes than cores that costs
  * a scheduler time slice per call, and one thread is faster. So each layer (keyed by its values array and a
- * batch-size bucket) keeps a running average of the time per unit of work with one thread and with all, runs
- * the faster, and re-measures the other every EXPLORE_EVERY calls (rarely when one is far ahead), so it
- * follows the load as it comes and goes. Keys are a small direct-mapped table: a collision only means a
- * layer re-learns its timings. */
+ * batch-size bucket) keeps its last SAMPLES times per unit of work with one thread and with all, runs the mode
+ * whose median is lower (a median: a single preempted call must not decide), and re-measures the other every
+ * EXPLORE_EVERY calls (EXPLORE_EVERY_FAR when one is twice as fast), so it follows the load as it comes and
+ * goes. Keys live in a small direct-mapped table: a collision only means a layer re-learns its timings. */
 #define STATS_SLOTS 512
+#define SAMPLES 5
+#define MIN_SAMPLES 3
 #define EXPLORE_EVERY 16
 #define EXPLORE_EVERY_FAR 64
 typedef struct {
     const void* key;
     int64_t bucket;
-    double ns_per_work[2]; /* [0]: one thread, [1]: all threads; 0 = not measured yet */
+    float ns_per_work[2][SAMPLES]; /* [0]: one thread, [1]: all threads; a ring of the latest samples */
+    uint32_t count[2];
     uint32_t calls;
 } mode_stats;
 static mode_stats stats_table[STATS_SLOTS];
@@ -315,6 +318,17 @@ static int64_t batch_bucket(int64_t batch) {
     return bucket;
 }
 
+static float median_of(const float* samples, uint32_t count) {
+    float sorted[SAMPLES];
+    uint32_t n = count < SAMPLES ? count : SAMPLES;
+    for (uint32_t i = 0; i < n; i++) {
+        uint32_t j = i;
+        for (; j > 0 && sorted[j - 1] > samples[i]; j--) sorted[j] = sorted[j - 1];
+        sorted[j] = samples[i];
+    }
+    return sorted[n / 2];
+}
+
 /* The number of threads for this call of the layer `key`; *slot receives its statistics slot (or -1). */
 static int choose_threads(const void* key, int64_t batch, int threads, int* slot) {
     *slot = -1;
@@ -323,14 +337,20 @@ static int choose_threads(const void* key, int64_t batch, int threads, int* slot
     int index = (int)((((uintptr_t)key >> 6) ^ (uintptr_t)bucket * 0x9E3779B1u) % STATS_SLOTS);
     pthread_mutex_lock(&stats_lock);
     mode_stats* st = &stats_table[index];
-    if (st->key != key || st->bucket != bucket) *st = (mode_stats){key, bucket, {0.0, 0.0}, 0};
+    if (st->key != key || st->bucket != bucket) {
+        memset(st, 0, sizeof(*st));
+        st->key = key;
+        st->bucket = bucket;
+    }
     int parallel;
-    if (st->ns_per_work[1] == 0.0) parallel = 1;
-    else if (st->ns_per_work[0] == 0.0) parallel = 0;
-    else {
-        int best = st->ns_per_work[1] <= st->ns_per_work[0];
-        double ratio = st->ns_per_work[!best] / st->ns_per_work[best];
-        int every = ratio > 1.5 ? EXPLORE_EVERY_FAR : EXPLORE_EVERY;
+    if (st->count[0] < MIN_SAMPLES || st->count[1] < MIN_SAMPLES) {
+        parallel = st->count[1] <= st->count[0];  /* learning: alternate */
+    } else {
+        float serial_ns = median_of(st->ns_per_work[0], st->count[0]);
+        float parallel_ns = median_of(st->ns_per_work[1], st->count[1]);
+        int best = parallel_ns <= serial_ns;
+        float ratio = best ? serial_ns / parallel_ns : parallel_ns / serial_ns;
+        uint32_t every = ratio > 2.0f ? EXPLORE_EVERY_FAR : EXPLORE_EVERY;
         parallel = (++st->calls % every == 0) ? !best : best;
     }
     pthread_mutex_unlock(&stats_lock);
@@ -343,8 +363,8 @@ static void record_time(int slot, const void* key, int64_t batch, int parallel, 
     pthread_mutex_lock(&stats_lock);
     mode_stats* st = &stats_table[slot];
     if (st->key == key && st->bucket == batch_bucket(batch)) {
-        double per = ns / work, *avg = &st->ns_per_work[parallel];
-        *avg = *avg == 0.0 ? per : 0.7 * *avg + 0.3 * per;
+        st->ns_per_work[parallel][st->count[parallel] % SAMPLES] = (float)(ns / work);
+        st->count[parallel]++;
     }
     pthread_mutex_unlock(&stats_lock);
 }
