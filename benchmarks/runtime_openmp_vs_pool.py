@@ -45,10 +45,10 @@ def openmp_linear(lib: ctypes.CDLL, m: PanelCSRMatrix, bias: torch.Tensor, x: to
     batch = x.shape[0]
     if batch == 1:
         y = torch.empty(m.rows)
-        lib.panel_csr_matvec(*m.kernel_args, bias.data_ptr(), x.data_ptr(), y.data_ptr(), 2)
+        lib.panel_csr_matvec(*m.kernel_args[:-1], bias.data_ptr(), x.data_ptr(), y.data_ptr(), 2)
         return y
     xt, yt, y = torch.empty(m.cols, batch), torch.empty(m.rows, batch), torch.empty(batch, m.rows)
-    lib.panel_csr_linear(*m.kernel_args, bias.data_ptr(), x.data_ptr(), x.stride(0), xt.data_ptr(), batch, batch,
+    lib.panel_csr_linear(*m.kernel_args[:-1], bias.data_ptr(), x.data_ptr(), x.stride(0), xt.data_ptr(), batch, batch,
                          m.cols, yt.data_ptr(), y.data_ptr(), 2)
     return y
 

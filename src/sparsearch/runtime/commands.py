@@ -31,6 +31,8 @@ def convert_command(
     min_speedup: Annotated[float, typer.Option(help="Sparse must beat dense by this factor at every batch size.")]
     = 1.05,
     max_density: Annotated[float, typer.Option(help="Layers denser than this stay dense without timing.")] = 0.7,
+    int8: Annotated[bool, typer.Option("--int8", help="Sparse values as int8 with a scale per 32 non-zeros "
+                                                      "(transformers directories).")] = False,
 ) -> None:
     """Make a pruned model run on sparse kernels where they are measured faster on this CPU.
 
@@ -47,9 +49,12 @@ def convert_command(
             check_output_dir(out)
             with console.status(f"timing dense vs sparse layers of {model_file}"):
                 model, tokenizer, report = convert_transformers(model_file, batch_sizes=sizes, min_speedup=min_speedup,
-                                                                max_density=max_density)
+                                                                max_density=max_density, int8=int8)
             size = save_transformers(model, out, source_dir=model_file, tokenizer=tokenizer, report=report)
         else:
+            if int8:
+                raise ValueError("--int8 is for transformers model directories; a state dict file has no model "
+                                 "to check the int8 outputs against")
             from sparsearch.runtime.convert import convert_file
 
             with console.status(f"timing dense vs sparse layers of {model_file}"):

@@ -37,6 +37,8 @@ from sparsearch.runtime.modules import SparseLinear, linear_like, reason_to_keep
 from sparsearch.runtime.storage import compact_state, write_sparse_file
 from sparsearch.runtime.timing import PairedTiming, paired_speedup
 
+FP32_TOLERANCE = 1e-4  # largest output difference allowed, relative to max(1, |output|): summation order only
+INT8_TOLERANCE = 5e-2  # int8 weights round each weight by up to half a step of its group's scale
 CHECKPOINT_MODEL_PREFIX = "model/"  # sparsearch.save checkpoints keep the model's state dict under this prefix
 # Parameter names that hold lookup tables rather than Linear weights, for `convert_file`, which has no model to ask
 EMBEDDING_NAME_PARTS = ("embed", "wte", "wpe", "tok_embeddings", "shared")
@@ -98,7 +100,7 @@ class ConversionReport:
 
 def _decide_weight(name: str, layer_type: str, weight: torch.Tensor, bias: torch.Tensor | None,
                    batch_sizes: Sequence[int], min_speedup: float, max_density: float,
-                   repeats: int) -> tuple[LayerDecision, SparseLinear | None]:
+                   repeats: int, int8: bool = False) -> tuple[LayerDecision, SparseLinear | None]:
     """Time a [out, in] weight dense against sparse and decide (see the module docstring)."""
     weight = weight.detach().float().contiguous()
     density = float((weight != 0).float().mean()) if weight.numel() else 1.0
@@ -107,6 +109,8 @@ def _decide_weight(name: str, layer_type: str, weight: torch.Tensor, bias: torch
         reason = f"density {density:.3f} > max_density {max_density}: dense kernels win there"
         return LayerDecision(name, layer_type, shape, density, False, reason), None
     matrix = PanelCSRMatrix.from_dense(weight)
+    if int8:
+        matrix = matrix.quantize()
     bias = None if bias is None else bias.detach().float().contiguous()
     dense_ms, sparse_ms, speedups, confidence = {}, {}, {}, 1.0
     # sparse work is density x dense work: a measured speed-up far beyond 1/density means load hit the dense call
@@ -125,7 +129,8 @@ def _decide_weight(name: str, layer_type: str, weight: torch.Tensor, bias: torch
         reason = f"sparse/dense speed-up {measured} < min_speedup {min_speedup} at batch {worst_batch}"
         return LayerDecision(name, layer_type, shape, density, False, reason, dense_ms, sparse_ms, speedups,
                              confidence), None
-    decision = LayerDecision(name, layer_type, shape, density, True, f"sparse faster ({measured})",
+    decision = LayerDecision(name, layer_type, shape, density, True,
+                             f"sparse{' int8' if int8 else ''} faster ({measured})",
                              dense_ms, sparse_ms, speedups, confidence)
     return decision, SparseLinear(matrix, bias)
 
@@ -244,8 +249,10 @@ def _check_replacements(reference: Any, converted: nn.Module, sample_input: Any,
 
 def convert_with_report(model: nn.Module, sample_input: Any = None, *, batch_sizes: Sequence[int] = (1, 64, 256),
                         min_speedup: float = 1.05, max_density: float = 0.7, repeats: int = 5,
-                        tolerance: float = 1e-4, inplace: bool = False) -> tuple[nn.Module, ConversionReport]:
+                        tolerance: float | None = None, int8: bool = False,
+                        inplace: bool = False) -> tuple[nn.Module, ConversionReport]:
     """Like `convert`, and also return the per-layer `ConversionReport`."""
+    tolerance = (INT8_TOLERANCE if int8 else FP32_TOLERANCE) if tolerance is None else tolerance
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not batch_sizes or any(not isinstance(b, int) or b < 1 for b in batch_sizes):
@@ -285,7 +292,7 @@ def convert_with_report(model: nn.Module, sample_input: Any = None, *, batch_siz
                 decisions.append(LayerDecision(name, layer_type, tuple(weight.shape), density, False, reason))
                 continue
             decision, sparse = _decide_weight(name, layer_type, weight, bias, batch_sizes, min_speedup,
-                                              max_density, repeats)
+                                              max_density, repeats, int8)
             decisions.append(decision)
             if sparse is not None:
                 replacements.append((name, module, sparse))
@@ -332,19 +339,21 @@ def convert_with_report(model: nn.Module, sample_input: Any = None, *, batch_siz
 
 
 def convert(model: nn.Module, sample_input: Any = None, *, batch_sizes: Sequence[int] = (1, 64, 256),
-            min_speedup: float = 1.05, max_density: float = 0.7, repeats: int = 5, tolerance: float = 1e-4,
-            inplace: bool = False) -> nn.Module:
+            min_speedup: float = 1.05, max_density: float = 0.7, repeats: int = 5, tolerance: float | None = None,
+            int8: bool = False, inplace: bool = False) -> nn.Module:
     """Return an inference copy of `model` whose Linear layers use sparse kernels where measured faster.
 
     A layer goes sparse only if its non-zeros are at most `max_density` of the weight and the sparse kernel
     beats `F.linear` by `min_speedup` (median of interleaved paired rounds) at every size in `batch_sizes`.
     `sample_input` (a tensor, a tuple of positional arguments or a dict of keyword arguments) is what the
     model is called with to check outputs (to `tolerance`, relative to max(1, |output|)) and whole-model speed;
-    without it, those checks are skipped (with a warning). Masked models need nothing special: the exact
-    zeros in the weights are the mask. The result is in eval mode with gradients off.
+    without it, those checks are skipped (with a warning). `int8=True` stores the sparse layers' values as
+    int8 with a scale per 32 non-zeros (timed as such; default tolerance 5e-2 instead of 1e-4). Masked models
+    need nothing special: the exact zeros in the weights are the mask. The result is in eval mode with
+    gradients off.
     """
     converted, _ = convert_with_report(model, sample_input, batch_sizes=batch_sizes, min_speedup=min_speedup,
-                                       max_density=max_density, repeats=repeats, tolerance=tolerance,
+                                       max_density=max_density, repeats=repeats, tolerance=tolerance, int8=int8,
                                        inplace=inplace)
     return converted
 

@@ -94,10 +94,11 @@ def load_model_dir(path: str | Path) -> tuple[nn.Module, Any]:
 def convert_transformers(model_or_path: nn.Module | str | Path, *, tokenizer: Any = None,
                          sample_input: dict[str, torch.Tensor] | None = None,
                          batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES, min_speedup: float = 1.05,
-                         max_density: float = 0.7, repeats: int = 5, tolerance: float = 1e-4
-                         ) -> tuple[nn.Module, Any, ConversionReport]:
+                         max_density: float = 0.7, repeats: int = 5, tolerance: float | None = None,
+                         int8: bool = False) -> tuple[nn.Module, Any, ConversionReport]:
     """(converted model, tokenizer, report) for a transformers model or model directory with zeros in its weights.
 
+    `int8=True` stores the sparse layers' values as int8 with group scales (see `convert`).
     Raises ValueError for a directory that is not a transformers model and for a model whose Linear/Conv1D
     weights have no layer at or below `max_density` (nothing to gain: prune it first, e.g. `sparsearch prune`).
     """
@@ -120,7 +121,8 @@ def convert_transformers(model_or_path: nn.Module | str | Path, *, tokenizer: An
     model.eval()
     sample = sample_input if sample_input is not None else sample_inputs(model, tokenizer)
     converted, report = convert_with_report(model, sample, batch_sizes=tuple(batch_sizes), min_speedup=min_speedup,
-                                            max_density=max_density, repeats=repeats, tolerance=tolerance)
+                                            max_density=max_density, repeats=repeats, tolerance=tolerance,
+                                            int8=int8)
     return converted, tokenizer, report
 
 

@@ -83,9 +83,9 @@ class _CBackend:
     def __init__(self) -> None:
         lib = ctypes.CDLL(str(_compile_library()))
         i64, ptr, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
-        lib.panel_csr_linear.argtypes = [i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, i64, ptr, i64, i64, i64,
+        lib.panel_csr_linear.argtypes = [i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, ptr, i64, i64, i64,
                                          ptr, ptr, c_int]
-        lib.panel_csr_matvec.argtypes = [i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, c_int]
+        lib.panel_csr_matvec.argtypes = [i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, c_int]
         for fn in (lib.panel_csr_linear, lib.panel_csr_matvec):
             fn.restype = None
         self._lib = lib
@@ -141,7 +141,7 @@ class _NumbaBackend:
         xt = x2.t().contiguous()
         yt = torch.empty(m.rows, x2.shape[0], dtype=torch.float32)
         self._kernels.matmul_t(m.rows, m.panel_width, m.segment_ptr.numpy(), m.row_nnz_prefix.numpy(),
-                               m.col_indices.numpy(), m.values.numpy(), _bias_array(bias, m.rows),
+                               m.col_indices.numpy(), m.float_values.numpy(), _bias_array(bias, m.rows),
                                xt.numpy(), yt.numpy(), self._threads(threads))
         return yt.t().contiguous()
 
@@ -152,7 +152,7 @@ class _NumbaBackend:
     def matvec(self, m: PanelCSRMatrix, bias: torch.Tensor | None, x: torch.Tensor, y: torch.Tensor,
                threads: int) -> None:
         self._kernels.matvec(m.rows, m.panel_width, m.segment_ptr.numpy(), m.row_nnz_prefix.numpy(),
-                             m.col_indices.numpy(), m.values.numpy(), _bias_array(bias, m.rows), x.numpy(),
+                             m.col_indices.numpy(), m.float_values.numpy(), _bias_array(bias, m.rows), x.numpy(),
                              y.numpy(), self._threads(threads))
 
 

@@ -27,6 +27,7 @@ class SparseLinear(nn.Module):
         self.register_buffer("values", matrix.values)
         self.register_buffer("col_indices", matrix.col_indices)
         self.register_buffer("segment_nnz", matrix.segment_nnz)
+        self.register_buffer("scales", matrix.scales)  # None (not in the state dict) unless the values are int8
         self.register_buffer("bias", None if bias is None else bias.detach().to(torch.float32).contiguous())
         self._matrix = matrix
 
@@ -70,7 +71,8 @@ class SparseLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, nnz={self.nnz}, "
-                f"density={self._matrix.density:.3f}, bias={self.bias is not None}")
+                f"density={self._matrix.density:.3f}, bias={self.bias is not None}"
+                + (", int8" if self._matrix.is_int8 else ""))
 
 
 def linear_like(module: nn.Module) -> tuple[str, torch.Tensor, torch.Tensor | None] | None:

@@ -1,13 +1,13 @@
 """Sparse model files: safetensors holding only the non-zeros, their indices and per-segment counts.
 
 A file is a model's `state_dict()` after `convert` with every sparse-enough weight stored as the arrays
-`<prefix>.values` (float32), `<prefix>.col_indices` (uint16) and `<prefix>.segment_nnz` (uint16) of a
-`PanelCSRMatrix`: for a `SparseLinear` the prefix is the layer's name and it runs sparse after loading; for
-any other weight of 2 or more dims (a Linear kept dense because dense was faster, a convolution, flattened to
-2-D) the prefix is the parameter's name and it is expanded to dense on load. So the file size follows the
-non-zeros whatever ran faster. Other tensors are stored dense. The header metadata records the format version,
-each sparse entry's shape, panel width and execution mode, and a CRC32 of every tensor, so a corrupted or
-truncated file raises a ValueError instead of producing wrong numbers. Loading needs no pickle:
+`<prefix>.values` (float32, or int8 with `<prefix>.scales`), `<prefix>.col_indices` (uint16) and
+`<prefix>.segment_nnz` (uint16) of a `PanelCSRMatrix`: for a `SparseLinear` the prefix is the layer's name and it
+runs sparse after loading; for any other weight of 2 or more dims (a Linear kept dense because dense was faster, a
+convolution, flattened to 2-D) the prefix is the parameter's name and it is expanded to dense on load. So the file
+size follows the non-zeros whatever ran faster. Other tensors are stored dense. The header metadata records the
+format version, each sparse entry's shape, panel width and execution mode, and a CRC32 of every tensor, so a
+corrupted or truncated file raises a ValueError instead of producing wrong numbers. Loading needs no pickle:
 `load_sparse(path, model)` fills an instance of the model's architecture.
 """
 
@@ -25,7 +25,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from sparsearch.runtime.format import PanelCSRMatrix
+from sparsearch.runtime.format import INT8_GROUP_SIZE, PanelCSRMatrix
 from sparsearch.runtime.modules import SparseLinear, linear_like, reason_to_keep_dense, shared_parameters
 
 FORMAT_NAME = "sparsearch-runtime"
@@ -39,8 +39,18 @@ def _crc32(tensor: torch.Tensor) -> int:
 
 
 def _entry(matrix: PanelCSRMatrix, execute: str, weight_shape: tuple[int, ...]) -> dict[str, Any]:
-    return {"shape": list(matrix.shape), "panel_width": matrix.panel_width, "execute": execute,
-            "weight_shape": list(weight_shape)}
+    entry = {"shape": list(matrix.shape), "panel_width": matrix.panel_width, "execute": execute,
+             "weight_shape": list(weight_shape)}
+    if matrix.is_int8:
+        entry["int8_group_size"] = INT8_GROUP_SIZE
+    return entry
+
+
+def _arrays(matrix: PanelCSRMatrix) -> dict[str, torch.Tensor]:
+    arrays = {name: getattr(matrix, name) for name in _SPARSE_ARRAYS}
+    if matrix.is_int8:
+        arrays["scales"] = matrix.scales
+    return arrays
 
 
 def compact_state(state: dict[str, torch.Tensor], sparse_modules: dict[str, SparseLinear]
@@ -50,10 +60,10 @@ def compact_state(state: dict[str, torch.Tensor], sparse_modules: dict[str, Spar
     entries: dict[str, dict[str, Any]] = {}
     for name, module in sparse_modules.items():
         entries[name] = _entry(module.matrix, "sparse", (module.out_features, module.in_features))
-        tensors.update({f"{name}.{array}": getattr(module, array) for array in _SPARSE_ARRAYS})
+        tensors.update({f"{name}.{array}": value for array, value in _arrays(module.matrix).items()})
     for key, value in state.items():
         owner, _, leaf = key.rpartition(".")
-        if owner in sparse_modules and leaf in _SPARSE_ARRAYS:
+        if owner in sparse_modules and (leaf in _SPARSE_ARRAYS or leaf == "scales"):
             continue
         if leaf == "weight" and value.dim() >= 2 and value.is_floating_point():
             flat = value.detach().float().reshape(value.shape[0], -1)
@@ -127,9 +137,19 @@ def read_sparse_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[st
         keys = [f"{prefix}.{array}" for array in _SPARSE_ARRAYS]
         if any(key not in tensors for key in keys):
             raise ValueError(f"{str(path)!r} lacks the arrays {keys} of sparse entry {prefix!r}")
+        scales = None
+        if "int8_group_size" in info:
+            if info["int8_group_size"] != INT8_GROUP_SIZE:
+                raise ValueError(f"{str(path)!r}: sparse entry {prefix!r} has int8 groups of "
+                                 f"{info['int8_group_size']!r}; this sparsearch reads groups of {INT8_GROUP_SIZE}")
+            if f"{prefix}.scales" not in tensors:
+                raise ValueError(f"{str(path)!r} lacks the int8 scales {prefix + '.scales'!r} of sparse entry "
+                                 f"{prefix!r}")
+            scales = tensors.pop(f"{prefix}.scales")
         try:
             shape = (int(info["shape"][0]), int(info["shape"][1]))
-            matrix = PanelCSRMatrix.from_arrays(shape, int(info["panel_width"]), *(tensors.pop(k) for k in keys))
+            matrix = PanelCSRMatrix.from_arrays(shape, int(info["panel_width"]), *(tensors.pop(k) for k in keys),
+                                                scales=scales)
             matrix.validate()
             weight_shape = [int(d) for d in info["weight_shape"]]
             if info["execute"] not in ("sparse", "dense") or math.prod(weight_shape) != shape[0] * shape[1]:

@@ -39,6 +39,12 @@ typedef float vec16 __attribute__((vector_size(64), aligned(4)));
  * there is no work, and the caller waits only for chunks a helper has actually started, never for a helper
  * that has not shown up. Chunks are claimed from one atomic word that also holds the job's generation, so a
  * helper that wakes up late can never take a chunk of a job that has finished. */
+/* Weights are float32 values, or int8 values q with one float32 scale per GROUP_SIZE consecutive stored non-zeros
+ * (group-quantised, GQSA-style: a group holds neighbouring non-zeros of a row, so one scale fits them): the
+ * weight of non-zero k is q[k] * scales[k / GROUP_SIZE]. 1 + 2 + 4/32 bytes per non-zero instead of 6. */
+#define GROUP_SHIFT 5
+#define WEIGHT(k) (q ? (float)q[k] * scales[(k) >> GROUP_SHIFT] : values[k])
+
 #if defined(__x86_64__) || defined(__i386__)
 #define CPU_RELAX() __builtin_ia32_pause()
 #elif defined(__aarch64__)
@@ -169,7 +175,7 @@ static void balanced_rows(const int64_t* row_nnz_prefix, int64_t rows, int t, in
 }
 
 #define DEFINE_TILE(NV)                                                                                 \
-    static inline void tile_##NV(const float* values, const uint16_t* cols, int64_t k0, int64_t k1,     \
+    static inline void tile_##NV(const float* values, const int8_t* q, const float* scales, const uint16_t* cols, int64_t k0, int64_t k1,     \
                                  const float* xt, int64_t ldx, float* y, int accumulate, float init) { \
         vec8 acc[NV];                                                                                   \
         for (int v = 0; v < NV; v++) {                                                                  \
@@ -177,7 +183,7 @@ static void balanced_rows(const int64_t* row_nnz_prefix, int64_t rows, int t, in
             else acc[v] = (vec8){init, init, init, init, init, init, init, init};                       \
         }                                                                                               \
         for (int64_t k = k0; k < k1; k++) {                                                             \
-            const float w = values[k];                                                                  \
+            const float w = WEIGHT(k);                                                                  \
             const float* x = xt + (int64_t)cols[k] * ldx;                                               \
             for (int v = 0; v < NV; v++) acc[v] += w * *(const vec8*)(x + 8 * v);                       \
         }                                                                                               \
@@ -186,7 +192,7 @@ static void balanced_rows(const int64_t* row_nnz_prefix, int64_t rows, int t, in
 DEFINE_TILE(1) DEFINE_TILE(2) DEFINE_TILE(3)
 
 #define DEFINE_TILE16(NV)                                                                               \
-    static inline void tile16_##NV(const float* values, const uint16_t* cols, int64_t k0, int64_t k1,   \
+    static inline void tile16_##NV(const float* values, const int8_t* q, const float* scales, const uint16_t* cols, int64_t k0, int64_t k1,   \
                                    const float* xt, int64_t ldx, float* y, int accumulate, float init) { \
         vec16 acc[NV];                                                                                  \
         for (int v = 0; v < NV; v++) {                                                                  \
@@ -194,7 +200,7 @@ DEFINE_TILE(1) DEFINE_TILE(2) DEFINE_TILE(3)
             else for (int e = 0; e < 16; e++) acc[v][e] = init;                                         \
         }                                                                                               \
         for (int64_t k = k0; k < k1; k++) {                                                             \
-            const float w = values[k];                                                                  \
+            const float w = WEIGHT(k);                                                                  \
             const float* x = xt + (int64_t)cols[k] * ldx;                                               \
             for (int v = 0; v < NV; v++) acc[v] += w * *(const vec16*)(x + 16 * v);                     \
         }                                                                                               \
@@ -203,12 +209,12 @@ DEFINE_TILE(1) DEFINE_TILE(2) DEFINE_TILE(3)
 DEFINE_TILE16(2) DEFINE_TILE16(3) DEFINE_TILE16(4)
 
 /* Batch columns that do not fill a vector of 8: plain scalar accumulation. */
-static inline void tile_tail(const float* values, const uint16_t* cols, int64_t k0, int64_t k1,
+static inline void tile_tail(const float* values, const int8_t* q, const float* scales, const uint16_t* cols, int64_t k0, int64_t k1,
                              const float* xt, int64_t ldx, float* y, int width, int accumulate, float init) {
     float acc[8];
     for (int c = 0; c < width; c++) acc[c] = accumulate ? y[c] : init;
     for (int64_t k = k0; k < k1; k++) {
-        const float w = values[k];
+        const float w = WEIGHT(k);
         const float* x = xt + (int64_t)cols[k] * ldx;
         for (int c = 0; c < width; c++) acc[c] += w * x[c];
     }
@@ -220,7 +226,8 @@ static inline void tile_tail(const float* values, const uint16_t* cols, int64_t 
 /* Y^T rows [first, last) = W X^T (+ bias) for all batch columns. X^T is either cols x batch with row stride ldx
  * (tiled = 0) or tiled: batch tile b0 is a contiguous cols x width block at xt + b0 * ncols. */
 static void rows_matmul_t(int64_t first, int64_t last, int64_t rows, int64_t panels, int64_t panel_width,
-                          const int64_t* seg_ptr, const uint16_t* cols, const float* values, const float* bias,
+                          const int64_t* seg_ptr, const uint16_t* cols, const float* values, const int8_t* q,
+                          const float* scales, const float* bias,
                           const float* xt, int64_t ldx, int tiled, int64_t ncols, int64_t batch, float* yt,
                           int64_t ldy) {
     for (int64_t b0 = 0; b0 < batch; b0 += BATCH_TILE) {
@@ -240,26 +247,26 @@ static void rows_matmul_t(int64_t first, int64_t last, int64_t rows, int64_t pan
                 if (width >= 32) {
                     done = (int)(width / 16) * 16;
                     switch (width / 16) {
-                        case 4: tile16_4(values, cols, k0, k1, x, ld_tile, y, accumulate, init); break;
-                        case 3: tile16_3(values, cols, k0, k1, x, ld_tile, y, accumulate, init); break;
-                        default: tile16_2(values, cols, k0, k1, x, ld_tile, y, accumulate, init); break;
+                        case 4: tile16_4(values, q, scales, cols, k0, k1, x, ld_tile, y, accumulate, init); break;
+                        case 3: tile16_3(values, q, scales, cols, k0, k1, x, ld_tile, y, accumulate, init); break;
+                        default: tile16_2(values, q, scales, cols, k0, k1, x, ld_tile, y, accumulate, init); break;
                     }
                     if (width - done >= 8) {
-                        tile_1(values, cols, k0, k1, x + done, ld_tile, y + done, accumulate, init);
+                        tile_1(values, q, scales, cols, k0, k1, x + done, ld_tile, y + done, accumulate, init);
                         done += 8;
                     }
                 } else {
                     done = vectors * 8;
                     switch (vectors) {
-                        case 3: tile_3(values, cols, k0, k1, x, ld_tile, y, accumulate, init); break;
-                        case 2: tile_2(values, cols, k0, k1, x, ld_tile, y, accumulate, init); break;
-                        case 1: tile_1(values, cols, k0, k1, x, ld_tile, y, accumulate, init); break;
+                        case 3: tile_3(values, q, scales, cols, k0, k1, x, ld_tile, y, accumulate, init); break;
+                        case 2: tile_2(values, q, scales, cols, k0, k1, x, ld_tile, y, accumulate, init); break;
+                        case 1: tile_1(values, q, scales, cols, k0, k1, x, ld_tile, y, accumulate, init); break;
                         default: break;
                     }
                 }
                 int tail = (int)(width - done);
                 if (tail)
-                    tile_tail(values, cols, k0, k1, x + done, ld_tile, y + done, tail, accumulate,
+                    tile_tail(values, q, scales, cols, k0, k1, x + done, ld_tile, y + done, tail, accumulate,
                               init);
             }
         }
@@ -374,7 +381,8 @@ typedef struct {
     int64_t rows, panels, panel_width, ldx_in, ldx, batch, ncols;
     const int64_t *seg_ptr, *row_nnz_prefix;
     const uint16_t* cols;
-    const float *values, *bias, *x;
+    const float *values, *scales, *bias, *x;
+    const int8_t* q;
     float *xt, *yt, *y;
 } linear_args;
 
@@ -394,7 +402,8 @@ static void linear_chunk(const void* ctx, int64_t chunk, int64_t chunks) {
     const linear_args* a = ctx;
     int64_t first, last;
     balanced_rows(a->row_nnz_prefix, a->rows, (int)chunk, (int)chunks, &first, &last);
-    rows_matmul_t(first, last, a->rows, a->panels, a->panel_width, a->seg_ptr, a->cols, a->values, a->bias, a->xt,
+    rows_matmul_t(first, last, a->rows, a->panels, a->panel_width, a->seg_ptr, a->cols, a->values, a->q, a->scales,
+                  a->bias, a->xt,
                   a->ldx, a->x != 0, a->ncols, a->batch, a->yt, a->batch);
     if (a->y) transpose_block(first, last, 0, a->batch, a->yt, a->batch, a->y, a->rows, 16);
 }
@@ -405,19 +414,20 @@ static void matvec_chunk(const void* ctx, int64_t chunk, int64_t chunks) {
     balanced_rows(a->row_nnz_prefix, a->rows, (int)chunk, (int)chunks, &first, &last);
     const int64_t rows = a->rows, *seg_ptr = a->seg_ptr;
     const uint16_t* cols = a->cols;
-    const float *values = a->values, *x = a->x;
+    const float *values = a->values, *scales = a->scales, *x = a->x;
+    const int8_t* q = a->q;
     for (int64_t i = first; i < last; i++) {
         float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
         for (int64_t p = 0; p < a->panels; p++) {
             const float* xp = x + p * a->panel_width;
             int64_t k = seg_ptr[p * rows + i], end = seg_ptr[p * rows + i + 1];
             for (; k + 4 <= end; k += 4) {
-                s0 += values[k] * xp[cols[k]];
-                s1 += values[k + 1] * xp[cols[k + 1]];
-                s2 += values[k + 2] * xp[cols[k + 2]];
-                s3 += values[k + 3] * xp[cols[k + 3]];
+                s0 += WEIGHT(k) * xp[cols[k]];
+                s1 += WEIGHT(k + 1) * xp[cols[k + 1]];
+                s2 += WEIGHT(k + 2) * xp[cols[k + 2]];
+                s3 += WEIGHT(k + 3) * xp[cols[k + 3]];
             }
-            for (; k < end; k++) s0 += values[k] * xp[cols[k]];
+            for (; k < end; k++) s0 += WEIGHT(k) * xp[cols[k]];
         }
         a->y[i] = ((s0 + s1) + (s2 + s3)) + (a->bias ? a->bias[i] : 0.0f);
     }
@@ -428,11 +438,13 @@ static void matvec_chunk(const void* ctx, int64_t chunk, int64_t chunks) {
  * stride ldx. Each chunk computes its rows of Y^T into the scratch yt (rows x batch) and writes them transposed
  * into y (batch x rows, contiguous), unless y is NULL (the caller wants Y^T). */
 void panel_csr_linear(int64_t rows, int64_t panels, int64_t panel_width, const int64_t* seg_ptr,
-                      const int64_t* row_nnz_prefix, const uint16_t* cols, const float* values,
-                      const float* bias, const float* x, int64_t ldx_in, float* xt, int64_t ldx, int64_t batch,
+                      const int64_t* row_nnz_prefix, const uint16_t* cols, const void* values,
+                      const float* scales, const float* bias, const float* x, int64_t ldx_in, float* xt, int64_t ldx, int64_t batch,
                       int64_t ncols, float* yt, float* y, int threads) {
-    linear_args a = {rows, panels, panel_width, ldx_in, ldx, batch, ncols, seg_ptr, row_nnz_prefix, cols, values,
-                     bias, x, xt, yt, y};
+    linear_args a = {.rows = rows, .panels = panels, .panel_width = panel_width, .ldx_in = ldx_in, .ldx = ldx,
+                     .batch = batch, .ncols = ncols, .seg_ptr = seg_ptr, .row_nnz_prefix = row_nnz_prefix,
+                     .cols = cols, .values = scales ? NULL : values, .scales = scales, .bias = bias, .x = x,
+                     .q = scales ? values : NULL, .xt = xt, .yt = yt, .y = y};
     int slot;
     threads = choose_threads(values, batch, threads, &slot);
     double start = now_ns();
@@ -447,10 +459,11 @@ void panel_csr_linear(int64_t rows, int64_t panels, int64_t panel_width, const i
 
 /* y[rows] = W x (+ bias) for a single contiguous input vector (memory-bound: bytes per non-zero matter). */
 void panel_csr_matvec(int64_t rows, int64_t panels, int64_t panel_width, const int64_t* seg_ptr,
-                      const int64_t* row_nnz_prefix, const uint16_t* cols, const float* values,
-                      const float* bias, const float* x, float* y, int threads) {
-    linear_args a = {rows, panels, panel_width, 0, 0, 1, 0, seg_ptr, row_nnz_prefix, cols, values, bias, x,
-                     NULL, NULL, y};
+                      const int64_t* row_nnz_prefix, const uint16_t* cols, const void* values,
+                      const float* scales, const float* bias, const float* x, float* y, int threads) {
+    linear_args a = {.rows = rows, .panels = panels, .panel_width = panel_width, .batch = 1, .seg_ptr = seg_ptr,
+                     .row_nnz_prefix = row_nnz_prefix, .cols = cols, .values = scales ? NULL : values,
+                     .scales = scales, .bias = bias, .x = x, .q = scales ? values : NULL, .y = y};
     int slot;
     threads = choose_threads(values, 1, threads, &slot);
     double start = now_ns();
