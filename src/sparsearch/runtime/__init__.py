@@ -7,7 +7,14 @@
     model, tokenizer, report = sparsearch.runtime.convert_transformers("pruned-model-dir")   # transformers models
 """
 
-from sparsearch.runtime.convert import ConversionReport, LayerDecision, convert, convert_file, convert_with_report
+from sparsearch.runtime.convert import (
+    ConversionReport,
+    LayerDecision,
+    convert,
+    convert_file,
+    convert_with_report,
+    to_int8,
+)
 from sparsearch.runtime.format import PanelCSRMatrix
 from sparsearch.runtime.hf import convert_transformers, load_transformers, save_transformers
 from sparsearch.runtime.kernels import get_backend, sparse_linear, sparse_matmul_t
@@ -31,4 +38,5 @@ __all__ = [
     "save_transformers",
     "sparse_linear",
     "sparse_matmul_t",
+    "to_int8",
 ]

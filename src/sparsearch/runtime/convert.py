@@ -358,6 +358,16 @@ def convert(model: nn.Module, sample_input: Any = None, *, batch_sizes: Sequence
     return converted
 
 
+def to_int8(model: nn.Module) -> nn.Module:
+    """A copy of a converted model whose `SparseLinear` layers hold int8 values with group scales (the same
+    layers, without re-timing them: for comparing int8 with float32 on the same decisions)."""
+    quantized = copy.deepcopy(model)
+    for name, module in list(quantized.named_modules()):
+        if isinstance(module, SparseLinear):
+            _replace_module(quantized, name, SparseLinear(module.matrix.quantize(), module.bias))
+    return quantized
+
+
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise ValueError(f"model file {str(path)!r} does not exist")
@@ -414,4 +424,4 @@ def convert_file(source: str | Path, target: str | Path, *, batch_sizes: Sequenc
 
 
 __all__ = ["ConversionReport", "LayerDecision", "convert", "convert_file", "convert_with_report",
-           "looks_like_embedding", "output_difference"]
+           "looks_like_embedding", "output_difference", "to_int8"]
