@@ -147,7 +147,8 @@ def to_markdown(payload: dict) -> str:
                      f"{s1['sparse']:.1f} | {s1['sparse'] / s1['dense']:.2f}x | {s32['dense']:.1f} | "
                      f"{s32['sparse']:.1f} | {s32['sparse'] / s32['dense']:.2f}x | {r['max_abs_difference']:.1e} | "
                      f"{r['load_average'][0]} |")
-    lines += ["", "## GPT-2-style decoder (6 x 768, vocabulary 8192): generated tokens per second (greedy, 16 new tokens)\n",
+    lines += ["", "## GPT-2-style decoder (6 x 768, vocabulary 8192): generated tokens per second "
+              "(greedy, 16 new tokens)\n",
               "| setting | sparse layers | batch 1 dense | batch 1 sparse | speed-up | batch 8 dense | "
               "batch 8 sparse | speed-up | same greedy tokens | load avg |",
               "|---|---|---|---|---|---|---|---|---|---|"]
