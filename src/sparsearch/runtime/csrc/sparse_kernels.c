@@ -433,6 +433,40 @@ static void matvec_chunk(const void* ctx, int64_t chunk, int64_t chunks) {
     }
 }
 
+/* The int8 matrix-vector product without a per-weight scale: each row's run of non-zeros is cut at group
+ * boundaries, summed in int8 x float, and scaled once per group. */
+static void matvec_chunk_int8(const void* ctx, int64_t chunk, int64_t chunks) {
+    const linear_args* a = ctx;
+    int64_t first, last;
+    balanced_rows(a->row_nnz_prefix, a->rows, (int)chunk, (int)chunks, &first, &last);
+    const int64_t rows = a->rows, *seg_ptr = a->seg_ptr;
+    const uint16_t* cols = a->cols;
+    const int8_t* q = a->q;
+    const float *scales = a->scales, *x = a->x;
+    for (int64_t i = first; i < last; i++) {
+        float total = 0.0f;
+        for (int64_t p = 0; p < a->panels; p++) {
+            const float* xp = x + p * a->panel_width;
+            int64_t k = seg_ptr[p * rows + i], end = seg_ptr[p * rows + i + 1];
+            while (k < end) {
+                int64_t group_end = ((k >> GROUP_SHIFT) + 1) << GROUP_SHIFT;
+                if (group_end > end) group_end = end;
+                float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
+                const float scale = scales[k >> GROUP_SHIFT];
+                for (; k + 4 <= group_end; k += 4) {
+                    s0 += (float)q[k] * xp[cols[k]];
+                    s1 += (float)q[k + 1] * xp[cols[k + 1]];
+                    s2 += (float)q[k + 2] * xp[cols[k + 2]];
+                    s3 += (float)q[k + 3] * xp[cols[k + 3]];
+                }
+                for (; k < group_end; k++) s0 += (float)q[k] * xp[cols[k]];
+                total += ((s0 + s1) + (s2 + s3)) * scale;
+            }
+        }
+        a->y[i] = total + (a->bias ? a->bias[i] : 0.0f);
+    }
+}
+
 /* y[batch, rows] = x W^T (+ bias). If x is given (batch x cols, row stride ldx_in) it is first transposed into
  * the scratch xt (cols x batch floats, in batch tiles; ldx is ignored); otherwise xt already holds X^T with row
  * stride ldx. Each chunk computes its rows of Y^T into the scratch yt (rows x batch) and writes them transposed
@@ -467,6 +501,7 @@ void panel_csr_matvec(int64_t rows, int64_t panels, int64_t panel_width, const i
     int slot;
     threads = choose_threads(values, 1, threads, &slot);
     double start = now_ns();
-    run_parallel(matvec_chunk, &a, threads > 1 ? (int64_t)threads * CHUNKS_PER_THREAD : 1, threads);
+    run_parallel(scales ? matvec_chunk_int8 : matvec_chunk, &a, threads > 1 ? (int64_t)threads * CHUNKS_PER_THREAD : 1,
+                 threads);
     record_time(slot, values, 1, threads > 1, now_ns() - start, (double)row_nnz_prefix[rows]);
 }
