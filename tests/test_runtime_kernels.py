@@ -142,3 +142,15 @@ def test_thread_pool_is_correct_from_concurrent_callers_and_after_fork():
     child.join(timeout=60)
     assert child.exitcode == 0
     torch.testing.assert_close(result, F.linear(inputs[1], weight), rtol=1e-4, atol=1e-4)
+
+
+def test_a_deep_copied_matrix_computes_from_its_own_arrays():
+    import copy
+
+    weight = torch.randn(64, 128) * (torch.rand(64, 128) > 0.9)
+    matrix = PanelCSRMatrix.from_dense(weight)
+    x = torch.randn(3, 128)
+    sparse_linear(x, matrix)  # caches the kernel arguments (data pointers)
+    clone = copy.deepcopy(matrix)
+    matrix.values.zero_()  # the source changes; the copy must not follow it
+    torch.testing.assert_close(sparse_linear(x, clone), F.linear(x, weight), rtol=1e-4, atol=1e-4)

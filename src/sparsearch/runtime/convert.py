@@ -311,11 +311,21 @@ def convert_with_report(model: nn.Module, sample_input: Any = None, *, batch_siz
         output_check = (f"converted model matches the original on the sample input (largest difference "
                         f"{difference:.2e} relative to max(1, |output|), tolerance {tolerance})")
         if replacements:
-            original = copy.deepcopy(converted)
-            for name, module, _ in replacements:
-                _replace_module(original, name, module)
-            model_timing = paired_speedup(lambda: _run(original, sample_input), lambda: _run(converted, sample_input),
-                                          threshold=min(1.0, min_speedup), rounds=max(repeats, 5))
+            if inplace:  # the original is gone: rebuild it from the replaced modules
+                original = copy.deepcopy(converted)
+                for name, module, _ in replacements:
+                    _replace_module(original, name, module)
+            else:
+                original = model
+            modes = {name: m.training for name, m in original.named_modules()}
+            original.eval()
+            try:
+                model_timing = paired_speedup(lambda: _run(original, sample_input),
+                                              lambda: _run(converted, sample_input),
+                                              threshold=min(1.0, min_speedup), rounds=max(repeats, 5))
+            finally:
+                for name, m in original.named_modules():
+                    m.training = modes.get(name, m.training)
             if model_timing.speedup < min(1.0, min_speedup):
                 for name, module, _ in replacements:
                     _replace_module(converted, name, module)
