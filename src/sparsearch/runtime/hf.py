@@ -177,12 +177,5 @@ def load_transformers(model_dir: str | Path) -> tuple[nn.Module, Any]:
     return model, tokenizer
 
 
-def report_summary(report: ConversionReport) -> dict[str, Any]:
-    """Counts for a one-line summary (CLI, benchmark)."""
-    return {"layers": len(report.layers), "sparse": len(report.sparse_layers),
-            "output_check": report.output_check,
-            "model_speedup": None if report.model_timing is None else round(report.model_timing.speedup, 3)}
-
-
-__all__ = ["check_output_dir", "convert_transformers", "load_model_dir", "load_transformers", "report_summary",
-           "sample_inputs", "save_transformers", "zero_fraction"]
+__all__ = ["check_output_dir", "convert_transformers", "load_model_dir", "load_transformers", "sample_inputs",
+           "save_transformers", "zero_fraction"]
