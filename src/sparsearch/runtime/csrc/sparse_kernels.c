@@ -296,19 +296,22 @@ static void transpose_block(int64_t r0, int64_t r1, int64_t c0, int64_t c1, cons
  * a scheduler time slice per call, and one thread is faster. So each layer (keyed by its values array and a
  * batch-size bucket) keeps its last SAMPLES times per unit of work with one thread and with all, runs the mode
  * whose median is lower (a median: a single preempted call must not decide), and re-measures the other every
- * EXPLORE_EVERY calls (EXPLORE_EVERY_FAR when one is twice as fast), so it follows the load as it comes and
- * goes. Keys live in a small direct-mapped table: a collision only means a layer re-learns its timings. */
+ * EXPLORE_EVERY calls (EXPLORE_EVERY_FAR when one is twice as fast), or as soon as its newest sample is older
+ * than STALE_NS (timings from another load, e.g. taken while `convert` decided, must not hold for long), so it
+ * follows the load as it comes and goes. Keys live in a small direct-mapped table: a collision only means a layer re-learns its timings. */
 #define STATS_SLOTS 512
 #define SAMPLES 5
 #define MIN_SAMPLES 3
 #define EXPLORE_EVERY 16
 #define EXPLORE_EVERY_FAR 64
+#define STALE_NS 2e8
 typedef struct {
     const void* key;
     int64_t bucket;
     float ns_per_work[2][SAMPLES]; /* [0]: one thread, [1]: all threads; a ring of the latest samples */
     uint32_t count[2];
-    uint32_t calls;
+    uint32_t calls;           /* since the last call in the other mode */
+    double last_ns[2];        /* when each mode was last measured */
 } mode_stats;
 static mode_stats stats_table[STATS_SLOTS];
 static pthread_mutex_t stats_lock = PTHREAD_MUTEX_INITIALIZER;
@@ -358,7 +361,9 @@ static int choose_threads(const void* key, int64_t batch, int threads, int* slot
         int best = parallel_ns <= serial_ns;
         float ratio = best ? serial_ns / parallel_ns : parallel_ns / serial_ns;
         uint32_t every = ratio > 2.0f ? EXPLORE_EVERY_FAR : EXPLORE_EVERY;
-        parallel = (++st->calls % every == 0) ? !best : best;
+        int stale = now_ns() - st->last_ns[!best] > STALE_NS && st->calls >= 4;
+        parallel = (++st->calls >= every || stale) ? !best : best;
+        if (parallel != best) st->calls = 0;
     }
     pthread_mutex_unlock(&stats_lock);
     *slot = index;
@@ -372,6 +377,7 @@ static void record_time(int slot, const void* key, int64_t batch, int parallel, 
     if (st->key == key && st->bucket == batch_bucket(batch)) {
         st->ns_per_work[parallel][st->count[parallel] % SAMPLES] = (float)(ns / work);
         st->count[parallel]++;
+        st->last_ns[parallel] = now_ns();
     }
     pthread_mutex_unlock(&stats_lock);
 }
