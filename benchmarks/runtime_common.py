@@ -32,7 +32,8 @@ def machine() -> dict:
 
 def interleaved_times(fns: dict[str, Callable[[], object]], min_rounds: int = 7, max_rounds: int = 40,
                       budget_s: float = 2.0) -> tuple[dict[str, float], dict[str, float]]:
-    """(median, minimum) seconds per call; one call of every function per round, so load drift hits all alike.
+    """(median, minimum) seconds per call; one call of every function per round (in rotating order), so load
+    drift hits all alike.
 
     Both are reported: the median is what a user on this (shared) machine saw; the minimum is the steadiest
     estimate of the code's own cost when other jobs steal the cores for part of the run."""
@@ -41,8 +42,12 @@ def interleaved_times(fns: dict[str, Callable[[], object]], min_rounds: int = 7,
     times: dict[str, list[float]] = {name: [] for name in fns}
     start = time.perf_counter()
     rounds = 0
+    names = list(fns)
     while rounds < min_rounds or (rounds < max_rounds and time.perf_counter() - start < budget_s):
-        for name, fn in fns.items():
+        # the order rotates each round: a call right after another that read the same weights finds them in
+        # the cache, and a fixed order would hand that advantage to the same candidate every time
+        for name in names[rounds % len(names):] + names[: rounds % len(names)]:
+            fn = fns[name]
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)

@@ -100,7 +100,7 @@ def measure(name: str, build, data, schedule: list[float], train_limit: int, wor
     nonzero_weights = sum(int((w != 0).sum()) for w in weights)
     achieved = 1 - nonzero_weights / sum(w.numel() for w in weights)
     start = time.perf_counter()
-    fast, report = convert_with_report(model, batch_sizes=(1, 256))
+    fast, report = convert_with_report(model, data.x_test[:256], batch_sizes=(1, 256))
     convert_s = time.perf_counter() - start
     dense_path, sparse_path = workdir / f"{name}_dense.safetensors", workdir / f"{name}_sparse.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(dense_path))

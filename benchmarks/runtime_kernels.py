@@ -51,7 +51,7 @@ def converted_layer(weight: torch.Tensor, bias: torch.Tensor, batch: int) -> tor
     with torch.no_grad():
         linear.weight.copy_(weight)
         linear.bias.copy_(bias)
-    return convert(torch.nn.Sequential(linear), batch_sizes=(batch,))
+    return convert(torch.nn.Sequential(linear), torch.randn(batch, weight.shape[1]), batch_sizes=(batch,))
 
 
 def candidates(weight, bias, matrix, csr, padded, x, xt, with_numba: bool, converted=None) -> dict:

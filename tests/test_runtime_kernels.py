@@ -38,7 +38,7 @@ def make_input(batch_shape, cols, layout, seed):
     cols=st.integers(0, 300),
     sparsity=st.sampled_from([0.0, 0.5, 0.9, 0.98, 1.0]),
     panel_width=st.sampled_from([None, 1, 7, 64]),
-    batch_shape=st.sampled_from([(), (0,), (1,), (2,), (9,), (70,), (131,), (3, 5), (2, 0, 4), (3, 50)]),
+    batch_shape=st.sampled_from([(), (0,), (1,), (2,), (9,), (40,), (57,), (70,), (131,), (3, 5), (2, 0, 4), (3, 50)]),
     layout=st.sampled_from(["contiguous", "transposed", "strided"]),
     with_bias=st.booleans(),
     empty_row=st.booleans(),
@@ -114,3 +114,43 @@ def test_batch_minor_layout_matches_dense(backend, batch):
     xt = torch.randn(1500, batch)
     torch.testing.assert_close(sparse_matmul_t(matrix, xt, bias, backend=backend), weight @ xt + bias[:, None],
                                rtol=1e-4, atol=1e-3)
+
+
+def _child_result(queue, matrix, x):
+    # only the sparse kernel runs in the child: torch's own OpenMP ops can hang after a fork
+    queue.put(sparse_linear(x, matrix, threads=2).tolist())
+
+
+def test_thread_pool_is_correct_from_concurrent_callers_and_after_fork():
+    """The C kernels' own thread pool: callers in several Python threads at once, and a forked child."""
+    import multiprocessing
+    from concurrent.futures import ThreadPoolExecutor
+
+    torch.manual_seed(0)
+    weight = torch.randn(512, 1024) * (torch.rand(512, 1024) > 0.8)
+    matrix = PanelCSRMatrix.from_dense(weight)
+    inputs = [torch.randn(batch, 1024) for batch in (1, 64, 1, 200, 64, 3, 1, 128)]
+    with ThreadPoolExecutor(4) as pool:
+        outputs = list(pool.map(lambda x: sparse_linear(x, matrix, threads=2), inputs * 3))
+    for x, y in zip(inputs * 3, outputs, strict=True):
+        torch.testing.assert_close(y, F.linear(x, weight), rtol=1e-4, atol=1e-4)
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_child_result, args=(queue, matrix, inputs[1]))
+    child.start()
+    result = torch.tensor(queue.get(timeout=60))
+    child.join(timeout=60)
+    assert child.exitcode == 0
+    torch.testing.assert_close(result, F.linear(inputs[1], weight), rtol=1e-4, atol=1e-4)
+
+
+def test_a_deep_copied_matrix_computes_from_its_own_arrays():
+    import copy
+
+    weight = torch.randn(64, 128) * (torch.rand(64, 128) > 0.9)
+    matrix = PanelCSRMatrix.from_dense(weight)
+    x = torch.randn(3, 128)
+    sparse_linear(x, matrix)  # caches the kernel arguments (data pointers)
+    clone = copy.deepcopy(matrix)
+    matrix.values.zero_()  # the source changes; the copy must not follow it
+    torch.testing.assert_close(sparse_linear(x, clone), F.linear(x, weight), rtol=1e-4, atol=1e-4)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import sparsearch as sa
-from sparsearch.algorithms import ALGORITHM_ARMS
+from sparsearch.algorithms import ARMS, ArmSetting
 
 VOCAB, WIDTH, LENGTH, BATCH = 32, 32, 12, 8
 
@@ -47,13 +47,13 @@ def build(arm: str, total_steps: int, batch: tuple[torch.Tensor, torch.Tensor], 
     model = TiedTransformer()
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3, total_steps=total_steps + 10)
-    kwargs = {"total_steps": total_steps, "steps_per_epoch": 4, "seed": seed, "distribution": "uniform"}
-    if arm in ("snip", "grasp", "synflow"):
-        kwargs["batch"] = batch
+    setting = ArmSetting(
+        sparsity=0.8, total_steps=total_steps, steps_per_epoch=4, seed=seed, distribution="uniform", batch=batch
+    )
     if arm == "synflow":  # the arm's 100 rounds, 5 here: the test is about the model, not SynFlow's schedule
         sparsifier = sa.SynFlow(0.8, distribution="uniform", rounds=5, seed=seed, batch=batch)
     else:
-        sparsifier = ALGORITHM_ARMS[arm](0.8, **kwargs)
+        sparsifier = ARMS.get(arm)(setting)
     sparsifier.attach(model, optimizer)
     return model, optimizer, schedule, sparsifier
 
@@ -68,7 +68,7 @@ def masked_gradient_norm(sparsifier: sa.Sparsifier, model: nn.Module) -> float:
     return squares**0.5
 
 
-@pytest.mark.parametrize("arm", sorted(ALGORITHM_ARMS))
+@pytest.mark.parametrize("arm", ARMS.names())
 def test_every_arm_trains_clips_saves_and_reloads_the_tied_transformer(arm, tmp_path):
     total_steps = 12
     data = batches(total_steps + 1)

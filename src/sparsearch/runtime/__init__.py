@@ -3,10 +3,20 @@
     fast = sparsearch.runtime.convert(model)          # Linear -> SparseLinear where measured faster
     sparsearch.runtime.save_sparse(fast, "m.safetensors")
     again = sparsearch.runtime.load_sparse("m.safetensors", build_model())
+
+    model, tokenizer, report = sparsearch.runtime.convert_transformers("pruned-model-dir")   # transformers models
 """
 
-from sparsearch.runtime.convert import ConversionReport, LayerDecision, convert, convert_file, convert_with_report
+from sparsearch.runtime.convert import (
+    ConversionReport,
+    LayerDecision,
+    convert,
+    convert_file,
+    convert_with_report,
+    to_int8,
+)
 from sparsearch.runtime.format import PanelCSRMatrix
+from sparsearch.runtime.hf import convert_transformers, load_transformers, save_transformers
 from sparsearch.runtime.kernels import get_backend, sparse_linear, sparse_matmul_t
 from sparsearch.runtime.modules import SparseLinear
 from sparsearch.runtime.storage import load_sparse, read_sparse_file, save_sparse
@@ -18,11 +28,15 @@ __all__ = [
     "SparseLinear",
     "convert",
     "convert_file",
+    "convert_transformers",
     "convert_with_report",
     "get_backend",
     "load_sparse",
+    "load_transformers",
     "read_sparse_file",
     "save_sparse",
+    "save_transformers",
     "sparse_linear",
     "sparse_matmul_t",
+    "to_int8",
 ]

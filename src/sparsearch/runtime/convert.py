@@ -1,19 +1,29 @@
 """`convert`: turn a masked or pruned model into an inference model that uses `SparseLinear` where it pays.
 
-Each `nn.Linear` is timed dense (`F.linear`) and sparse (the runtime's kernels) on this machine at the batch
-sizes the caller names; it becomes sparse only if the sparse kernel is at least `min_speedup` times faster at
-every one of them, so a converted model is never slower than the dense one by more than timing noise. Layers
-of other types with a matrix-like weight stay dense and are reported (and warned about).
+Which layers can go sparse: every `nn.Linear` (and transformers' GPT-2 `Conv1D`, whose weight is stored
+transposed) that the model calls as a module. A layer whose parent reads its weight itself (the `out_proj` of
+`nn.MultiheadAttention`, or any layer that is not called on the sample input) or whose weight is tied to
+another module's (an LM head tied to its embedding) stays dense, and the report says why.
+
+Which of those go sparse: each is timed dense (`F.linear`) against sparse (the runtime's kernels) on this
+machine at the batch sizes the caller names, in interleaved pairs (`timing.paired_speedup`), and goes sparse
+only if the median speed-up reaches `min_speedup` at every one of them; the report gives the speed-up and how
+many of the rounds agreed. Given a sample input, `convert` then checks that the converted model computes what
+the original does (layers that break it go back to dense) and times the whole model: if it is slower than
+the original (or than min(1, min_speedup) times it: a tiny `min_speedup` forces sparse layers), every layer
+goes back to dense, so a converted model is never slower than the original.
 """
 
 from __future__ import annotations
 
 import copy
-import time
+import dataclasses
+import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -23,15 +33,23 @@ from torch import nn
 
 from sparsearch.runtime.format import PanelCSRMatrix
 from sparsearch.runtime.kernels import sparse_linear
-from sparsearch.runtime.modules import SparseLinear
+from sparsearch.runtime.modules import SparseLinear, linear_like, reason_to_keep_dense, shared_parameters
 from sparsearch.runtime.storage import compact_state, write_sparse_file
+from sparsearch.runtime.timing import PairedTiming, paired_speedup
 
+FP32_TOLERANCE = 1e-4  # largest output difference allowed, relative to max(1, |output|): summation order only
+INT8_TOLERANCE = 5e-2  # int8 weights round each weight by up to half a step of its group's scale
 CHECKPOINT_MODEL_PREFIX = "model/"  # sparsearch.save checkpoints keep the model's state dict under this prefix
+# Parameter names that hold lookup tables rather than Linear weights, for `convert_file`, which has no model to ask
+EMBEDDING_NAME_PARTS = ("embed", "wte", "wpe", "tok_embeddings", "shared")
 
 
 @dataclass(frozen=True)
 class LayerDecision:
-    """What `convert` did with one layer and why; times are the fastest of the repeats, ms per batch size."""
+    """What `convert` did with one layer and why; times are medians of interleaved runs, ms per batch size.
+
+    `speedup` is the median per-round dense/sparse ratio per batch size and `confidence` the smallest
+    fraction of rounds that agreed with the decision (1.0: every round did)."""
 
     name: str
     layer_type: str
@@ -41,13 +59,17 @@ class LayerDecision:
     reason: str
     dense_ms: dict[int, float] = field(default_factory=dict)
     sparse_ms: dict[int, float] = field(default_factory=dict)
+    speedup: dict[int, float] = field(default_factory=dict)
+    confidence: float | None = None
 
 
 @dataclass(frozen=True)
 class ConversionReport:
-    """Per-layer decisions of one `convert` call."""
+    """Per-layer decisions of one `convert` call, the output check and the whole-model timing (if any)."""
 
     layers: list[LayerDecision]
+    output_check: str = "not checked: no sample_input given"
+    model_timing: PairedTiming | None = None
 
     @property
     def sparse_layers(self) -> list[str]:
@@ -58,50 +80,58 @@ class ConversionReport:
         return [d.name for d in self.layers if not d.sparse]
 
     def to_markdown(self) -> str:
-        lines = ["| layer | type | shape | density | kept as | reason |", "|---|---|---|---|---|---|"]
+        lines = ["| layer | type | shape | density | kept as | speed-up (median) | confidence | reason |",
+                 "|---|---|---|---|---|---|---|---|"]
         for d in self.layers:
             shape = "x".join(map(str, d.shape))
+            speedups = ", ".join(f"b{b}: {s:.2f}x" for b, s in d.speedup.items()) or "-"
+            confidence = "-" if d.confidence is None else f"{d.confidence:.2f}"
             lines.append(f"| {d.name} | {d.layer_type} | {shape} | {d.density:.3f} | "
-                         f"{'sparse' if d.sparse else 'dense'} | {d.reason} |")
+                         f"{'sparse' if d.sparse else 'dense'} | {speedups} | {confidence} | {d.reason} |")
+        lines.append("")
+        lines.append(f"Outputs: {self.output_check}.")
+        if self.model_timing is not None:
+            t = self.model_timing
+            lines.append(f"Whole model on the sample input: {t.speedup:.2f}x the original (median of {t.rounds} "
+                         f"paired rounds, {t.confidence:.0%} agree; original {t.baseline_ms:.3f} ms, converted "
+                         f"{t.candidate_ms:.3f} ms).")
         return "\n".join(lines)
 
 
-def _best_ms(fn: Callable[[], object], repeats: int) -> float:
-    """Fastest of `repeats` runs: other jobs on the same cores only ever add time, so the minimum is the
-    steadiest estimate of what the layer itself costs (a median flips decisions on a busy machine)."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times) * 1e3
-
-
-def _decide_linear(name: str, linear: nn.Linear, batch_sizes: Sequence[int], min_speedup: float,
-                   max_density: float, repeats: int) -> tuple[LayerDecision, SparseLinear | None]:
-    weight = linear.weight.detach().float()
+def _decide_weight(name: str, layer_type: str, weight: torch.Tensor, bias: torch.Tensor | None,
+                   batch_sizes: Sequence[int], min_speedup: float, max_density: float,
+                   repeats: int, int8: bool = False) -> tuple[LayerDecision, SparseLinear | None]:
+    """Time a [out, in] weight dense against sparse and decide (see the module docstring)."""
+    weight = weight.detach().float().contiguous()
     density = float((weight != 0).float().mean()) if weight.numel() else 1.0
     shape = tuple(weight.shape)
     if density > max_density:
         reason = f"density {density:.3f} > max_density {max_density}: dense kernels win there"
-        return LayerDecision(name, "Linear", shape, density, False, reason), None
+        return LayerDecision(name, layer_type, shape, density, False, reason), None
     matrix = PanelCSRMatrix.from_dense(weight)
-    bias = None if linear.bias is None else linear.bias.detach().float().contiguous()
-    dense_ms, sparse_ms = {}, {}
+    if int8:
+        matrix = matrix.quantize()
+    bias = None if bias is None else bias.detach().float().contiguous()
+    dense_ms, sparse_ms, speedups, confidence = {}, {}, {}, 1.0
+    # sparse work is density x dense work: a measured speed-up far beyond 1/density means load hit the dense call
+    plausible = 2.0 / max(density, 1e-6)
     with torch.no_grad():
         for batch in batch_sizes:
-            x = torch.randn(batch, linear.in_features)
-            dense_ms[batch] = _best_ms(lambda x=x: F.linear(x, weight, bias), repeats)
-            sparse_ms[batch] = _best_ms(lambda x=x: sparse_linear(x, matrix, bias), repeats)
-    speedups = {b: dense_ms[b] / max(sparse_ms[b], 1e-9) for b in batch_sizes}
+            x = torch.randn(batch, weight.shape[1])
+            timing = paired_speedup(lambda x=x: F.linear(x, weight, bias),
+                                    lambda x=x: sparse_linear(x, matrix, bias),
+                                    threshold=min_speedup, rounds=repeats, plausible_max=plausible)
+            dense_ms[batch], sparse_ms[batch], speedups[batch] = timing.baseline_ms, timing.candidate_ms, timing.speedup
+            confidence = min(confidence, timing.confidence)
     worst_batch = min(speedups, key=speedups.__getitem__)
     measured = ", ".join(f"batch {b}: {s:.2f}x" for b, s in speedups.items())
     if speedups[worst_batch] < min_speedup:
         reason = f"sparse/dense speed-up {measured} < min_speedup {min_speedup} at batch {worst_batch}"
-        return LayerDecision(name, "Linear", shape, density, False, reason, dense_ms, sparse_ms), None
-    decision = LayerDecision(name, "Linear", shape, density, True, f"sparse faster ({measured})",
-                             dense_ms, sparse_ms)
+        return LayerDecision(name, layer_type, shape, density, False, reason, dense_ms, sparse_ms, speedups,
+                             confidence), None
+    decision = LayerDecision(name, layer_type, shape, density, True,
+                             f"sparse{' int8' if int8 else ''} faster ({measured})",
+                             dense_ms, sparse_ms, speedups, confidence)
     return decision, SparseLinear(matrix, bias)
 
 
@@ -111,10 +141,118 @@ def _replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def convert_with_report(model: nn.Module, *, batch_sizes: Sequence[int] = (1, 64, 256), min_speedup: float = 1.05,
-                        max_density: float = 0.7, repeats: int = 5,
+def _run(model: nn.Module, sample_input: Any) -> Any:
+    with torch.no_grad():
+        if isinstance(sample_input, dict):
+            return model(**sample_input)
+        if isinstance(sample_input, tuple):
+            return model(*sample_input)
+        return model(sample_input)
+
+
+def _tensors(output: Any) -> list[torch.Tensor]:
+    """Every floating tensor in a model output (tensor, tuple, list, dict or transformers ModelOutput)."""
+    if isinstance(output, torch.Tensor):
+        return [output] if output.is_floating_point() else []
+    if isinstance(output, dict):
+        return [t for value in output.values() for t in _tensors(value)]
+    if isinstance(output, list | tuple):
+        return [t for value in output for t in _tensors(value)]
+    return []
+
+
+def output_difference(reference: Any, candidate: Any) -> float:
+    """Largest absolute difference over all output tensors, relative to max(1, largest reference magnitude)."""
+    refs, cands = _tensors(reference), _tensors(candidate)
+    if len(refs) != len(cands) or any(r.shape != c.shape for r, c in zip(refs, cands, strict=True)):
+        return math.inf
+    worst = 0.0
+    for ref, cand in zip(refs, cands, strict=True):
+        if ref.numel():
+            scale = max(1.0, float(ref.detach().abs().max()))
+            worst = max(worst, float((ref.detach().float() - cand.detach().float()).abs().max()) / scale)
+    return worst
+
+
+def _called_modules(model: nn.Module, names: list[str], sample_input: Any) -> set[str]:
+    """The modules among `names` that the model calls as modules on `sample_input` (others have their weight
+    read by a parent, like nn.MultiheadAttention's out_proj, or are unused)."""
+    called: set[str] = set()
+    handles = [model.get_submodule(name).register_forward_pre_hook(lambda *_, name=name: called.add(name))
+               for name in names]
+    try:
+        _run(model, sample_input)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return called
+
+
+def _unsupported(name: str, module: nn.Module) -> list[LayerDecision]:
+    """Decisions for the matrix-like parameters of a module the runtime has no kernel for."""
+    decisions = []
+    for param_name, param in module.named_parameters(recurse=False):
+        if param.dim() < 2:
+            continue
+        label = name if param_name == "weight" else f"{name}.{param_name}" if name else param_name
+        density = float((param != 0).float().mean())
+        kind = type(module).__name__
+        if isinstance(module, nn.Embedding | nn.EmbeddingBag):
+            reason = "embedding table (a lookup, not a matrix product): stays dense"
+        elif isinstance(module, nn.MultiheadAttention):
+            reason = f"nn.MultiheadAttention computes with {param_name} itself: no sparse kernel, stays dense"
+        else:
+            reason = f"no sparse kernel for {kind}: stays dense"
+        decisions.append(LayerDecision(label, kind, tuple(param.shape), density, False, reason))
+    return decisions
+
+
+def _try(reference: Any, model: nn.Module, sample_input: Any) -> tuple[float, str]:
+    """(output difference, what went wrong or "") of `model` on `sample_input` against `reference`."""
+    try:
+        difference = output_difference(reference, _run(model, sample_input))
+    except Exception as error:  # any failure of the converted model means a replacement broke it
+        return math.inf, f"the forward pass raised {type(error).__name__}: {error}"
+    return difference, "" if math.isfinite(difference) else "the outputs changed shape"
+
+
+def _check_replacements(reference: Any, converted: nn.Module, sample_input: Any,
+                        replacements: list[tuple[str, nn.Module, nn.Module]], tolerance: float
+                        ) -> tuple[dict[str, str], float]:
+    """Layers whose replacement breaks the model (each tried alone if the whole fails) -> why; the final
+    difference. Broken layers are put back to the original in `converted`."""
+    difference, _ = _try(reference, converted, sample_input)
+    if difference <= tolerance:
+        return {}, difference
+    for name, original, _ in replacements:  # back to the original model, then one replacement at a time
+        _replace_module(converted, name, original)
+    broken = {}
+    for name, original, sparse in replacements:
+        _replace_module(converted, name, sparse)
+        alone, failure = _try(reference, converted, sample_input)
+        _replace_module(converted, name, original)
+        if alone > tolerance:
+            broken[name] = (f"kept dense: replacing it broke the model on the sample input "
+                            f"({failure or f'outputs differ by {alone:.2e} > tolerance {tolerance}'})")
+    for name, _, sparse in replacements:
+        if name not in broken:
+            _replace_module(converted, name, sparse)
+    difference, failure = _try(reference, converted, sample_input)
+    if difference > tolerance:  # no single culprit: the combination breaks it, so nothing is replaced
+        for name, original, _ in replacements:
+            _replace_module(converted, name, original)
+            broken.setdefault(name, f"kept dense: the replaced layers together broke the model on the sample "
+                                    f"input ({failure or f'outputs differ by {difference:.2e}'})")
+        difference, _ = _try(reference, converted, sample_input)
+    return broken, difference
+
+
+def convert_with_report(model: nn.Module, sample_input: Any = None, *, batch_sizes: Sequence[int] = (1, 64, 256),
+                        min_speedup: float = 1.05, max_density: float = 0.7, repeats: int = 5,
+                        tolerance: float | None = None, int8: bool = False,
                         inplace: bool = False) -> tuple[nn.Module, ConversionReport]:
     """Like `convert`, and also return the per-layer `ConversionReport`."""
+    tolerance = (INT8_TOLERANCE if int8 else FP32_TOLERANCE) if tolerance is None else tolerance
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not batch_sizes or any(not isinstance(b, int) or b < 1 for b in batch_sizes):
@@ -125,48 +263,119 @@ def convert_with_report(model: nn.Module, *, batch_sizes: Sequence[int] = (1, 64
         raise ValueError(f"max_density must be in [0, 1], got {max_density}")
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
+    if tolerance < 0:
+        raise ValueError(f"tolerance must be >= 0, got {tolerance}")
     converted = model if inplace else copy.deepcopy(model)
+    converted.eval()
+    candidates = {name: module for name, module in converted.named_modules() if linear_like(module)}
+    reference = None
+    called = None
+    if sample_input is not None:
+        try:
+            reference = _run(converted, sample_input)
+            called = _called_modules(converted, list(candidates), sample_input)
+        except Exception as error:
+            raise ValueError(f"the model fails on sample_input before any conversion: {error}") from error
+    owners = shared_parameters(converted)
     decisions: list[LayerDecision] = []
-    replacements: list[tuple[str, SparseLinear]] = []
+    replacements: list[tuple[str, nn.Module, nn.Module]] = []
     for name, module in converted.named_modules():
-        if isinstance(module, nn.Linear):
-            decision, sparse = _decide_linear(name, module, batch_sizes, min_speedup, max_density, repeats)
+        view = linear_like(module)
+        if view is not None:
+            layer_type, weight, bias = view
+            reason = reason_to_keep_dense(converted, name, owners)
+            if reason is None and called is not None and name not in called:
+                reason = ("not called as a module on the sample input: its parent reads its weight itself "
+                          "(or it is unused)")
+            if reason is not None:
+                density = float((weight != 0).float().mean())
+                decisions.append(LayerDecision(name, layer_type, tuple(weight.shape), density, False, reason))
+                continue
+            decision, sparse = _decide_weight(name, layer_type, weight, bias, batch_sizes, min_speedup,
+                                              max_density, repeats, int8)
             decisions.append(decision)
             if sparse is not None:
-                replacements.append((name, sparse))
+                replacements.append((name, module, sparse))
         elif isinstance(module, SparseLinear):
             decisions.append(LayerDecision(name, "SparseLinear", (module.out_features, module.in_features),
                                            module.matrix.density, True, "already sparse"))
         else:
-            weight = getattr(module, "weight", None)
-            if isinstance(weight, torch.Tensor) and weight.dim() >= 2:
-                density = float((weight != 0).float().mean())
-                decisions.append(LayerDecision(name, type(module).__name__, tuple(weight.shape), density, False,
-                                               f"no sparse kernel for {type(module).__name__}: stays dense"))
-    for name, sparse in replacements:
+            decisions.extend(_unsupported(name, module))
+    for name, _, sparse in replacements:
         _replace_module(converted, name, sparse)
-    converted.eval()
+    output_check, model_timing = "not checked: no sample_input given", None
+    if sample_input is not None:
+        reasons, difference = _check_replacements(reference, converted, sample_input, replacements, tolerance)
+        broken = set(reasons)
+        replacements = [r for r in replacements if r[0] not in broken]
+        output_check = (f"converted model matches the original on the sample input (largest difference "
+                        f"{difference:.2e} relative to max(1, |output|), tolerance {tolerance})")
+        if replacements:
+            if inplace:  # the original is gone: rebuild it from the replaced modules
+                original = copy.deepcopy(converted)
+                for name, module, _ in replacements:
+                    _replace_module(original, name, module)
+            else:
+                original = model
+            modes = {name: m.training for name, m in original.named_modules()}
+            original.eval()
+            try:
+                model_timing = paired_speedup(lambda: _run(original, sample_input),
+                                              lambda: _run(converted, sample_input),
+                                              threshold=min(1.0, min_speedup), rounds=max(repeats, 5))
+            finally:
+                for name, m in original.named_modules():
+                    m.training = modes.get(name, m.training)
+            if model_timing.speedup < min(1.0, min_speedup):
+                for name, module, _ in replacements:
+                    _replace_module(converted, name, module)
+                    reasons[name] = (f"reverted: the whole converted model measured {model_timing.speedup:.2f}x "
+                                     "the original on the sample input, so every layer stays dense")
+        decisions = [dataclasses.replace(d, sparse=False, reason=reasons[d.name]) if d.name in reasons else d
+                     for d in decisions]
     converted.requires_grad_(False)
-    report = ConversionReport(decisions)
-    unsupported = [d for d in decisions if d.layer_type not in ("Linear", "SparseLinear")]
+    report = ConversionReport(decisions, output_check, model_timing)
+    unsupported = [d for d in decisions if d.layer_type not in ("Linear", "Conv1D", "SparseLinear")
+                   and not d.reason.startswith("embedding table")]
     if unsupported:
         listed = ", ".join(f"{d.name} ({d.layer_type}, density {d.density:.2f})" for d in unsupported)
         warnings.warn(f"sparsearch.runtime.convert: layers without a sparse kernel stay dense: {listed}",
                       UserWarning, stacklevel=2)
+    if sample_input is None and any(d.sparse for d in decisions):
+        warnings.warn("sparsearch.runtime.convert: no sample_input given, so the converted model's outputs were "
+                      "not checked against the original; pass one (e.g. convert(model, example_batch))",
+                      UserWarning, stacklevel=2)
     return converted, report
 
 
-def convert(model: nn.Module, *, batch_sizes: Sequence[int] = (1, 64, 256), min_speedup: float = 1.05,
-            max_density: float = 0.7, repeats: int = 5, inplace: bool = False) -> nn.Module:
+def convert(model: nn.Module, sample_input: Any = None, *, batch_sizes: Sequence[int] = (1, 64, 256),
+            min_speedup: float = 1.05, max_density: float = 0.7, repeats: int = 5, tolerance: float | None = None,
+            int8: bool = False, inplace: bool = False) -> nn.Module:
     """Return an inference copy of `model` whose Linear layers use sparse kernels where measured faster.
 
     A layer goes sparse only if its non-zeros are at most `max_density` of the weight and the sparse kernel
-    beats `F.linear` by `min_speedup` at every size in `batch_sizes`. Masked models need nothing special:
-    the exact zeros in the weights are the mask. The result is in eval mode with gradients off.
+    beats `F.linear` by `min_speedup` (median of interleaved paired rounds) at every size in `batch_sizes`.
+    `sample_input` (a tensor, a tuple of positional arguments or a dict of keyword arguments) is what the
+    model is called with to check outputs (to `tolerance`, relative to max(1, |output|)) and whole-model speed;
+    without it, those checks are skipped (with a warning). `int8=True` stores the sparse layers' values as
+    int8 with a scale per 32 non-zeros (timed as such; default tolerance 5e-2 instead of 1e-4). Masked models
+    need nothing special: the exact zeros in the weights are the mask. The result is in eval mode with
+    gradients off.
     """
-    converted, _ = convert_with_report(model, batch_sizes=batch_sizes, min_speedup=min_speedup,
-                                       max_density=max_density, repeats=repeats, inplace=inplace)
+    converted, _ = convert_with_report(model, sample_input, batch_sizes=batch_sizes, min_speedup=min_speedup,
+                                       max_density=max_density, repeats=repeats, tolerance=tolerance, int8=int8,
+                                       inplace=inplace)
     return converted
+
+
+def to_int8(model: nn.Module) -> nn.Module:
+    """A copy of a converted model whose `SparseLinear` layers hold int8 values with group scales (the same
+    layers, without re-timing them: for comparing int8 with float32 on the same decisions)."""
+    quantized = copy.deepcopy(model)
+    for name, module in list(quantized.named_modules()):
+        if isinstance(module, SparseLinear):
+            _replace_module(quantized, name, SparseLinear(module.matrix.quantize(), module.bias))
+    return quantized
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -182,14 +391,21 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def looks_like_embedding(name: str) -> bool:
+    """Whether a parameter's module name says it is an embedding table (`convert_file` has no model to ask)."""
+    return any(part in segment.lower() for segment in name.split(".") for part in EMBEDDING_NAME_PARTS)
+
+
 def convert_file(source: str | Path, target: str | Path, *, batch_sizes: Sequence[int] = (1, 64, 256),
                  min_speedup: float = 1.05, max_density: float = 0.7,
                  repeats: int = 5) -> tuple[ConversionReport, int]:
     """Convert a safetensors state dict (or a `sparsearch.save` checkpoint) to a sparse file, no model needed.
 
     Every 2-D floating `<name>.weight` is treated as a Linear layer (with `<name>.bias` if present) and
-    decided like `convert` does; everything else is copied dense. Load the result with
-    `load_sparse(target, model)`. Returns the report and the size of the written file in bytes.
+    decided like `convert` does, except embedding tables (by name: see `looks_like_embedding`); everything
+    else is copied dense. `load_sparse(target, model)` runs a stored layer sparse only where the model's
+    module there is a Linear it may replace, so the file loads into the model whatever was decided here.
+    Returns the report and the size of the written file in bytes.
     """
     source, target = Path(source), Path(target)
     if source.resolve() == target.resolve():
@@ -201,17 +417,21 @@ def convert_file(source: str | Path, target: str | Path, *, batch_sizes: Sequenc
         name, _, leaf = key.rpartition(".")
         if leaf != "weight" or tensor.dim() != 2 or not tensor.is_floating_point():
             continue
-        bias = state.get(f"{name}.bias")
-        linear = nn.Linear(tensor.shape[1], tensor.shape[0], bias=bias is not None)
-        with torch.no_grad():
-            linear.weight.copy_(tensor)
-            if bias is not None:
-                linear.bias.copy_(bias)
-        decision, sparse = _decide_linear(name, linear, batch_sizes, min_speedup, max_density, repeats)
+        if looks_like_embedding(name):
+            density = float((tensor != 0).float().mean())
+            decisions.append(LayerDecision(name, "Embedding", tuple(tensor.shape), density, False,
+                                           "embedding table (by its name): stored by its non-zeros, runs dense"))
+            continue
+        decision, sparse = _decide_weight(name, "Linear", tensor, state.get(f"{name}.bias"), batch_sizes,
+                                          min_speedup, max_density, repeats)
         decisions.append(decision)
         if sparse is not None:
             sparse_modules[name] = sparse
     kept = {k: v for k, v in state.items() if k.rpartition(".")[0] not in sparse_modules or
             k.rpartition(".")[2] == "bias"}
     tensors, entries = compact_state(kept, sparse_modules)
-    return ConversionReport(decisions), write_sparse_file(tensors, entries, target)
+    return ConversionReport(decisions, "not checked: no model given"), write_sparse_file(tensors, entries, target)
+
+
+__all__ = ["ConversionReport", "LayerDecision", "convert", "convert_file", "convert_with_report",
+           "looks_like_embedding", "output_difference", "to_int8"]

@@ -7,7 +7,12 @@ activations that the kernel touches inside the L2 cache for large layers (measur
 benchmarks/runtime_kernels.py); layers no wider than one panel are plain CSR.
 
 Storage per non-zero: 4 bytes (float32 value) + 2 bytes (uint16 index), plus 2 bytes per (panel, row) segment
-for its length.
+for its length. `quantize()` stores the values as int8 with one float32 scale per INT8_GROUP_SIZE consecutive
+stored non-zeros (GQSA-style group quantisation: the non-zeros of a row are stored together, so a group holds
+neighbours along the input dimension of one row, rarely two): 1 + 2 + 4/32 bytes per non-zero. Groups follow
+the storage order rather than fixed columns because after pruning a fixed block of columns holds a varying,
+often tiny, number of non-zeros; 32 keeps the scales at 1/8 byte per non-zero while a group's largest weight,
+which sets its step, stays local.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import torch
 
 DEFAULT_MAX_PANEL_WIDTH = 1024
 MAX_PANEL_WIDTH = 65535
+INT8_GROUP_SIZE = 32  # must match GROUP_SHIFT in csrc/sparse_kernels.c
 
 
 def default_panel_width(cols: int) -> int:
@@ -44,6 +50,39 @@ class PanelCSRMatrix:
     segment_nnz: torch.Tensor  # uint16 [panels, rows]
     segment_ptr: torch.Tensor  # int64 [panels * rows + 1]
     row_nnz_prefix: torch.Tensor  # int64 [rows + 1]
+    scales: torch.Tensor | None = None  # float32 [ceil(nnz / INT8_GROUP_SIZE)] when values are int8
+
+    def __deepcopy__(self, memo: dict) -> PanelCSRMatrix:
+        # rebuilt, not copied field by field: the cached kernel_args hold data pointers of the source's arrays
+        import copy
+
+        arrays = [copy.deepcopy(a, memo) for a in (self.values, self.col_indices, self.segment_nnz, self.scales)]
+        return PanelCSRMatrix.from_arrays(self.shape, self.panel_width, *arrays[:3], scales=arrays[3])
+
+    @property
+    def is_int8(self) -> bool:
+        return self.scales is not None
+
+    @cached_property
+    def float_values(self) -> torch.Tensor:
+        """The values as float32 (dequantised if int8)."""
+        if self.scales is None:
+            return self.values
+        groups = torch.arange(self.nnz) // INT8_GROUP_SIZE
+        return self.values.to(torch.float32) * self.scales[groups]
+
+    def quantize(self) -> PanelCSRMatrix:
+        """This matrix with int8 values and a float32 scale per INT8_GROUP_SIZE stored non-zeros (symmetric)."""
+        if self.is_int8:
+            return self
+        padded = torch.zeros(-(-self.nnz // INT8_GROUP_SIZE) * INT8_GROUP_SIZE, dtype=torch.float32)
+        padded[: self.nnz] = self.values
+        groups = padded.view(-1, INT8_GROUP_SIZE)
+        scales = groups.abs().amax(dim=1) / 127.0
+        scales = torch.where(scales > 0, scales, torch.ones_like(scales))
+        q = torch.round(groups / scales[:, None]).clamp(-127, 127).to(torch.int8).reshape(-1)[: self.nnz]
+        return PanelCSRMatrix.from_arrays(self.shape, self.panel_width, q, self.col_indices, self.segment_nnz,
+                                          scales=scales.contiguous())
 
     @property
     def rows(self) -> int:
@@ -69,12 +108,14 @@ class PanelCSRMatrix:
     def kernel_args(self) -> tuple[int, ...]:
         """Sizes and data pointers in the order the C kernels take them (computed once: calls are hot)."""
         arrays = (self.segment_ptr, self.row_nnz_prefix, self.col_indices, self.values)
-        return (self.rows, self.panels, self.panel_width, *(a.data_ptr() for a in arrays))
+        scales = None if self.scales is None else self.scales.data_ptr()
+        return (self.rows, self.panels, self.panel_width, *(a.data_ptr() for a in arrays), scales)
 
     @property
     def storage_bytes(self) -> int:
-        """Bytes of the stored arrays (values, indices, segment lengths); offsets are rebuilt on load."""
-        return sum(t.numel() * t.element_size() for t in (self.values, self.col_indices, self.segment_nnz))
+        """Bytes of the stored arrays (values, indices, segment lengths, scales); offsets are rebuilt on load."""
+        arrays = (self.values, self.col_indices, self.segment_nnz) + (() if self.scales is None else (self.scales,))
+        return sum(t.numel() * t.element_size() for t in arrays)
 
     @classmethod
     def from_dense(cls, weight: torch.Tensor, panel_width: int | None = None) -> PanelCSRMatrix:
@@ -102,7 +143,8 @@ class PanelCSRMatrix:
 
     @classmethod
     def from_arrays(cls, shape: tuple[int, int], panel_width: int, values: torch.Tensor,
-                    col_indices: torch.Tensor, segment_nnz: torch.Tensor) -> PanelCSRMatrix:
+                    col_indices: torch.Tensor, segment_nnz: torch.Tensor,
+                    scales: torch.Tensor | None = None) -> PanelCSRMatrix:
         """Assemble from the stored arrays and derive the offsets; call `validate` on untrusted input."""
         counts = segment_nnz.to(torch.int64)
         segment_ptr = torch.zeros(counts.numel() + 1, dtype=torch.int64)
@@ -111,7 +153,8 @@ class PanelCSRMatrix:
         if counts.numel():
             torch.cumsum(counts.sum(dim=0), 0, out=row_nnz_prefix[1:])
         return cls((int(shape[0]), int(shape[1])), int(panel_width), values.contiguous(),
-                   col_indices.contiguous(), segment_nnz.contiguous(), segment_ptr, row_nnz_prefix)
+                   col_indices.contiguous(), segment_nnz.contiguous(), segment_ptr, row_nnz_prefix,
+                   None if scales is None else scales.contiguous())
 
     def validate(self) -> None:
         """Raise ValueError if the arrays do not describe a valid matrix (checked before any kernel reads them)."""
@@ -121,7 +164,8 @@ class PanelCSRMatrix:
         if not 1 <= self.panel_width <= MAX_PANEL_WIDTH:
             raise ValueError(f"panel_width must be in [1, {MAX_PANEL_WIDTH}], got {self.panel_width}")
         panels = max(-(-cols // self.panel_width), 1)
-        expected = {"values": torch.float32, "col_indices": torch.uint16, "segment_nnz": torch.uint16}
+        expected = {"values": torch.int8 if self.is_int8 else torch.float32, "col_indices": torch.uint16,
+                    "segment_nnz": torch.uint16}
         for name, dtype in expected.items():
             tensor = getattr(self, name)
             if tensor.dtype != dtype:
@@ -132,6 +176,13 @@ class PanelCSRMatrix:
         if self.values.dim() != 1 or self.col_indices.shape != self.values.shape:
             raise ValueError(f"values and col_indices must be 1-D of equal length, got "
                              f"{tuple(self.values.shape)} and {tuple(self.col_indices.shape)}")
+        if self.scales is not None:
+            groups = -(-self.nnz // INT8_GROUP_SIZE)
+            if self.scales.dtype != torch.float32 or tuple(self.scales.shape) != (groups,):
+                raise ValueError(f"scales must be float32 of shape ({groups},) for {self.nnz} int8 values in groups "
+                                 f"of {INT8_GROUP_SIZE}, got {self.scales.dtype} {tuple(self.scales.shape)}")
+            if not bool(torch.isfinite(self.scales).all()):
+                raise ValueError("scales must be finite")
         counts = self.segment_nnz.to(torch.int64)
         panel_widths = torch.clamp(cols - torch.arange(panels) * self.panel_width, max=self.panel_width)
         if bool((counts > panel_widths[:, None]).any()):
@@ -151,5 +202,5 @@ class PanelCSRMatrix:
         counts = self.segment_nnz.to(torch.int64).reshape(-1)
         segment = torch.repeat_interleave(torch.arange(counts.numel()), counts)
         panel, row = segment // max(rows, 1), segment % max(rows, 1)
-        dense[row, panel * self.panel_width + self.col_indices.to(torch.int64)] = self.values
+        dense[row, panel * self.panel_width + self.col_indices.to(torch.int64)] = self.float_values
         return dense[:, :cols].contiguous()

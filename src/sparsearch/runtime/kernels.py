@@ -1,12 +1,14 @@
 """CPU kernels for `PanelCSRMatrix` and the function `sparse_linear` that dispatches to them.
 
 Two backends compute the same thing:
-- "c": csrc/sparse_kernels.c (vectorised, OpenMP), compiled once with the system C compiler for this machine
+- "c": csrc/sparse_kernels.c (vectorised, own thread pool), compiled once with the system C compiler for this machine
   (-O3 -march=native) and cached under $SPARSEARCH_CACHE (default ~/.cache/sparsearch, as for data); called
   through ctypes on tensor data pointers, so no build step needs torch. Chosen by measurement: 1.1 to 2.4x faster
   than the numba version of the same algorithm on 4096x4096 (benchmarks/results/runtime_kernels.md).
 - "numba": the same algorithm in numba, used when no C compiler is available.
-Set SPARSEARCH_KERNEL_BACKEND=c|numba to force one. Both use `torch.get_num_threads()` threads.
+Set SPARSEARCH_KERNEL_BACKEND=c|numba to force one. Both use up to `torch.get_num_threads()` threads; the C
+kernels run each layer on their own thread pool (not OpenMP: see csrc/sparse_kernels.c for why) and on one
+thread when they measure that to be faster for that layer and batch size (a busy machine).
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ def _compile_library() -> Path:
     if compiler is None:
         raise RuntimeError("no C compiler found (set CC or install gcc)")
     source = _SOURCE.read_bytes()
-    flag_sets = (["-O3", "-march=native", "-fopenmp"], ["-O3", "-fopenmp"])
+    flag_sets = (["-O3", "-march=native", "-pthread"], ["-O3", "-pthread"])
     key = hashlib.sha256(source + compiler.encode() + _cpu_fingerprint().encode()).hexdigest()[:16]
     target = _cache_dir() / f"sparse_kernels_{key}.so"
     if target.exists():
@@ -81,9 +83,9 @@ class _CBackend:
     def __init__(self) -> None:
         lib = ctypes.CDLL(str(_compile_library()))
         i64, ptr, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
-        lib.panel_csr_linear.argtypes = [i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, i64, ptr, i64, i64, i64,
+        lib.panel_csr_linear.argtypes = [i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, ptr, i64, i64, i64,
                                          ptr, ptr, c_int]
-        lib.panel_csr_matvec.argtypes = [i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, c_int]
+        lib.panel_csr_matvec.argtypes = [i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, c_int]
         for fn in (lib.panel_csr_linear, lib.panel_csr_matvec):
             fn.restype = None
         self._lib = lib
@@ -139,7 +141,7 @@ class _NumbaBackend:
         xt = x2.t().contiguous()
         yt = torch.empty(m.rows, x2.shape[0], dtype=torch.float32)
         self._kernels.matmul_t(m.rows, m.panel_width, m.segment_ptr.numpy(), m.row_nnz_prefix.numpy(),
-                               m.col_indices.numpy(), m.values.numpy(), _bias_array(bias, m.rows),
+                               m.col_indices.numpy(), m.float_values.numpy(), _bias_array(bias, m.rows),
                                xt.numpy(), yt.numpy(), self._threads(threads))
         return yt.t().contiguous()
 
@@ -150,7 +152,7 @@ class _NumbaBackend:
     def matvec(self, m: PanelCSRMatrix, bias: torch.Tensor | None, x: torch.Tensor, y: torch.Tensor,
                threads: int) -> None:
         self._kernels.matvec(m.rows, m.panel_width, m.segment_ptr.numpy(), m.row_nnz_prefix.numpy(),
-                             m.col_indices.numpy(), m.values.numpy(), _bias_array(bias, m.rows), x.numpy(),
+                             m.col_indices.numpy(), m.float_values.numpy(), _bias_array(bias, m.rows), x.numpy(),
                              y.numpy(), self._threads(threads))
 
 
@@ -180,9 +182,13 @@ def _threads_for(work: int) -> int:
     return max(1, min(torch.get_num_threads(), work // PARALLEL_GRAIN))
 
 
+
 def sparse_linear(x: torch.Tensor, matrix: PanelCSRMatrix, bias: torch.Tensor | None = None,
-                  backend: str | None = None) -> torch.Tensor:
-    """y = x W^T + bias like `F.linear`, for any leading batch shape and any strides of x; y is contiguous."""
+                  backend: str | None = None, threads: int | None = None) -> torch.Tensor:
+    """y = x W^T + bias like `F.linear`, for any leading batch shape and any strides of x; y is contiguous.
+
+    `threads` caps the threads (default: `torch.get_num_threads()`); the C kernels still run a layer on one
+    thread when they measure that to be faster (a busy machine)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype != torch.float32:
@@ -197,8 +203,10 @@ def sparse_linear(x: torch.Tensor, matrix: PanelCSRMatrix, bias: torch.Tensor | 
     batch = math.prod(lead)
     if batch == 0 or matrix.rows == 0:
         return x.new_zeros(*lead, matrix.rows) + (0 if bias is None else bias)
+    if threads is not None and (not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"threads must be a positive int or None, got {threads!r}")
     kernels = get_backend(backend)
-    threads = _threads_for(matrix.nnz * batch)
+    threads = min(_threads_for(matrix.nnz * batch), threads or torch.get_num_threads())
     x2 = x.detach().reshape(batch, matrix.cols)
     if batch == 1:
         y = torch.empty(matrix.rows, dtype=torch.float32)

@@ -27,6 +27,7 @@ class SparseLinear(nn.Module):
         self.register_buffer("values", matrix.values)
         self.register_buffer("col_indices", matrix.col_indices)
         self.register_buffer("segment_nnz", matrix.segment_nnz)
+        self.register_buffer("scales", matrix.scales)  # None (not in the state dict) unless the values are int8
         self.register_buffer("bias", None if bias is None else bias.detach().to(torch.float32).contiguous())
         self._matrix = matrix
 
@@ -37,6 +38,13 @@ class SparseLinear(nn.Module):
             raise TypeError(f"expected an nn.Linear, got {type(linear).__name__}")
         matrix = PanelCSRMatrix.from_dense(linear.weight, panel_width)
         return cls(matrix, linear.bias)
+
+    def __getattr__(self, name: str) -> torch.Tensor | nn.Module:
+        if name == "weight":  # a parent that reads .weight itself (nn.MultiheadAttention) cannot use this layer
+            raise AttributeError("SparseLinear holds no dense weight: its parent reads .weight directly, so this "
+                                 "layer must stay an nn.Linear (sparsearch.runtime.convert keeps such layers dense; "
+                                 "call .to_dense_linear() to undo a manual replacement)")
+        return super().__getattr__(name)
 
     @property
     def matrix(self) -> PanelCSRMatrix:
@@ -63,4 +71,43 @@ class SparseLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, nnz={self.nnz}, "
-                f"density={self._matrix.density:.3f}, bias={self.bias is not None}")
+                f"density={self._matrix.density:.3f}, bias={self.bias is not None}"
+                + (", int8" if self._matrix.is_int8 else ""))
+
+
+def linear_like(module: nn.Module) -> tuple[str, torch.Tensor, torch.Tensor | None] | None:
+    """(type name, weight as [out, in], bias) for layers `SparseLinear` can replace; None otherwise."""
+    if isinstance(module, nn.Linear):
+        return "Linear", module.weight, module.bias
+    # transformers' Conv1D (GPT-2): y = x @ W + b with W stored [in, out]; matched by name so that transformers
+    # stays an optional dependency
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None:
+        return "Conv1D", module.weight.t(), module.bias
+    return None
+
+
+def shared_parameters(model: nn.Module) -> dict[int, list[str]]:
+    """Names of every parameter by tensor identity (a tied parameter has several)."""
+    owners: dict[int, list[str]] = {}
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        for param_name, param in module.named_parameters(recurse=False):
+            owners.setdefault(id(param), []).append(f"{module_name}.{param_name}" if module_name else param_name)
+    return owners
+
+
+def reason_to_keep_dense(model: nn.Module, name: str, owners: dict[int, list[str]] | None = None) -> str | None:
+    """Why the Linear-like layer `name` of `model` must not be replaced by `SparseLinear` whatever the timings
+    (its parent reads its weight, or the weight is tied to another module's), or None."""
+    parent_name = name.rpartition(".")[0]
+    parent = model.get_submodule(parent_name)  # "" is the model itself
+    if isinstance(parent, nn.MultiheadAttention):
+        return "nn.MultiheadAttention reads out_proj.weight itself: replacing the layer would break it"
+    if isinstance(parent, nn.TransformerEncoderLayer) and name.rpartition(".")[2] in ("linear1", "linear2"):
+        return ("nn.TransformerEncoderLayer's inference fast path reads linear1/linear2 weights itself: replacing "
+                "the layer would break it")
+    owners = shared_parameters(model) if owners is None else owners
+    weight = model.get_submodule(name).weight
+    tied = [other for other in owners.get(id(weight), []) if other.rpartition(".")[0] != name]
+    if tied:
+        return f"weight is tied to {', '.join(sorted(tied))}: kept dense so that the tie holds"
+    return None

