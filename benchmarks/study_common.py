@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 
 from sparsearch.report import write_report
+from sparsearch.report.methods import METHOD_HEADERS, method_cells
+from sparsearch.report.render import METHODS_NOTE
 from sparsearch.report.summary import COMPARISON_HEADERS, TABLE_HEADERS, comparison_cells, markdown_table, table_cells
 
 HERE = Path(__file__).resolve().parent
@@ -145,6 +147,17 @@ def run_and_record(
         "",
         markdown_table(COMPARISON_HEADERS, comparison_cells(report.comparison)),
         "",
+    ]
+    if report.methods:
+        lines += [
+            "Search methods side by side:",
+            "",
+            markdown_table(METHOD_HEADERS, method_cells(report.methods)),
+            "",
+            METHODS_NOTE,
+            "",
+        ]
+    lines += [
         "sparsity = fraction of zero weights among masked (Linear/Conv) weights; node sparsity = fraction of "
         "hidden units removed. Epochs to 95% of dense: first epoch reaching 95% of the dense parent's final test "
         "accuracy at the same seed (mean over seeds that reach it; count when not all do).",
@@ -166,6 +179,7 @@ def run_and_record(
         "resumed": resume,
         "summary": [row.__dict__ for row in report.rows],
         "search_vs_random": [row.__dict__ for row in report.comparison],
+        "search_methods": [row.__dict__ for row in report.methods],
         "config": config,
     }
     (RESULTS / f"{name}.json").write_text(json.dumps(document, indent=1), encoding="utf-8")

@@ -170,6 +170,7 @@ def _imp(setting: ArmSetting) -> Sparsifier:
         seed=setting.seed,
     )
 
+
 __all__ = [
     "ARMS",
     "GMP",

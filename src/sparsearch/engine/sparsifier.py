@@ -516,4 +516,3 @@ class StaticMaskSparsifier(Sparsifier):
 
     def initial_masks(self) -> dict[str, torch.Tensor]:
         return dict(self.given_masks)
-

@@ -1,6 +1,7 @@
 """sparsearch.report: a study's results as tables, PNG plots, a self-contained HTML page, CSV and JSON,
 computed from the results store alone."""
 
+from sparsearch.report.methods import MethodComparison, compare_methods
 from sparsearch.report.render import (
     Report,
     ReportFiles,
@@ -23,10 +24,12 @@ from sparsearch.report.summary import (
 __all__ = [
     "SPARSITY_DEFINITION",
     "ArmSummary",
+    "MethodComparison",
     "Report",
     "ReportFiles",
     "SearchComparison",
     "StudyResults",
+    "compare_methods",
     "compare_search_with_random",
     "default_report_folder",
     "load_results",

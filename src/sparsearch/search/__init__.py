@@ -1,5 +1,21 @@
-"""Sparse-architecture search: node and weight search spaces, candidate scorers, Random Search."""
+"""Sparse-architecture search: node, weight and allocation spaces, candidate scorers, and the search methods
+(Random Search, successive halving, aging evolution, TPE, DASS) under one FLOP budget."""
 
+from sparsearch.search import dass, evolution, halving, tpe  # noqa: F401  (register the search methods)
+from sparsearch.search.allocation import AllocationSpace, can_mutate, mutate
+from sparsearch.search.methods import (
+    SEARCH_METHODS,
+    AskTellMethod,
+    Candidate,
+    Evaluation,
+    SearchMethod,
+    SearchOutcome,
+    SearchProblem,
+    built_in_order,
+    check_method_fits,
+    random_search_flops,
+    run_method,
+)
 from sparsearch.search.random_search import SearchResult, check_scorer, random_search
 from sparsearch.search.scorers import (
     SCORERS,
@@ -25,20 +41,34 @@ from sparsearch.search.spaces import (
 
 __all__ = [
     "SCORERS",
+    "SEARCH_METHODS",
     "SPACES",
+    "AllocationSpace",
+    "AskTellMethod",
+    "Candidate",
+    "Evaluation",
     "NodeSpace",
     "Score",
     "Scorer",
     "ScoringContext",
+    "SearchMethod",
+    "SearchOutcome",
+    "SearchProblem",
     "SearchResult",
     "SearchSpace",
     "WeightSpace",
+    "built_in_order",
+    "can_mutate",
+    "check_method_fits",
     "check_scorer",
     "hidden_layers_of",
     "make_space",
+    "mutate",
     "node_sparsity",
     "random_search",
+    "random_search_flops",
     "rescale_to_fan_in",
+    "run_method",
     "short_train_evaluation",
     "short_train_score",
     "snip_score",
