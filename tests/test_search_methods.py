@@ -7,7 +7,6 @@ import math
 
 import pytest
 import torch
-from sparsearch.study.training import TrainBudget
 from torch import nn
 
 from sparsearch.data import load_dataset
@@ -35,8 +34,10 @@ from sparsearch.search.methods import short_train
 from sparsearch.search.scorers import short_train_evaluation
 from sparsearch.search.tpe import TPESearch
 from sparsearch.study.config import parse_study_config
-from sparsearch.study.runner import InlineExecutor, run_study
+from sparsearch.study.executors import InlineExecutor
+from sparsearch.study.runner import run_study
 from sparsearch.study.store import StudyStore
+from sparsearch.training import TrainBudget
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -74,7 +75,7 @@ def test_search_method_picks_what_scoring_every_sample_picks(digits, space):
         for masks in samples
     ]
     best = max(range(4), key=lambda i: (results[i][0], -results[i][1], -i))
-    assert [entry["score"] for entry in outcome.evaluations] == [accuracy for accuracy, _ in results]
+    assert [entry["score"] for entry in outcome.evaluations] == [accuracy for accuracy, _, _ in results]
     assert outcome.best_id == best
     assert all(torch.equal(outcome.best_masks[name], samples[best][name]) for name in samples[best])
     assert outcome.flops == outcome.budget_flops == random_search_flops(problem)
@@ -93,7 +94,7 @@ def test_resumed_short_training_equals_one_uninterrupted_run(digits):
     assert straight[:2] == resumed[:2]
     assert short_train(_parent(), masks, digits, steps=50, **settings)[:2] == short_train_evaluation(
         _parent(), masks, digits, steps=50, **settings
-    )
+    )[:2]
 
 
 # ------------------------------------------------------------------------------------------------ the budget
