@@ -7,6 +7,7 @@ from sparsearch.report.render import (
     ReportFiles,
     default_report_folder,
     rich_comparison,
+    rich_methods,
     rich_table,
     write_report,
 )
@@ -34,6 +35,7 @@ __all__ = [
     "default_report_folder",
     "load_results",
     "rich_comparison",
+    "rich_methods",
     "rich_table",
     "space_notes",
     "summarize",

@@ -93,6 +93,16 @@ def rich_comparison(rows: list[SearchComparison]) -> Table:
     return table
 
 
+def rich_methods(rows: list[MethodComparison]) -> Table:
+    """The search methods side by side, for the terminal."""
+    table = Table(title="Search methods vs random counterpart and Random Search (paired by seed)")
+    for header in METHOD_HEADERS:
+        table.add_column(header, justify="left" if header in ("Space", "Method") else "right")
+    for cells in method_cells(rows):
+        table.add_row(*cells)
+    return table
+
+
 def _html_table(headers: tuple[str, ...], cells: list[list[str]]) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in cells)
