@@ -56,10 +56,11 @@ def summary() -> None:
         lines.append(f"| random-{space} | " + " | ".join(cells) + " |")
         for arm in (a for a in rows if a.endswith(f"-{space}")):
             lines.append(f"| {arm} | " + " | ".join(_cell(rows[arm].get(column)) for column in columns) + " |")
-    seeds = {which: sorted({len(document["config"]["seeds"])}) for which, document in documents.items()}
+    seeds = {len(document["config"]["seeds"]) for document in documents.values()}
     text = "\n".join(lines) + (
         "\n\nTest accuracy %, mean over the seeds finished (the difference to random-<space> in pp and the seed "
-        f"pairs won in brackets). Seeds planned: {seeds}; result files: study_methods_default.md, "
+        f"pairs won in brackets); {'/'.join(map(str, sorted(seeds)))} seeds. Full tables with search FLOPs and "
+        "seconds: study_methods_default.md, "
         "study_methods_fashion.md.\n"
     )
     (RESULTS / "study_methods_summary.md").write_text(text, encoding="utf-8")
