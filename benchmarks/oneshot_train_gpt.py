@@ -32,16 +32,12 @@ def train_tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB_SIZE,
-        special_tokens=[END_OF_TEXT],
+        vocab_size=VOCAB_SIZE, special_tokens=[END_OF_TEXT],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tokenizer.train_from_iterator(texts, trainer)
     return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer,
-        eos_token=END_OF_TEXT,
-        bos_token=END_OF_TEXT,
-        unk_token=END_OF_TEXT,
+        tokenizer_object=tokenizer, eos_token=END_OF_TEXT, bos_token=END_OF_TEXT, unk_token=END_OF_TEXT,
         model_max_length=CONTEXT,
     )
 
@@ -62,16 +58,9 @@ def train(steps: int, batch_size: int, seed: int) -> dict:
     tokenizer = train_tokenizer(train_docs)
     stream = token_stream(tokenizer, train_docs)
     config = GPT2Config(
-        vocab_size=len(tokenizer),
-        n_positions=CONTEXT,
-        n_embd=192,
-        n_layer=4,
-        n_head=4,
-        bos_token_id=tokenizer.eos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
+        vocab_size=len(tokenizer), n_positions=CONTEXT, n_embd=192, n_layer=4, n_head=4,
+        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
     )
     model = GPT2LMHeadModel(config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.1, betas=(0.9, 0.95))
@@ -103,14 +92,9 @@ def train(steps: int, batch_size: int, seed: int) -> dict:
     model.save_pretrained(MODEL_DIR)
     tokenizer.save_pretrained(MODEL_DIR)
     info = {
-        "steps": steps,
-        "batch_size": batch_size,
-        "context": CONTEXT,
-        "seed": seed,
-        "train_tokens_seen": steps * batch_size * CONTEXT,
-        "train_stream_tokens": len(stream),
-        "final_train_loss": round(loss.item(), 4),
-        "train_seconds": round(seconds, 1),
+        "steps": steps, "batch_size": batch_size, "context": CONTEXT, "seed": seed,
+        "train_tokens_seen": steps * batch_size * CONTEXT, "train_stream_tokens": len(stream),
+        "final_train_loss": round(loss.item(), 4), "train_seconds": round(seconds, 1),
         "parameters": sum(p.numel() for p in model.parameters()),
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
         "date": datetime.now(UTC).isoformat(timespec="seconds"),

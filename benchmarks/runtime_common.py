@@ -24,20 +24,14 @@ def machine() -> dict:
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "system": f"{platform.system()} {platform.release()}",
-        "torch": torch.__version__,
-        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "load_average_at_start": [round(v, 2) for v in os.getloadavg()],
-    }
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "system": f"{platform.system()} {platform.release()}", "torch": torch.__version__,
+            "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+            "load_average_at_start": [round(v, 2) for v in os.getloadavg()]}
 
 
-def interleaved_times(
-    fns: dict[str, Callable[[], object]], min_rounds: int = 7, max_rounds: int = 40, budget_s: float = 2.0
-) -> tuple[dict[str, float], dict[str, float]]:
+def interleaved_times(fns: dict[str, Callable[[], object]], min_rounds: int = 7, max_rounds: int = 40,
+                      budget_s: float = 2.0) -> tuple[dict[str, float], dict[str, float]]:
     """(median, minimum) seconds per call; one call of every function per round, so load drift hits all alike.
 
     Both are reported: the median is what a user on this (shared) machine saw; the minimum is the steadiest
@@ -53,10 +47,8 @@ def interleaved_times(
             fn()
             times[name].append(time.perf_counter() - t0)
         rounds += 1
-    return (
-        {name: statistics.median(values) for name, values in times.items()},
-        {name: min(values) for name, values in times.items()},
-    )
+    return ({name: statistics.median(values) for name, values in times.items()},
+            {name: min(values) for name, values in times.items()})
 
 
 def write_results(name: str, payload: dict, markdown: str) -> None:
@@ -66,10 +58,8 @@ def write_results(name: str, payload: dict, markdown: str) -> None:
     payload["machine"].setdefault("load_average_at_end", [round(v, 2) for v in os.getloadavg()])
     (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=2))
     m = payload["machine"]
-    header = (
-        f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads), "
-        f"{m['system']}. Date: {m['date']}. Load average at start {m['load_average_at_start']}, "
-        f"at end {m['load_average_at_end']} (ratios are from the same run, interleaved; 'median' and 'best' = "
-        "ratio of median and of fastest times).\n\n"
-    )
+    header = (f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads), "
+              f"{m['system']}. Date: {m['date']}. Load average at start {m['load_average_at_start']}, "
+              f"at end {m['load_average_at_end']} (ratios are from the same run, interleaved; 'median' and 'best' = "
+              "ratio of median and of fastest times).\n\n")
     (RESULTS / f"{name}.md").write_text(header + markdown)

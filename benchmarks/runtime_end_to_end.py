@@ -27,25 +27,15 @@ SPARSITY = 0.9
 
 
 def build_mlp() -> nn.Module:
-    return nn.Sequential(
-        nn.Flatten(), nn.Linear(784, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 10)
-    )
+    return nn.Sequential(nn.Flatten(), nn.Linear(784, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(),
+                         nn.Linear(1024, 10))
 
 
 def build_cnn() -> nn.Module:
     """conv-conv-fc-fc (LeNet-like): about half of the multiply-adds are in the first fully connected layer."""
-    return nn.Sequential(
-        nn.Conv2d(1, 32, 3, padding=1),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Conv2d(32, 64, 3, padding=1),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Flatten(),
-        nn.Linear(64 * 7 * 7, 1024),
-        nn.ReLU(),
-        nn.Linear(1024, 10),
-    )
+    return nn.Sequential(nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                         nn.Linear(64 * 7 * 7, 1024), nn.ReLU(), nn.Linear(1024, 10))
 
 
 def prunable(model: nn.Module) -> list[torch.Tensor]:
@@ -81,23 +71,21 @@ def train(model: nn.Module, data, schedule: list[float], batch_size: int, train_
         order = torch.randperm(len(y_train), generator=generator)
         start = time.perf_counter()
         for i in range(0, len(order), batch_size):
-            idx = order[i : i + batch_size]
+            idx = order[i:i + batch_size]
             loss = F.cross_entropy(model(x_train[idx]), y_train[idx])
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
             if masks is not None:
                 apply_masks(model, masks)
-        print(
-            f"  epoch {epoch}: sparsity {sparsity}, loss {loss.item():.3f}, {time.perf_counter() - start:.1f} s",
-            flush=True,
-        )
+        print(f"  epoch {epoch}: sparsity {sparsity}, loss {loss.item():.3f}, "
+              f"{time.perf_counter() - start:.1f} s", flush=True)
 
 
 @torch.no_grad()
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     model.eval()
-    correct = sum(int((model(x[i : i + 1000]).argmax(1) == y[i : i + 1000]).sum()) for i in range(0, len(y), 1000))
+    correct = sum(int((model(x[i:i + 1000]).argmax(1) == y[i:i + 1000]).sum()) for i in range(0, len(y), 1000))
     return correct / len(y)
 
 
@@ -122,19 +110,15 @@ def measure(name: str, build, data, schedule: list[float], train_limit: int, wor
     acc_dense, acc_sparse, acc_reloaded = (accuracy(m, x_test, y_test) for m in (model, fast, reloaded))
     one, batch = x_test[:1].contiguous(), x_test[:256].contiguous()
     with torch.no_grad():
-        latency, latency_best = interleaved_times(
-            {"dense": lambda: model(one), "sparse": lambda: fast(one)}, min_rounds=50, max_rounds=400, budget_s=3.0
-        )
+        latency, latency_best = interleaved_times({"dense": lambda: model(one), "sparse": lambda: fast(one)},
+                                                  min_rounds=50, max_rounds=400, budget_s=3.0)
         throughput, throughput_best = interleaved_times(
-            {"dense": lambda: model(batch), "sparse": lambda: fast(batch)}, min_rounds=10, max_rounds=100, budget_s=6.0
-        )
+            {"dense": lambda: model(batch), "sparse": lambda: fast(batch)}, min_rounds=10, max_rounds=100,
+            budget_s=6.0)
     sparse_nnz = sum(m.nnz for m in fast.modules() if isinstance(m, SparseLinear))
     result = {
-        "model": name,
-        "target_sparsity": SPARSITY,
-        "achieved_sparsity": round(achieved, 4),
-        "train_samples": min(train_limit, len(data.y_train)),
-        "epochs": len(schedule),
+        "model": name, "target_sparsity": SPARSITY, "achieved_sparsity": round(achieved, 4),
+        "train_samples": min(train_limit, len(data.y_train)), "epochs": len(schedule),
         "test_accuracy": {"dense_masked": acc_dense, "converted": acc_sparse, "reloaded": acc_reloaded},
         "latency_batch1_ms": {k: v * 1e3 for k, v in latency.items()},
         "latency_speedup": latency["dense"] / latency["sparse"],
@@ -151,42 +135,31 @@ def measure(name: str, build, data, schedule: list[float], train_limit: int, wor
         "convert_seconds": convert_s,
         "layers": report.to_markdown(),
     }
-    print(
-        f"{name}: acc {acc_dense:.4f}/{acc_sparse:.4f}, latency x{result['latency_speedup']:.2f}, "
-        f"throughput x{result['throughput_speedup']:.2f}, file {result['file_ratio']:.3f} of dense",
-        flush=True,
-    )
+    print(f"{name}: acc {acc_dense:.4f}/{acc_sparse:.4f}, latency x{result['latency_speedup']:.2f}, "
+          f"throughput x{result['throughput_speedup']:.2f}, file {result['file_ratio']:.3f} of dense", flush=True)
     return result
 
 
 def to_markdown(payload: dict) -> str:
-    lines = [
-        "Fashion-MNIST (training images used: see `train_samples` in the json; full 10,000-image test "
-        f"set), per-layer magnitude pruning to {SPARSITY:.0%} (sparsity = fraction of zero weights "
-        "in all Linear and Conv weights). Dense = the same masked model run with dense PyTorch layers.\n",
-        "| model | sparsity | test acc (dense / converted / reloaded) | latency b=1 ms (dense / sparse) | "
-        "speed-up median (best) | throughput b=256 samples/s (dense / sparse) | speed-up median (best) | "
-        "file bytes (dense / sparse) | "
-        "size ratio | sparse file bytes per non-zero weight | convert s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
+    lines = ["Fashion-MNIST (training images used: see `train_samples` in the json; full 10,000-image test "
+             f"set), per-layer magnitude pruning to {SPARSITY:.0%} (sparsity = fraction of zero weights "
+             "in all Linear and Conv weights). Dense = the same masked model run with dense PyTorch layers.\n",
+             "| model | sparsity | test acc (dense / converted / reloaded) | latency b=1 ms (dense / sparse) | "
+             "speed-up median (best) | throughput b=256 samples/s (dense / sparse) | speed-up median (best) | "
+             "file bytes (dense / sparse) | "
+             "size ratio | sparse file bytes per non-zero weight | convert s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in payload["results"]:
-        a, lat, thr, fb = (
-            r["test_accuracy"],
-            r["latency_batch1_ms"],
-            r["throughput_batch256_samples_per_s"],
-            r["file_bytes"],
-        )
-        lines.append(
-            f"| {r['model']} | {r['achieved_sparsity']:.3f} | {a['dense_masked']:.4f} / "
-            f"{a['converted']:.4f} / {a['reloaded']:.4f} | {lat['dense']:.3f} / {lat['sparse']:.3f} | "
-            f"{r['latency_speedup']:.2f}x ({r['latency_best_speedup']:.2f}x) | "
-            f"{thr['dense']:.0f} / {thr['sparse']:.0f} | "
-            f"{r['throughput_speedup']:.2f}x ({r['throughput_best_speedup']:.2f}x) | "
-            f"{fb['dense_safetensors']} / {fb['sparse']} | "
-            f"{r['file_ratio']:.3f} | {r['sparse_file_bytes_per_nonzero_weight']:.2f} | "
-            f"{r['convert_seconds']:.1f} |"
-        )
+        a, lat, thr, fb = r["test_accuracy"], r["latency_batch1_ms"], r["throughput_batch256_samples_per_s"], \
+            r["file_bytes"]
+        lines.append(f"| {r['model']} | {r['achieved_sparsity']:.3f} | {a['dense_masked']:.4f} / "
+                     f"{a['converted']:.4f} / {a['reloaded']:.4f} | {lat['dense']:.3f} / {lat['sparse']:.3f} | "
+                     f"{r['latency_speedup']:.2f}x ({r['latency_best_speedup']:.2f}x) | "
+                     f"{thr['dense']:.0f} / {thr['sparse']:.0f} | "
+                     f"{r['throughput_speedup']:.2f}x ({r['throughput_best_speedup']:.2f}x) | "
+                     f"{fb['dense_safetensors']} / {fb['sparse']} | "
+                     f"{r['file_ratio']:.3f} | {r['sparse_file_bytes_per_nonzero_weight']:.2f} | "
+                     f"{r['convert_seconds']:.1f} |")
     for r in payload["results"]:
         lines += ["", f"Layer decisions of `convert` for the {r['model']}:", "", r["layers"]]
     return "\n".join(lines) + "\n"
@@ -202,10 +175,9 @@ def main() -> None:
     # subsets of the 54,000 training images to keep the run near 10 minutes on 2 shared cores
     mlp_limit, cnn_limit = (10_000, 10_000) if args.quick else (40_000, 12_000)
     with tempfile.TemporaryDirectory() as tmp:
-        results = [
-            measure("MLP 784-1024-1024-10", build_mlp, data, [0.0, 0.6, 0.85, 0.9], mlp_limit, Path(tmp)),
-            measure("CNN conv32-conv64-fc1024-fc10", build_cnn, data, [0.0, 0.75, 0.9], cnn_limit, Path(tmp)),
-        ]
+        results = [measure("MLP 784-1024-1024-10", build_mlp, data, [0.0, 0.6, 0.85, 0.9], mlp_limit, Path(tmp)),
+                   measure("CNN conv32-conv64-fc1024-fc10", build_cnn, data, [0.0, 0.75, 0.9], cnn_limit,
+                           Path(tmp))]
     payload = {"machine": info, "results": results}
     write_results("runtime_end_to_end" + ("_quick" if args.quick else ""), payload, to_markdown(payload))
 

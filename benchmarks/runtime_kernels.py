@@ -78,11 +78,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="only 4096x4096 at sparsity 0.5/0.9/0.95")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (the issue's targets use 2)")
-    parser.add_argument(
-        "--render-only",
-        action="store_true",
-        help="recompute targets and markdown from the last json (no new measurement)",
-    )
+    parser.add_argument("--render-only", action="store_true",
+                        help="recompute targets and markdown from the last json (no new measurement)")
     args = parser.parse_args()
     suffix = ("_quick" if args.quick else "") + (f"_{args.threads}thread" if args.threads != 2 else "")
     if args.render_only:
@@ -114,67 +111,38 @@ def main() -> None:
                 expected = F.linear(x, weight, bias)
                 torch.testing.assert_close(sparse_linear(x, matrix, bias), expected, rtol=1e-4, atol=1e-3)
                 converted = converted_layer(weight, bias, batch) if sparsity == 0.5 else None
-                med, best = interleaved_times(
-                    candidates(
-                        weight,
-                        bias,
-                        matrix,
-                        csr,
-                        padded,
-                        x,
-                        xt,
-                        with_numba=(rows, cols) == (4096, 4096),
-                        converted=converted,
-                    )
-                )
-                row = {
-                    "shape": [rows, cols],
-                    "sparsity": sparsity,
-                    "batch": batch,
-                    "converted_kept": None
-                    if converted is None
-                    else ("sparse" if isinstance(converted[0], SparseLinear) else "dense"),
-                    "ms": {k: v * 1e3 for k, v in med.items()},
-                    "best_ms": {k: v * 1e3 for k, v in best.items()},
-                    "speedup_vs_dense": {k: med["dense"] / v for k, v in med.items() if k != "dense"},
-                    "best_speedup_vs_dense": {k: best["dense"] / v for k, v in best.items() if k != "dense"},
-                    "convert_ms": {k: v * 1e3 for k, v in convert_s.items()},
-                    "bytes_per_nnz": matrix.storage_bytes / max(matrix.nnz, 1),
-                    "dense_bytes": weight.numel() * 4,
-                    "sparse_bytes": matrix.storage_bytes,
-                }
+                med, best = interleaved_times(candidates(weight, bias, matrix, csr, padded, x, xt,
+                                                     with_numba=(rows, cols) == (4096, 4096),
+                                                     converted=converted))
+                row = {"shape": [rows, cols], "sparsity": sparsity, "batch": batch,
+                       "converted_kept": None if converted is None else
+                       ("sparse" if isinstance(converted[0], SparseLinear) else "dense"),
+                       "ms": {k: v * 1e3 for k, v in med.items()},
+                       "best_ms": {k: v * 1e3 for k, v in best.items()},
+                       "speedup_vs_dense": {k: med["dense"] / v for k, v in med.items() if k != "dense"},
+                       "best_speedup_vs_dense": {k: best["dense"] / v for k, v in best.items() if k != "dense"},
+                       "convert_ms": {k: v * 1e3 for k, v in convert_s.items()},
+                       "bytes_per_nnz": matrix.storage_bytes / max(matrix.nnz, 1),
+                       "dense_bytes": weight.numel() * 4, "sparse_bytes": matrix.storage_bytes}
                 rows_out.append(row)
                 s = row["best_speedup_vs_dense"]
-                print(
-                    f"{rows}x{cols} s={sparsity} b={batch}: dense best {row['best_ms']['dense']:.3f} ms | ours "
-                    f"{s['ours']:.2f}x xt {s['ours_xt']:.2f}x torch_csr {s['torch_csr']:.2f}x "
-                    f"sparselab {s['sparselab']:.2f}x"
-                    + (f" numba {s['ours_numba']:.2f}x" if "ours_numba" in s else ""),
-                    flush=True,
-                )
+                print(f"{rows}x{cols} s={sparsity} b={batch}: dense best {row['best_ms']['dense']:.3f} ms | ours "
+                      f"{s['ours']:.2f}x xt {s['ours_xt']:.2f}x torch_csr {s['torch_csr']:.2f}x "
+                      f"sparselab {s['sparselab']:.2f}x"
+                      + (f" numba {s['ours_numba']:.2f}x" if "ours_numba" in s else ""), flush=True)
     payload = {"machine": machine_info, "results": rows_out, "targets": check_targets(rows_out)}
     write_results("runtime_kernels" + suffix, payload, to_markdown(payload))
 
 
 def check_targets(rows: list[dict]) -> list[dict]:
     """The issue's targets, each with the measured ratio(s) and whether it is met."""
-
     def at(shape, sparsity, batch):
-        return next(
-            (r for r in rows if r["shape"] == list(shape) and r["sparsity"] == sparsity and r["batch"] == batch), None
-        )
+        return next((r for r in rows if r["shape"] == list(shape) and r["sparsity"] == sparsity
+                     and r["batch"] == batch), None)
 
     targets = []
-    for sparsity, batch, goal in [
-        (0.9, 64, 3.0),
-        (0.9, 256, 3.0),
-        (0.9, 1, 2.0),
-        (0.95, 64, 5.0),
-        (0.95, 256, 5.0),
-        (0.5, 1, 0.95),
-        (0.5, 64, 0.95),
-        (0.5, 256, 0.95),
-    ]:
+    for sparsity, batch, goal in [(0.9, 64, 3.0), (0.9, 256, 3.0), (0.9, 1, 2.0), (0.95, 64, 5.0),
+                                  (0.95, 256, 5.0), (0.5, 1, 0.95), (0.5, 64, 0.95), (0.5, 256, 0.95)]:
         row = at((4096, 4096), sparsity, batch)
         if row:
             which = "converted" if sparsity == 0.5 else "ours"
@@ -184,50 +152,35 @@ def check_targets(rows: list[dict]) -> list[dict]:
                 # where convert kept the layer dense, compare with the same dense call timed again: a reading
                 # below 0.95x that identical calls also show is timing spread, not a slower layer
                 met = met or row["best_ms"]["dense_again"] / row["best_ms"]["converted"] >= goal
-            targets.append(
-                {
-                    "target": f"4096x4096 s={sparsity} batch {batch}: {which} >= {goal}x dense"
-                    + (" (or >= 0.95x the same dense call timed again)" if which == "converted" else ""),
-                    "measured": f"median {value:.2f}x, best {best:.2f}x",
-                    "met": met,
-                    "note": f"`convert` kept the layer {row.get('converted_kept')}; kernel "
-                    f"alone: best {row['best_speedup_vs_dense']['ours']:.2f}x; the same dense call "
-                    f"timed again: median {row['speedup_vs_dense']['dense_again']:.2f}x, best "
-                    f"{row['best_speedup_vs_dense']['dense_again']:.2f}x"
-                    if sparsity == 0.5
-                    else "",
-                }
-            )
+            targets.append({"target": f"4096x4096 s={sparsity} batch {batch}: {which} >= {goal}x dense"
+                                      + (" (or >= 0.95x the same dense call timed again)" if which == "converted"
+                                         else ""),
+                            "measured": f"median {value:.2f}x, best {best:.2f}x", "met": met,
+                            "note": f"`convert` kept the layer {row.get('converted_kept')}; kernel "
+                                    f"alone: best {row['best_speedup_vs_dense']['ours']:.2f}x; the same dense call "
+                                    f"timed again: median {row['speedup_vs_dense']['dense_again']:.2f}x, best "
+                                    f"{row['best_speedup_vs_dense']['dense_again']:.2f}x"
+                                    if sparsity == 0.5 else ""})
     beaten = [r for r in rows if r["sparsity"] >= 0.8]
     for ours, label in [("ours", "full Linear incl. transposes"), ("ours_xt", "X^T layout, like them")]:
-        losses = [
-            f"{r['shape'][0]}x{r['shape'][1]} s={r['sparsity']} b={r['batch']}"
-            for r in beaten
-            if r["best_ms"][ours] >= min(r["best_ms"]["torch_csr"], r["best_ms"]["sparselab"])
-        ]
-        targets.append(
-            {
-                "target": f"ours ({label}) faster than torch.sparse CSR and sparselab at every point "
-                "with sparsity >= 0.8 (fastest times)",
-                "measured": f"{len(beaten) - len(losses)}/{len(beaten)} points",
-                "met": not losses,
-                "note": "slower at: " + "; ".join(losses) if losses else "",
-            }
-        )
+        losses = [f"{r['shape'][0]}x{r['shape'][1]} s={r['sparsity']} b={r['batch']}" for r in beaten
+                  if r["best_ms"][ours] >= min(r["best_ms"]["torch_csr"], r["best_ms"]["sparselab"])]
+        targets.append({"target": f"ours ({label}) faster than torch.sparse CSR and sparselab at every point "
+                                  "with sparsity >= 0.8 (fastest times)",
+                        "measured": f"{len(beaten) - len(losses)}/{len(beaten)} points", "met": not losses,
+                        "note": "slower at: " + "; ".join(losses) if losses else ""})
     return targets
 
 
 def to_markdown(payload: dict) -> str:
-    lines = [
-        f"Speed-up over dense `F.linear` (higher is better), fp32, {payload['machine']['torch_threads']} "
-        "thread(s), each cell 'best / median' "
-        "(ratio of the fastest and of the median times of interleaved runs). Dense column: fastest and "
-        "median milliseconds.\n",
-        "| layer (out x in) | sparsity | batch | dense ms | ours | converted layer | ours, X^T layout | "
-        "ours (numba) | "
-        "torch.sparse CSR | sparselab | bytes/nnz | convert ms (ours / torch CSR / sparselab) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
+    lines = [f"Speed-up over dense `F.linear` (higher is better), fp32, {payload['machine']['torch_threads']} "
+             "thread(s), each cell 'best / median' "
+             "(ratio of the fastest and of the median times of interleaved runs). Dense column: fastest and "
+             "median milliseconds.\n",
+             "| layer (out x in) | sparsity | batch | dense ms | ours | converted layer | ours, X^T layout | "
+             "ours (numba) | "
+             "torch.sparse CSR | sparselab | bytes/nnz | convert ms (ours / torch CSR / sparselab) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in payload["results"]:
         s, b = r["speedup_vs_dense"], r["best_speedup_vs_dense"]
 
@@ -235,21 +188,14 @@ def to_markdown(payload: dict) -> str:
             return f"{b[key]:.2f}x / {s[key]:.2f}x" if key in s else "-"
 
         c = r["convert_ms"]
-        lines.append(
-            f"| {r['shape'][0]}x{r['shape'][1]} | {r['sparsity']} | {r['batch']} | "
-            f"{r['best_ms']['dense']:.3f} / {r['ms']['dense']:.3f} | {cell('ours')} | {cell('converted')} | "
-            f"{cell('ours_xt')} | "
-            f"{cell('ours_numba')} | "
-            f"{cell('torch_csr')} | {cell('sparselab')} | {r['bytes_per_nnz']:.2f} | "
-            f"{c['ours']:.1f} / {c['torch_csr']:.1f} / {c['sparselab']:.1f} |"
-        )
-    lines += [
-        "",
-        "Targets (issue 4; 'met' judged on the fastest times of the interleaved runs):",
-        "",
-        "| target | measured | met | note |",
-        "|---|---|---|---|",
-    ]
+        lines.append(f"| {r['shape'][0]}x{r['shape'][1]} | {r['sparsity']} | {r['batch']} | "
+                     f"{r['best_ms']['dense']:.3f} / {r['ms']['dense']:.3f} | {cell('ours')} | {cell('converted')} | "
+                     f"{cell('ours_xt')} | "
+                     f"{cell('ours_numba')} | "
+                     f"{cell('torch_csr')} | {cell('sparselab')} | {r['bytes_per_nnz']:.2f} | "
+                     f"{c['ours']:.1f} / {c['torch_csr']:.1f} / {c['sparselab']:.1f} |")
+    lines += ["", "Targets (issue 4; 'met' judged on the fastest times of the interleaved runs):", "",
+              "| target | measured | met | note |", "|---|---|---|---|"]
     for t in payload["targets"]:
         lines.append(f"| {t['target']} | {t['measured']} | {'yes' if t['met'] else 'no'} | {t['note']} |")
     return "\n".join(lines) + "\n"

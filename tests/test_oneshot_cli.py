@@ -41,33 +41,17 @@ def bert_dir(tmp_path_factory):
 def _fingerprint(directory):
     return {
         path.relative_to(directory).as_posix(): hashlib.sha256(path.read_bytes()).hexdigest()
-        for path in sorted(directory.rglob("*"))
-        if path.is_file()
+        for path in sorted(directory.rglob("*")) if path.is_file()
     }
 
 
 def test_prune_gpt2_writes_a_model_transformers_loads_and_a_report(gpt2_dir, calib_file, tmp_path):
     source_before = _fingerprint(gpt2_dir)
     out = tmp_path / "pruned"
-    result = runner.invoke(
-        app,
-        [
-            "prune",
-            str(gpt2_dir),
-            "--method",
-            "wanda",
-            "--sparsity",
-            "0.6",
-            "--calib",
-            str(calib_file),
-            "--out",
-            str(out),
-            "--calib-tokens",
-            "1024",
-            "--seq-len",
-            "32",
-        ],
-    )
+    result = runner.invoke(app, [
+        "prune", str(gpt2_dir), "--method", "wanda", "--sparsity", "0.6", "--calib", str(calib_file),
+        "--out", str(out), "--calib-tokens", "1024", "--seq-len", "32",
+    ])
     assert result.exit_code == 0, result.output
     assert _fingerprint(gpt2_dir) == source_before
     model = AutoModelForCausalLM.from_pretrained(out)
@@ -90,26 +74,10 @@ def test_prune_gpt2_writes_a_model_transformers_loads_and_a_report(gpt2_dir, cal
 def test_prune_bert_with_sparsegpt_2_4_and_dsnot_keeps_the_auxiliary_files(bert_dir, calib_file, tmp_path):
     out = tmp_path / "pruned"
     report_path = tmp_path / "report.json"
-    result = runner.invoke(
-        app,
-        [
-            "prune",
-            str(bert_dir),
-            "--method",
-            "sparsegpt",
-            "--pattern",
-            "2:4",
-            "--dsnot",
-            "--calib",
-            str(calib_file),
-            "--out",
-            str(out),
-            "--calib-tokens",
-            "1024",
-            "--report",
-            str(report_path),
-        ],
-    )
+    result = runner.invoke(app, [
+        "prune", str(bert_dir), "--method", "sparsegpt", "--pattern", "2:4", "--dsnot", "--calib", str(calib_file),
+        "--out", str(out), "--calib-tokens", "1024", "--report", str(report_path),
+    ])
     assert result.exit_code == 0, result.output
     model = AutoModel.from_pretrained(out)
     weight = model.encoder.layer[0].intermediate.dense.weight
@@ -163,14 +131,11 @@ def test_bad_paths_and_calibration_data_fail_with_a_message(gpt2_dir, calib_file
         assert result.exit_code == 2, arguments
         assert first in result.output and second in result.output
         assert "Traceback" not in result.output
-    inside = runner.invoke(
-        app,
-        ["prune", str(gpt2_dir), "--calib", str(calib_file), "--sparsity", "0.5", "--out", str(gpt2_dir / "pruned")],
-    )
+    inside = runner.invoke(app, ["prune", str(gpt2_dir), "--calib", str(calib_file), "--sparsity", "0.5",
+                                 "--out", str(gpt2_dir / "pruned")])
     assert inside.exit_code == 2 and "source is never modified" in inside.output
     assert not (gpt2_dir / "pruned").exists()
-    busy = runner.invoke(
-        app, ["prune", str(gpt2_dir), "--calib", str(calib_file), "--sparsity", "0.5", "--out", str(occupied)]
-    )
+    busy = runner.invoke(app, ["prune", str(gpt2_dir), "--calib", str(calib_file), "--sparsity", "0.5",
+                               "--out", str(occupied)])
     assert busy.exit_code == 2 and "is not empty" in busy.output
     assert [path.name for path in occupied.iterdir()] == ["keep.txt"]

@@ -145,10 +145,8 @@ def test_reconstruction_error_from_the_gram_matrix_matches_the_direct_computatio
     assert from_gram == pytest.approx(direct.item(), rel=1e-4)
 
 
-@pytest.mark.parametrize(
-    ("start", "setting"),
-    [("wanda", {"sparsity": 0.7}), ("magnitude", {"sparsity": 0.7}), ("wanda", {"pattern": "2:4"})],
-)
+@pytest.mark.parametrize(("start", "setting"), [("wanda", {"sparsity": 0.7}), ("magnitude", {"sparsity": 0.7}),
+                                                 ("wanda", {"pattern": "2:4"})])
 def test_dsnot_lowers_reconstruction_error_against_its_starting_mask(start, setting, bert_dir, texts):
     config = OneShotConfig(method=start, dsnot=True, budget="row", **setting)
     total_swaps, before_total, after_total = 0, 0.0, 0.0
@@ -170,11 +168,8 @@ def test_dsnot_lowers_reconstruction_error_against_its_starting_mask(start, sett
 
 
 METHOD_SETTINGS = [
-    {"method": "magnitude"},
-    {"method": "wanda"},
-    {"method": "sparsegpt"},
-    {"method": "wanda", "dsnot": True},
-    {"method": "sparsegpt", "dsnot": True},
+    {"method": "magnitude"}, {"method": "wanda"}, {"method": "sparsegpt"},
+    {"method": "wanda", "dsnot": True}, {"method": "sparsegpt", "dsnot": True},
 ]
 
 
@@ -221,12 +216,8 @@ def test_calibration_windows_are_seeded_and_carry_the_tokenizer_special_tokens(b
 
 @pytest.mark.parametrize(
     ("texts_given", "n_tokens", "message"),
-    [
-        ([], 64, "calibration data is empty"),
-        (["  \n "], 64, "calibration data is empty"),
-        (["a short text"], 640, "640 calibration tokens were asked for"),
-        (["text"], 0, "budget 0"),
-    ],
+    [([], 64, "calibration data is empty"), (["  \n "], 64, "calibration data is empty"),
+     (["a short text"], 640, "640 calibration tokens were asked for"), (["text"], 0, "budget 0")],
 )
 def test_calibration_rejects_empty_or_too_little_text(texts_given, n_tokens, message, gpt2_dir):
     _, tokenizer = load_pretrained(gpt2_dir)
@@ -236,15 +227,11 @@ def test_calibration_rejects_empty_or_too_little_text(texts_given, n_tokens, mes
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
-    [
-        ({"sparsity": 1.0}, r"sparsity 1.0 is outside the allowed range \[0, 1\)"),
-        ({"sparsity": -0.1}, "sparsity -0.1 is outside"),
-        ({}, "give a sparsity"),
-        ({"pattern": "4:4"}, "needs 0 < N < M"),
-        ({"pattern": "2-4"}, "is not N:M"),
-        ({"pattern": "2:4", "sparsity": 0.7}, "contradicts pattern 2:4"),
-        ({"method": "obs", "sparsity": 0.5}, "method 'obs' is unknown"),
-    ],
+    [({"sparsity": 1.0}, r"sparsity 1.0 is outside the allowed range \[0, 1\)"),
+     ({"sparsity": -0.1}, "sparsity -0.1 is outside"), ({}, "give a sparsity"),
+     ({"pattern": "4:4"}, "needs 0 < N < M"), ({"pattern": "2-4"}, "is not N:M"),
+     ({"pattern": "2:4", "sparsity": 0.7}, "contradicts pattern 2:4"),
+     ({"method": "obs", "sparsity": 0.5}, "method 'obs' is unknown")],
 )
 def test_bad_settings_are_rejected_with_the_value_and_what_is_allowed(kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -42,13 +42,8 @@ def make_tiny_gpt2(directory: Path, texts: list[str], seed: int = 0) -> Path:
     wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>")
     torch.manual_seed(seed)
     config = GPT2Config(
-        vocab_size=len(wrapped),
-        n_positions=64,
-        n_embd=64,
-        n_layer=2,
-        n_head=2,
-        bos_token_id=wrapped.eos_token_id,
-        eos_token_id=wrapped.eos_token_id,
+        vocab_size=len(wrapped), n_positions=64, n_embd=64, n_layer=2, n_head=2,
+        bos_token_id=wrapped.eos_token_id, eos_token_id=wrapped.eos_token_id,
     )
     GPT2LMHeadModel(config).save_pretrained(directory)
     wrapped.save_pretrained(directory)
@@ -64,26 +59,17 @@ def make_tiny_bert(directory: Path, texts: list[str], seed: int = 0) -> Path:
         texts, trainers.WordPieceTrainer(vocab_size=400, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
     )
     tokenizer.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]",
-        pair="[CLS] $A [SEP] $B [SEP]",
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
         special_tokens=[("[CLS]", tokenizer.token_to_id("[CLS]")), ("[SEP]", tokenizer.token_to_id("[SEP]"))],
     )
     wrapped = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer,
-        unk_token="[UNK]",
-        pad_token="[PAD]",
-        cls_token="[CLS]",
-        sep_token="[SEP]",
+        tokenizer_object=tokenizer, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]",
         mask_token="[MASK]",
     )
     torch.manual_seed(seed)
     config = BertConfig(
-        vocab_size=len(wrapped),
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=128,
-        max_position_embeddings=64,
+        vocab_size=len(wrapped), hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=128, max_position_embeddings=64,
     )
     BertModel(config).save_pretrained(directory)
     wrapped.save_pretrained(directory)

@@ -24,9 +24,8 @@ def test_convert_command_writes_a_loadable_sparse_file(tmp_path):
     source, target = tmp_path / "model.safetensors", tmp_path / "model.sparse.safetensors"
     save_file(model.state_dict(), str(source))
     # min-speedup tiny: store sparse whatever the timing, so the test does not depend on machine load
-    result = runner.invoke(
-        app, ["convert", str(source), "-o", str(target), "--batch-sizes", "1,8", "--min-speedup", "1e-9"]
-    )
+    result = runner.invoke(app, ["convert", str(source), "-o", str(target), "--batch-sizes", "1,8",
+                                 "--min-speedup", "1e-9"])
     assert result.exit_code == 0, result.output
     assert "1 of 2 2-D weights stored sparse" in result.output  # layer 2 is dense: density above max_density
     _, matrices, _ = read_sparse_file(target)

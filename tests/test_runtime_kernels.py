@@ -45,9 +45,8 @@ def make_input(batch_shape, cols, layout, seed):
     dense_row=st.booleans(),
     seed=st.integers(0, 1000),
 )
-def test_sparse_linear_matches_dense_masked_linear(
-    backend, rows, cols, sparsity, panel_width, batch_shape, layout, with_bias, empty_row, dense_row, seed
-):
+def test_sparse_linear_matches_dense_masked_linear(backend, rows, cols, sparsity, panel_width, batch_shape,
+                                                   layout, with_bias, empty_row, dense_row, seed):
     weight = masked_weight(rows, cols, sparsity, seed, empty_row, dense_row)
     bias = torch.randn(rows) if with_bias else None
     matrix = PanelCSRMatrix.from_dense(weight, panel_width)
@@ -74,7 +73,8 @@ def test_large_layer_uses_all_threads_and_stays_correct(backend):
     weight = masked_weight(600, 2100, 0.8, seed=5, empty_row=False, dense_row=False)
     matrix = PanelCSRMatrix.from_dense(weight)
     x = torch.randn(130, 2100)
-    torch.testing.assert_close(sparse_linear(x, matrix, backend=backend), F.linear(x, weight), rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(sparse_linear(x, matrix, backend=backend), F.linear(x, weight),
+                               rtol=1e-4, atol=1e-3)
 
 
 def test_bad_inputs_raise_clear_errors():
@@ -95,12 +95,12 @@ def test_bad_inputs_raise_clear_errors():
 
 def test_validate_rejects_inconsistent_arrays():
     matrix = PanelCSRMatrix.from_dense(torch.eye(4))
-    bad_index = PanelCSRMatrix.from_arrays(
-        (4, 4), 4, matrix.values, torch.full((4,), 9, dtype=torch.uint16), matrix.segment_nnz
-    )
+    bad_index = PanelCSRMatrix.from_arrays((4, 4), 4, matrix.values, torch.full((4,), 9, dtype=torch.uint16),
+                                           matrix.segment_nnz)
     with pytest.raises(ValueError, match="column index out of range"):
         bad_index.validate()
-    bad_count = PanelCSRMatrix.from_arrays((4, 4), 4, matrix.values[:3], matrix.col_indices[:3], matrix.segment_nnz)
+    bad_count = PanelCSRMatrix.from_arrays((4, 4), 4, matrix.values[:3], matrix.col_indices[:3],
+                                           matrix.segment_nnz)
     with pytest.raises(ValueError, match="sums to 4 non-zeros but 3"):
         bad_count.validate()
 
@@ -112,6 +112,5 @@ def test_batch_minor_layout_matches_dense(backend, batch):
     bias = torch.randn(90)
     matrix = PanelCSRMatrix.from_dense(weight, panel_width=512)
     xt = torch.randn(1500, batch)
-    torch.testing.assert_close(
-        sparse_matmul_t(matrix, xt, bias, backend=backend), weight @ xt + bias[:, None], rtol=1e-4, atol=1e-3
-    )
+    torch.testing.assert_close(sparse_matmul_t(matrix, xt, bias, backend=backend), weight @ xt + bias[:, None],
+                               rtol=1e-4, atol=1e-3)

@@ -228,15 +228,8 @@ def test_space_notes_are_stored_and_reported(tmp_path):
 
     SPACES.add("noted", lambda model, sparsity, *, distribution="erk": NotedSpace(model, sparsity, distribution))
     try:
-        study = {
-            "name": "noted",
-            "dataset": "digits",
-            "model": {"arch": "mlp", "widths": [16]},
-            "sparsities": [0.5],
-            "arms": ["random-noted"],
-            "seeds": [0],
-            "budget": {"epochs": 1},
-        }
+        study = {"name": "noted", "dataset": "digits", "model": {"arch": "mlp", "widths": [16]},
+                 "sparsities": [0.5], "arms": ["random-noted"], "seeds": [0], "budget": {"epochs": 1}}
         run_study(study, store_path=tmp_path / "s.sqlite", workers=1, show_progress=False)
     finally:
         SPACES.remove("noted")
@@ -249,7 +242,7 @@ def test_space_notes_are_stored_and_reported(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------- bad input
-BAD_INPUTS = """
+BAD_INPUTS = '''
 import torch
 from torch import nn
 
@@ -281,7 +274,7 @@ def float_labels(seed):
 
 def ok_model(seed):
     return nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
-"""
+'''
 
 
 @pytest.mark.parametrize(
@@ -341,17 +334,10 @@ def tied_attention(seed: int) -> nn.Module:
 def test_weight_space_arms_run_on_attention_with_a_tied_head(tmp_path, scorer):
     tokens = torch.randint(0, 17, (300, 6), generator=torch.Generator().manual_seed(0))
     data = {"train": (tokens[:200].float(), tokens[:200, 0]), "test": (tokens[200:].float(), tokens[200:, 0])}
-    study = {
-        "name": "tied",
-        "sparsities": [0.5],
-        "arms": ["random-weight", "search-weight"],
-        "seeds": [0],
-        "budget": {"epochs": 1},
-        "search": {"n_candidates": 2, "short_train_steps": 2, "scorer": scorer},
-    }
-    run = run_study(
-        study, model=tied_attention, data=data, store_path=tmp_path / "s.sqlite", workers=1, show_progress=False
-    )
+    study = {"name": "tied", "sparsities": [0.5], "arms": ["random-weight", "search-weight"], "seeds": [0],
+             "budget": {"epochs": 1}, "search": {"n_candidates": 2, "short_train_steps": 2, "scorer": scorer}}
+    run = run_study(study, model=tied_attention, data=data, store_path=tmp_path / "s.sqlite", workers=1,
+                    show_progress=False)
     assert not run.failed, run.failed
     for trial in _trials(tmp_path / "s.sqlite").values():
         # masked: attn.out_proj, mix and the tied head (the embedding's tensor), half of them zero

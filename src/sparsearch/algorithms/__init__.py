@@ -170,7 +170,6 @@ def _imp(setting: ArmSetting) -> Sparsifier:
         seed=setting.seed,
     )
 
-
 __all__ = [
     "ARMS",
     "GMP",

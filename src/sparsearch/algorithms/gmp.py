@@ -69,7 +69,9 @@ class GMP(Sparsifier):
     def after_step(self) -> None:
         if not self.is_update_step():
             return
-        scores = {name: torch.where(mask, self.params[name].detach().abs(), -1.0) for name, mask in self.masks.items()}
+        scores = {
+            name: torch.where(mask, self.params[name].detach().abs(), -1.0) for name, mask in self.masks.items()
+        }
         self.set_masks(self.masks_from_scores(scores, self.schedule(self.step)))
 
     def config(self) -> dict[str, Any]:

@@ -35,7 +35,9 @@ def prune_command(
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed for drawing calibration windows.")] = 0,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Allow a non-empty --out directory.")] = False,
-    report: Annotated[Path | None, typer.Option(help="Where to write the JSON report (default: inside --out).")] = None,
+    report: Annotated[
+        Path | None, typer.Option(help="Where to write the JSON report (default: inside --out).")
+    ] = None,
 ) -> None:
     """Prune a pretrained transformers model in one shot and save a copy that loads with transformers."""
     with user_errors():
@@ -46,26 +48,16 @@ def prune_command(
         texts = read_calibration_file(calib)
         with console.status(f"pruning {model_dir} ({config.label})"):
             result = prune_pretrained(
-                model_dir,
-                out,
-                config,
-                texts,
-                n_tokens=calib_tokens,
-                seq_len=seq_len,
-                seed=seed,
-                overwrite=overwrite,
-                report_path=report,
+                model_dir, out, config, texts, n_tokens=calib_tokens, seq_len=seq_len, seed=seed,
+                overwrite=overwrite, report_path=report,
             )
     table = Table(title=f"{config.label}: {len(result.layers)} layers")
     for column in ("layer", "shape", "sparsity", "rel. error", "seconds"):
         table.add_column(column, justify="left" if column == "layer" else "right")
     for layer in result.layers:
         table.add_row(
-            layer.name,
-            f"{layer.shape[0]}x{layer.shape[1]}",
-            f"{layer.actual_sparsity:.3f}",
-            f"{layer.reconstruction_error:.4f}",
-            f"{layer.seconds:.2f}",
+            layer.name, f"{layer.shape[0]}x{layer.shape[1]}", f"{layer.actual_sparsity:.3f}",
+            f"{layer.reconstruction_error:.4f}", f"{layer.seconds:.2f}",
         )
     console.print(table)
     console.print(

@@ -516,3 +516,4 @@ class StaticMaskSparsifier(Sparsifier):
 
     def initial_masks(self) -> dict[str, torch.Tensor]:
         return dict(self.given_masks)
+

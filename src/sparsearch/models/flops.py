@@ -68,7 +68,9 @@ class FlopMeter:
         positions: ``weight_positions(model, input_shape)`` if already known (same for every sub-network).
     """
 
-    def __init__(self, model: nn.Module, input_shape: tuple[int, ...], positions: dict[str, int] | None = None) -> None:
+    def __init__(
+        self, model: nn.Module, input_shape: tuple[int, ...], positions: dict[str, int] | None = None
+    ) -> None:
         weights = default_sparsifiable_parameters(model)  # by module, so a weight tied to an embedding counts
         self.positions = positions if positions is not None else weight_positions(model, input_shape)
         self._layers = [(name, weights[name], uses) for name, uses in self.positions.items()]

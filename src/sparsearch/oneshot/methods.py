@@ -67,7 +67,9 @@ def _pruned_count(total: int, sparsity: float) -> int:
     return min(total, round(total * sparsity))
 
 
-def lowest_score_mask(score: Tensor, sparsity: float, budget: Budget, n_m: tuple[int, int] | None) -> Tensor:
+def lowest_score_mask(
+    score: Tensor, sparsity: float, budget: Budget, n_m: tuple[int, int] | None
+) -> Tensor:
     """Keep-mask that removes the lowest scores: N:M per group, else ``sparsity`` per row or per layer."""
     rows, cols = score.shape
     if n_m is not None:
@@ -108,7 +110,9 @@ def _inverse_hessian_cholesky(hessian: Tensor, dampening: float) -> Tensor:
     return torch.linalg.cholesky(inverse, upper=True).float()
 
 
-def sparsegpt(weight: Tensor, statistics: InputStatistics, config: OneShotConfig) -> tuple[Tensor, Tensor]:
+def sparsegpt(
+    weight: Tensor, statistics: InputStatistics, config: OneShotConfig
+) -> tuple[Tensor, Tensor]:
     """SparseGPT (Frantar & Alistarh 2023): prune column blocks with adaptive masks and OBS weight updates.
 
     Within each block of ``sparsegpt_block_size`` columns the mask keeps the largest w^2 / [H^-1]_jj^2
@@ -210,10 +214,8 @@ def dsnot(
         restore = -difference[active, grow]
         removed = current[active, prune]
         change = (
-            2 * restore * gram_difference[active, grow]
-            + restore**2 * hessian[grow, grow]
-            + 2 * removed * gram_difference[active, prune]
-            + removed**2 * hessian[prune, prune]
+            2 * restore * gram_difference[active, grow] + restore**2 * hessian[grow, grow]
+            + 2 * removed * gram_difference[active, prune] + removed**2 * hessian[prune, prune]
             + 2 * restore * removed * hessian[grow, prune]
         )
         accepted = stepping & (change < 0)
@@ -244,7 +246,9 @@ def relative_reconstruction_error(dense: Tensor, pruned: Tensor, statistics: Inp
     return float(numerator / denominator) if denominator > 0 else 0.0
 
 
-def prune_weight(weight: Tensor, statistics: InputStatistics, config: OneShotConfig) -> tuple[Tensor, Tensor, int]:
+def prune_weight(
+    weight: Tensor, statistics: InputStatistics, config: OneShotConfig
+) -> tuple[Tensor, Tensor, int]:
     """Apply the configured method (and DSnoT on top if asked) to one weight: (weight, keep-mask, swaps)."""
     dense = weight.detach().float().contiguous()
     if config.method == "sparsegpt":

@@ -1,8 +1,8 @@
 """Sparse inference on the CPU: the panel-CSR format, its kernels, `SparseLinear`, `convert`, and sparse files.
 
-fast = sparsearch.runtime.convert(model)          # Linear -> SparseLinear where measured faster
-sparsearch.runtime.save_sparse(fast, "m.safetensors")
-again = sparsearch.runtime.load_sparse("m.safetensors", build_model())
+    fast = sparsearch.runtime.convert(model)          # Linear -> SparseLinear where measured faster
+    sparsearch.runtime.save_sparse(fast, "m.safetensors")
+    again = sparsearch.runtime.load_sparse("m.safetensors", build_model())
 """
 
 from sparsearch.runtime.convert import ConversionReport, LayerDecision, convert, convert_file, convert_with_report

@@ -15,18 +15,9 @@ def _balanced_rows(row_nnz_prefix: np.ndarray, rows: int, t: int, n: int) -> tup
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def matmul_t(
-    rows: int,
-    panel_width: int,
-    segment_ptr: np.ndarray,
-    row_nnz_prefix: np.ndarray,
-    col_indices: np.ndarray,
-    values: np.ndarray,
-    bias: np.ndarray,
-    xt: np.ndarray,
-    yt: np.ndarray,
-    threads: int,
-) -> None:
+def matmul_t(rows: int, panel_width: int, segment_ptr: np.ndarray, row_nnz_prefix: np.ndarray,
+             col_indices: np.ndarray, values: np.ndarray, bias: np.ndarray, xt: np.ndarray, yt: np.ndarray,
+             threads: int) -> None:
     """yt[rows, batch] = W xt + bias (xt: [cols, batch])."""
     panels = (segment_ptr.shape[0] - 1) // max(rows, 1)
     batch = xt.shape[1]
@@ -46,18 +37,9 @@ def matmul_t(
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def matvec(
-    rows: int,
-    panel_width: int,
-    segment_ptr: np.ndarray,
-    row_nnz_prefix: np.ndarray,
-    col_indices: np.ndarray,
-    values: np.ndarray,
-    bias: np.ndarray,
-    x: np.ndarray,
-    y: np.ndarray,
-    threads: int,
-) -> None:
+def matvec(rows: int, panel_width: int, segment_ptr: np.ndarray, row_nnz_prefix: np.ndarray,
+           col_indices: np.ndarray, values: np.ndarray, bias: np.ndarray, x: np.ndarray, y: np.ndarray,
+           threads: int) -> None:
     """y[rows] = W x + bias."""
     panels = (segment_ptr.shape[0] - 1) // max(rows, 1)
     for t in prange(threads):

@@ -61,10 +61,8 @@ class ConversionReport:
         lines = ["| layer | type | shape | density | kept as | reason |", "|---|---|---|---|---|---|"]
         for d in self.layers:
             shape = "x".join(map(str, d.shape))
-            lines.append(
-                f"| {d.name} | {d.layer_type} | {shape} | {d.density:.3f} | "
-                f"{'sparse' if d.sparse else 'dense'} | {d.reason} |"
-            )
+            lines.append(f"| {d.name} | {d.layer_type} | {shape} | {d.density:.3f} | "
+                         f"{'sparse' if d.sparse else 'dense'} | {d.reason} |")
         return "\n".join(lines)
 
 
@@ -80,9 +78,8 @@ def _best_ms(fn: Callable[[], object], repeats: int) -> float:
     return min(times) * 1e3
 
 
-def _decide_linear(
-    name: str, linear: nn.Linear, batch_sizes: Sequence[int], min_speedup: float, max_density: float, repeats: int
-) -> tuple[LayerDecision, SparseLinear | None]:
+def _decide_linear(name: str, linear: nn.Linear, batch_sizes: Sequence[int], min_speedup: float,
+                   max_density: float, repeats: int) -> tuple[LayerDecision, SparseLinear | None]:
     weight = linear.weight.detach().float()
     density = float((weight != 0).float().mean()) if weight.numel() else 1.0
     shape = tuple(weight.shape)
@@ -103,7 +100,8 @@ def _decide_linear(
     if speedups[worst_batch] < min_speedup:
         reason = f"sparse/dense speed-up {measured} < min_speedup {min_speedup} at batch {worst_batch}"
         return LayerDecision(name, "Linear", shape, density, False, reason, dense_ms, sparse_ms), None
-    decision = LayerDecision(name, "Linear", shape, density, True, f"sparse faster ({measured})", dense_ms, sparse_ms)
+    decision = LayerDecision(name, "Linear", shape, density, True, f"sparse faster ({measured})",
+                             dense_ms, sparse_ms)
     return decision, SparseLinear(matrix, bias)
 
 
@@ -113,15 +111,9 @@ def _replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def convert_with_report(
-    model: nn.Module,
-    *,
-    batch_sizes: Sequence[int] = (1, 64, 256),
-    min_speedup: float = 1.05,
-    max_density: float = 0.7,
-    repeats: int = 5,
-    inplace: bool = False,
-) -> tuple[nn.Module, ConversionReport]:
+def convert_with_report(model: nn.Module, *, batch_sizes: Sequence[int] = (1, 64, 256), min_speedup: float = 1.05,
+                        max_density: float = 0.7, repeats: int = 5,
+                        inplace: bool = False) -> tuple[nn.Module, ConversionReport]:
     """Like `convert`, and also return the per-layer `ConversionReport`."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -143,30 +135,14 @@ def convert_with_report(
             if sparse is not None:
                 replacements.append((name, sparse))
         elif isinstance(module, SparseLinear):
-            decisions.append(
-                LayerDecision(
-                    name,
-                    "SparseLinear",
-                    (module.out_features, module.in_features),
-                    module.matrix.density,
-                    True,
-                    "already sparse",
-                )
-            )
+            decisions.append(LayerDecision(name, "SparseLinear", (module.out_features, module.in_features),
+                                           module.matrix.density, True, "already sparse"))
         else:
             weight = getattr(module, "weight", None)
             if isinstance(weight, torch.Tensor) and weight.dim() >= 2:
                 density = float((weight != 0).float().mean())
-                decisions.append(
-                    LayerDecision(
-                        name,
-                        type(module).__name__,
-                        tuple(weight.shape),
-                        density,
-                        False,
-                        f"no sparse kernel for {type(module).__name__}: stays dense",
-                    )
-                )
+                decisions.append(LayerDecision(name, type(module).__name__, tuple(weight.shape), density, False,
+                                               f"no sparse kernel for {type(module).__name__}: stays dense"))
     for name, sparse in replacements:
         _replace_module(converted, name, sparse)
     converted.eval()
@@ -175,37 +151,21 @@ def convert_with_report(
     unsupported = [d for d in decisions if d.layer_type not in ("Linear", "SparseLinear")]
     if unsupported:
         listed = ", ".join(f"{d.name} ({d.layer_type}, density {d.density:.2f})" for d in unsupported)
-        warnings.warn(
-            f"sparsearch.runtime.convert: layers without a sparse kernel stay dense: {listed}",
-            UserWarning,
-            stacklevel=2,
-        )
+        warnings.warn(f"sparsearch.runtime.convert: layers without a sparse kernel stay dense: {listed}",
+                      UserWarning, stacklevel=2)
     return converted, report
 
 
-def convert(
-    model: nn.Module,
-    *,
-    batch_sizes: Sequence[int] = (1, 64, 256),
-    min_speedup: float = 1.05,
-    max_density: float = 0.7,
-    repeats: int = 5,
-    inplace: bool = False,
-) -> nn.Module:
+def convert(model: nn.Module, *, batch_sizes: Sequence[int] = (1, 64, 256), min_speedup: float = 1.05,
+            max_density: float = 0.7, repeats: int = 5, inplace: bool = False) -> nn.Module:
     """Return an inference copy of `model` whose Linear layers use sparse kernels where measured faster.
 
     A layer goes sparse only if its non-zeros are at most `max_density` of the weight and the sparse kernel
     beats `F.linear` by `min_speedup` at every size in `batch_sizes`. Masked models need nothing special:
     the exact zeros in the weights are the mask. The result is in eval mode with gradients off.
     """
-    converted, _ = convert_with_report(
-        model,
-        batch_sizes=batch_sizes,
-        min_speedup=min_speedup,
-        max_density=max_density,
-        repeats=repeats,
-        inplace=inplace,
-    )
+    converted, _ = convert_with_report(model, batch_sizes=batch_sizes, min_speedup=min_speedup,
+                                       max_density=max_density, repeats=repeats, inplace=inplace)
     return converted
 
 
@@ -217,21 +177,14 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     except SafetensorError as error:
         raise ValueError(f"{str(path)!r} is not a readable safetensors file: {error}") from error
     if any(key.startswith(CHECKPOINT_MODEL_PREFIX) for key in state):
-        state = {
-            k[len(CHECKPOINT_MODEL_PREFIX) :]: v for k, v in state.items() if k.startswith(CHECKPOINT_MODEL_PREFIX)
-        }
+        state = {k[len(CHECKPOINT_MODEL_PREFIX):]: v for k, v in state.items()
+                 if k.startswith(CHECKPOINT_MODEL_PREFIX)}
     return state
 
 
-def convert_file(
-    source: str | Path,
-    target: str | Path,
-    *,
-    batch_sizes: Sequence[int] = (1, 64, 256),
-    min_speedup: float = 1.05,
-    max_density: float = 0.7,
-    repeats: int = 5,
-) -> tuple[ConversionReport, int]:
+def convert_file(source: str | Path, target: str | Path, *, batch_sizes: Sequence[int] = (1, 64, 256),
+                 min_speedup: float = 1.05, max_density: float = 0.7,
+                 repeats: int = 5) -> tuple[ConversionReport, int]:
     """Convert a safetensors state dict (or a `sparsearch.save` checkpoint) to a sparse file, no model needed.
 
     Every 2-D floating `<name>.weight` is treated as a Linear layer (with `<name>.bias` if present) and
@@ -258,8 +211,7 @@ def convert_file(
         decisions.append(decision)
         if sparse is not None:
             sparse_modules[name] = sparse
-    kept = {
-        k: v for k, v in state.items() if k.rpartition(".")[0] not in sparse_modules or k.rpartition(".")[2] == "bias"
-    }
+    kept = {k: v for k, v in state.items() if k.rpartition(".")[0] not in sparse_modules or
+            k.rpartition(".")[2] == "bias"}
     tensors, entries = compact_state(kept, sparse_modules)
     return ConversionReport(decisions), write_sparse_file(tensors, entries, target)

@@ -80,10 +80,8 @@ class PanelCSRMatrix:
     def from_dense(cls, weight: torch.Tensor, panel_width: int | None = None) -> PanelCSRMatrix:
         """Keep the exact non-zeros of a 2-D weight (masked or pruned weights have exact zeros)."""
         if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-            raise ValueError(
-                f"weight must be a 2-D tensor, got {type(weight).__name__} "
-                f"with shape {tuple(getattr(weight, 'shape', ()))}"
-            )
+            raise ValueError(f"weight must be a 2-D tensor, got {type(weight).__name__} "
+                             f"with shape {tuple(getattr(weight, 'shape', ()))}")
         if not weight.is_floating_point():
             raise TypeError(f"weight must be floating point, got dtype {weight.dtype}")
         rows, cols = weight.shape
@@ -103,14 +101,8 @@ class PanelCSRMatrix:
         return cls.from_arrays((rows, cols), width, values, col_indices, segment_nnz)
 
     @classmethod
-    def from_arrays(
-        cls,
-        shape: tuple[int, int],
-        panel_width: int,
-        values: torch.Tensor,
-        col_indices: torch.Tensor,
-        segment_nnz: torch.Tensor,
-    ) -> PanelCSRMatrix:
+    def from_arrays(cls, shape: tuple[int, int], panel_width: int, values: torch.Tensor,
+                    col_indices: torch.Tensor, segment_nnz: torch.Tensor) -> PanelCSRMatrix:
         """Assemble from the stored arrays and derive the offsets; call `validate` on untrusted input."""
         counts = segment_nnz.to(torch.int64)
         segment_ptr = torch.zeros(counts.numel() + 1, dtype=torch.int64)
@@ -118,15 +110,8 @@ class PanelCSRMatrix:
         row_nnz_prefix = torch.zeros(shape[0] + 1, dtype=torch.int64)
         if counts.numel():
             torch.cumsum(counts.sum(dim=0), 0, out=row_nnz_prefix[1:])
-        return cls(
-            (int(shape[0]), int(shape[1])),
-            int(panel_width),
-            values.contiguous(),
-            col_indices.contiguous(),
-            segment_nnz.contiguous(),
-            segment_ptr,
-            row_nnz_prefix,
-        )
+        return cls((int(shape[0]), int(shape[1])), int(panel_width), values.contiguous(),
+                   col_indices.contiguous(), segment_nnz.contiguous(), segment_ptr, row_nnz_prefix)
 
     def validate(self) -> None:
         """Raise ValueError if the arrays do not describe a valid matrix (checked before any kernel reads them)."""
@@ -142,15 +127,11 @@ class PanelCSRMatrix:
             if tensor.dtype != dtype:
                 raise ValueError(f"{name} must have dtype {dtype}, got {tensor.dtype}")
         if tuple(self.segment_nnz.shape) != (panels, rows):
-            raise ValueError(
-                f"segment_nnz must have shape {(panels, rows)} for a {rows}x{cols} matrix with "
-                f"panel width {self.panel_width}, got {tuple(self.segment_nnz.shape)}"
-            )
+            raise ValueError(f"segment_nnz must have shape {(panels, rows)} for a {rows}x{cols} matrix with "
+                             f"panel width {self.panel_width}, got {tuple(self.segment_nnz.shape)}")
         if self.values.dim() != 1 or self.col_indices.shape != self.values.shape:
-            raise ValueError(
-                f"values and col_indices must be 1-D of equal length, got "
-                f"{tuple(self.values.shape)} and {tuple(self.col_indices.shape)}"
-            )
+            raise ValueError(f"values and col_indices must be 1-D of equal length, got "
+                             f"{tuple(self.values.shape)} and {tuple(self.col_indices.shape)}")
         counts = self.segment_nnz.to(torch.int64)
         panel_widths = torch.clamp(cols - torch.arange(panels) * self.panel_width, max=self.panel_width)
         if bool((counts > panel_widths[:, None]).any()):

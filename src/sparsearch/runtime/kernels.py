@@ -81,25 +81,8 @@ class _CBackend:
     def __init__(self) -> None:
         lib = ctypes.CDLL(str(_compile_library()))
         i64, ptr, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
-        lib.panel_csr_linear.argtypes = [
-            i64,
-            i64,
-            i64,
-            ptr,
-            ptr,
-            ptr,
-            ptr,
-            ptr,
-            ptr,
-            i64,
-            ptr,
-            i64,
-            i64,
-            i64,
-            ptr,
-            ptr,
-            c_int,
-        ]
+        lib.panel_csr_linear.argtypes = [i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, i64, ptr, i64, i64, i64,
+                                         ptr, ptr, c_int]
         lib.panel_csr_matvec.argtypes = [i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, c_int]
         for fn in (lib.panel_csr_linear, lib.panel_csr_matvec):
             fn.restype = None
@@ -118,45 +101,23 @@ class _CBackend:
             x_ptr, ld_in = x2.data_ptr(), x2.stride(0)
             xt = torch.empty(m.cols, batch, dtype=torch.float32)
             ldx = batch
-        self._lib.panel_csr_linear(
-            *m.kernel_args,
-            bias_ptr,
-            x_ptr,
-            ld_in,
-            xt.data_ptr(),
-            ldx,
-            batch,
-            m.cols,
-            yt.data_ptr(),
-            y.data_ptr(),
-            threads,
-        )
+        self._lib.panel_csr_linear(*m.kernel_args, bias_ptr, x_ptr, ld_in, xt.data_ptr(), ldx, batch, m.cols,
+                                   yt.data_ptr(), y.data_ptr(), threads)
         return y
 
-    def matmul_t(self, m: PanelCSRMatrix, bias: torch.Tensor | None, xt: torch.Tensor, threads: int) -> torch.Tensor:
+    def matmul_t(self, m: PanelCSRMatrix, bias: torch.Tensor | None, xt: torch.Tensor,
+                 threads: int) -> torch.Tensor:
         """Y^T [rows, batch] from X^T [cols, batch] (rows contiguous), no transposes."""
         yt = torch.empty(m.rows, xt.shape[1], dtype=torch.float32)
-        self._lib.panel_csr_linear(
-            *m.kernel_args,
-            None if bias is None else bias.data_ptr(),
-            None,
-            0,
-            xt.data_ptr(),
-            xt.stride(0),
-            xt.shape[1],
-            m.cols,
-            yt.data_ptr(),
-            None,
-            threads,
-        )
+        self._lib.panel_csr_linear(*m.kernel_args, None if bias is None else bias.data_ptr(), None, 0,
+                                   xt.data_ptr(), xt.stride(0), xt.shape[1], m.cols, yt.data_ptr(), None, threads)
         return yt
 
-    def matvec(
-        self, m: PanelCSRMatrix, bias: torch.Tensor | None, x: torch.Tensor, y: torch.Tensor, threads: int
-    ) -> None:
+    def matvec(self, m: PanelCSRMatrix, bias: torch.Tensor | None, x: torch.Tensor, y: torch.Tensor,
+               threads: int) -> None:
         self._lib.panel_csr_matvec(
-            *m.kernel_args, None if bias is None else bias.data_ptr(), x.data_ptr(), y.data_ptr(), threads
-        )
+            *m.kernel_args, None if bias is None else bias.data_ptr(),
+            x.data_ptr(), y.data_ptr(), threads)
 
 
 class _NumbaBackend:
@@ -177,38 +138,20 @@ class _NumbaBackend:
     def linear(self, m: PanelCSRMatrix, bias: torch.Tensor | None, x2: torch.Tensor, threads: int) -> torch.Tensor:
         xt = x2.t().contiguous()
         yt = torch.empty(m.rows, x2.shape[0], dtype=torch.float32)
-        self._kernels.matmul_t(
-            m.rows,
-            m.panel_width,
-            m.segment_ptr.numpy(),
-            m.row_nnz_prefix.numpy(),
-            m.col_indices.numpy(),
-            m.values.numpy(),
-            _bias_array(bias, m.rows),
-            xt.numpy(),
-            yt.numpy(),
-            self._threads(threads),
-        )
+        self._kernels.matmul_t(m.rows, m.panel_width, m.segment_ptr.numpy(), m.row_nnz_prefix.numpy(),
+                               m.col_indices.numpy(), m.values.numpy(), _bias_array(bias, m.rows),
+                               xt.numpy(), yt.numpy(), self._threads(threads))
         return yt.t().contiguous()
 
-    def matmul_t(self, m: PanelCSRMatrix, bias: torch.Tensor | None, xt: torch.Tensor, threads: int) -> torch.Tensor:
+    def matmul_t(self, m: PanelCSRMatrix, bias: torch.Tensor | None, xt: torch.Tensor,
+                 threads: int) -> torch.Tensor:
         return self.linear(m, bias, xt.t(), threads).t().contiguous()
 
-    def matvec(
-        self, m: PanelCSRMatrix, bias: torch.Tensor | None, x: torch.Tensor, y: torch.Tensor, threads: int
-    ) -> None:
-        self._kernels.matvec(
-            m.rows,
-            m.panel_width,
-            m.segment_ptr.numpy(),
-            m.row_nnz_prefix.numpy(),
-            m.col_indices.numpy(),
-            m.values.numpy(),
-            _bias_array(bias, m.rows),
-            x.numpy(),
-            y.numpy(),
-            self._threads(threads),
-        )
+    def matvec(self, m: PanelCSRMatrix, bias: torch.Tensor | None, x: torch.Tensor, y: torch.Tensor,
+               threads: int) -> None:
+        self._kernels.matvec(m.rows, m.panel_width, m.segment_ptr.numpy(), m.row_nnz_prefix.numpy(),
+                             m.col_indices.numpy(), m.values.numpy(), _bias_array(bias, m.rows), x.numpy(),
+                             y.numpy(), self._threads(threads))
 
 
 def _bias_array(bias: torch.Tensor | None, rows: int) -> np.ndarray:
@@ -228,9 +171,8 @@ def get_backend(name: str | None = None) -> _CBackend | _NumbaBackend:
     except (RuntimeError, OSError) as error:
         if requested == "c":
             raise
-        warnings.warn(
-            f"sparsearch: C kernels unavailable ({error}); using the slower numba kernels", RuntimeWarning, stacklevel=2
-        )
+        warnings.warn(f"sparsearch: C kernels unavailable ({error}); using the slower numba kernels",
+                      RuntimeWarning, stacklevel=2)
         return _NumbaBackend()
 
 
@@ -238,9 +180,8 @@ def _threads_for(work: int) -> int:
     return max(1, min(torch.get_num_threads(), work // PARALLEL_GRAIN))
 
 
-def sparse_linear(
-    x: torch.Tensor, matrix: PanelCSRMatrix, bias: torch.Tensor | None = None, backend: str | None = None
-) -> torch.Tensor:
+def sparse_linear(x: torch.Tensor, matrix: PanelCSRMatrix, bias: torch.Tensor | None = None,
+                  backend: str | None = None) -> torch.Tensor:
     """y = x W^T + bias like `F.linear`, for any leading batch shape and any strides of x; y is contiguous."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
@@ -266,19 +207,16 @@ def sparse_linear(
     return kernels.linear(matrix, bias, x2, threads).reshape(*lead, matrix.rows)
 
 
-def sparse_matmul_t(
-    matrix: PanelCSRMatrix, xt: torch.Tensor, bias: torch.Tensor | None = None, backend: str | None = None
-) -> torch.Tensor:
+def sparse_matmul_t(matrix: PanelCSRMatrix, xt: torch.Tensor, bias: torch.Tensor | None = None,
+                    backend: str | None = None) -> torch.Tensor:
     """Y^T = W X^T (+ bias per row) for activations kept batch-minor: xt [in_features, batch] -> [out_features, batch].
 
     The layout the kernels work in, so no transposes are paid; chains of sparse layers (and comparisons with
     kernels that take this layout, such as sparselab.spmm) can use it directly.
     """
     if not isinstance(xt, torch.Tensor) or xt.dim() != 2 or xt.dtype != torch.float32:
-        raise TypeError(
-            f"xt must be a 2-D float32 tensor, got {getattr(xt, 'dtype', type(xt).__name__)} "
-            f"with shape {tuple(getattr(xt, 'shape', ()))}"
-        )
+        raise TypeError(f"xt must be a 2-D float32 tensor, got {getattr(xt, 'dtype', type(xt).__name__)} "
+                        f"with shape {tuple(getattr(xt, 'shape', ()))}")
     if xt.shape[0] != matrix.cols:
         raise ValueError(f"xt's first dimension must be in_features={matrix.cols}, got shape {tuple(xt.shape)}")
     if bias is not None:

@@ -48,10 +48,8 @@ class SparseLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and x.requires_grad:
-            raise RuntimeError(
-                "SparseLinear is inference-only: gradients do not flow through the sparse "
-                "kernels; call it under torch.no_grad() or on an input without requires_grad"
-            )
+            raise RuntimeError("SparseLinear is inference-only: gradients do not flow through the sparse "
+                               "kernels; call it under torch.no_grad() or on an input without requires_grad")
         return sparse_linear(x, self._matrix, self.bias)
 
     def to_dense_linear(self) -> nn.Linear:
@@ -64,7 +62,5 @@ class SparseLinear(nn.Module):
         return linear
 
     def extra_repr(self) -> str:
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, nnz={self.nnz}, "
-            f"density={self._matrix.density:.3f}, bias={self.bias is not None}"
-        )
+        return (f"in_features={self.in_features}, out_features={self.out_features}, nnz={self.nnz}, "
+                f"density={self._matrix.density:.3f}, bias={self.bias is not None}")

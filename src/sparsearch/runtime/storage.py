@@ -38,17 +38,12 @@ def _crc32(tensor: torch.Tensor) -> int:
 
 
 def _entry(matrix: PanelCSRMatrix, execute: str, weight_shape: tuple[int, ...]) -> dict[str, Any]:
-    return {
-        "shape": list(matrix.shape),
-        "panel_width": matrix.panel_width,
-        "execute": execute,
-        "weight_shape": list(weight_shape),
-    }
+    return {"shape": list(matrix.shape), "panel_width": matrix.panel_width, "execute": execute,
+            "weight_shape": list(weight_shape)}
 
 
-def compact_state(
-    state: dict[str, torch.Tensor], sparse_modules: dict[str, SparseLinear]
-) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]]]:
+def compact_state(state: dict[str, torch.Tensor], sparse_modules: dict[str, SparseLinear]
+                  ) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]]]:
     """State dict -> (tensors to write, sparse entries): weights stored sparse where that takes fewer bytes."""
     tensors: dict[str, torch.Tensor] = {}
     entries: dict[str, dict[str, Any]] = {}
@@ -79,7 +74,8 @@ def save_sparse(model: nn.Module, path: str | Path) -> int:
     return write_sparse_file(tensors, entries, path)
 
 
-def write_sparse_file(tensors: dict[str, torch.Tensor], entries: dict[str, dict[str, Any]], path: str | Path) -> int:
+def write_sparse_file(tensors: dict[str, torch.Tensor], entries: dict[str, dict[str, Any]],
+                      path: str | Path) -> int:
     """Write tensors and their sparse entries (see module docstring); returns the file size in bytes."""
     # clone: tied/shared tensors must become separate entries for safetensors
     tensors = {key: value.detach().cpu().contiguous().clone() for key, value in tensors.items()}
@@ -95,9 +91,8 @@ def write_sparse_file(tensors: dict[str, torch.Tensor], entries: dict[str, dict[
     return path.stat().st_size
 
 
-def read_sparse_file(
-    path: str | Path,
-) -> tuple[dict[str, torch.Tensor], dict[str, PanelCSRMatrix], dict[str, dict[str, Any]]]:
+def read_sparse_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, PanelCSRMatrix],
+                                                dict[str, dict[str, Any]]]:
     """Read and verify a sparse file: (dense tensors by key, validated matrices by prefix, entry metadata)."""
     path = Path(path)
     if not path.is_file():
@@ -107,19 +102,14 @@ def read_sparse_file(
         with safe_open(str(path), framework="pt") as handle:
             metadata: dict[str, str] = handle.metadata() or {}
     except SafetensorError as error:
-        raise ValueError(
-            f"{str(path)!r} is not a readable safetensors file (corrupted or truncated?): {error}"
-        ) from error
+        raise ValueError(f"{str(path)!r} is not a readable safetensors file (corrupted or truncated?): "
+                         f"{error}") from error
     if metadata.get("format") != FORMAT_NAME:
-        raise ValueError(
-            f"{str(path)!r} is not a sparsearch sparse model file (metadata format="
-            f"{metadata.get('format')!r}, expected {FORMAT_NAME!r})"
-        )
+        raise ValueError(f"{str(path)!r} is not a sparsearch sparse model file (metadata format="
+                         f"{metadata.get('format')!r}, expected {FORMAT_NAME!r})")
     if metadata.get("format_version") != FORMAT_VERSION:
-        raise ValueError(
-            f"{str(path)!r} has sparse format version {metadata.get('format_version')!r}; this "
-            f"sparsearch reads version {FORMAT_VERSION!r}"
-        )
+        raise ValueError(f"{str(path)!r} has sparse format version {metadata.get('format_version')!r}; this "
+                         f"sparsearch reads version {FORMAT_VERSION!r}")
     try:
         entries: dict[str, dict[str, Any]] = json.loads(metadata["sparse_entries"])
         checksums: dict[str, int] = json.loads(metadata["crc32"])
@@ -170,10 +160,8 @@ def load_sparse(path: str | Path, model: nn.Module) -> nn.Module:
         if not isinstance(module, nn.Linear | SparseLinear):
             raise ValueError(f"sparse layer {prefix!r} must be a Linear in the model, found {type(module).__name__}")
         if (module.out_features, module.in_features) != matrix.shape:
-            raise ValueError(
-                f"sparse layer {prefix!r} has shape {matrix.shape} but the model's Linear there "
-                f"has shape {(module.out_features, module.in_features)}"
-            )
+            raise ValueError(f"sparse layer {prefix!r} has shape {matrix.shape} but the model's Linear there "
+                             f"has shape {(module.out_features, module.in_features)}")
         bias = dense_state.pop(f"{prefix}.bias", None)
         parent_name, _, child = prefix.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
@@ -184,11 +172,8 @@ def load_sparse(path: str | Path, model: nn.Module) -> nn.Module:
     if missing or unexpected:
         raise ValueError(f"{str(path)!r} does not match the model: missing {missing}, unexpected {unexpected}")
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    wrong = [
-        f"{k}: file {tuple(v.shape)} vs model {shapes[k]}"
-        for k, v in dense_state.items()
-        if tuple(v.shape) != shapes[k]
-    ]
+    wrong = [f"{k}: file {tuple(v.shape)} vs model {shapes[k]}" for k, v in dense_state.items()
+             if tuple(v.shape) != shapes[k]]
     if wrong:
         raise ValueError(f"{str(path)!r} does not match the model's shapes: {'; '.join(wrong)}")
     model.load_state_dict(dense_state, strict=False)

@@ -148,7 +148,9 @@ def layer_keep_counts(
     return keep_counts_from_densities(shapes, densities, round((1.0 - sparsity) * total))
 
 
-def custom_keep_counts(shapes: Mapping[str, Sequence[int]], layer_sparsities: Mapping[str, float]) -> dict[str, int]:
+def custom_keep_counts(
+    shapes: Mapping[str, Sequence[int]], layer_sparsities: Mapping[str, float]
+) -> dict[str, int]:
     """Keep-counts from a user-given sparsity per layer (layers not named stay dense)."""
     unknown = set(layer_sparsities) - set(shapes)
     if unknown:
