@@ -8,6 +8,7 @@ import json
 import os
 import platform
 import shutil
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -17,6 +18,8 @@ from pathlib import Path
 import torch
 
 from sparsearch.report import write_report
+from sparsearch.report.methods import METHOD_HEADERS, method_cells
+from sparsearch.report.render import METHODS_NOTE
 from sparsearch.report.summary import COMPARISON_HEADERS, TABLE_HEADERS, comparison_cells, markdown_table, table_cells
 
 HERE = Path(__file__).resolve().parent
@@ -85,15 +88,28 @@ def run_and_record(
     resume: bool = False,
     workers: int | None = None,
     report_only: bool = False,
+    note: str = "",
 ) -> dict:
     """Run the study (fresh, or resumed), or with ``report_only`` re-render the results of the last run."""
     out = OUT / name
     store = out / f"{name}.sqlite"
-    if report_only:
+    partial = None
+    if report_only and not (RESULTS / f"{name}.json").exists():
+        # a run stopped before its end (the deadline, not a failure): times from the store, load as of now
+        with sqlite3.connect(f"file:{store}?mode=ro", uri=True) as connection:
+            first, last, done, total = connection.execute(
+                "SELECT min(started), max(finished), sum(status = 'done'), count(*) FROM trial"
+            ).fetchone()
+        partial = (int(done), int(total))
+        started_at = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(first))
+        wall, resume, cpu, workers = last - first, True, None, None
+        load_before = load_after = os.getloadavg()
+    elif report_only:
         previous = json.loads((RESULTS / f"{name}.json").read_text())
         started_at, wall, resume = previous["date"], previous["wall_seconds"], previous["resumed"]
         load_before, load_after, workers = previous["load_average_before"], previous["load_average_after"], None
         cpu = previous.get("cpu_seconds")
+        partial = tuple(previous["partial"]) if previous.get("partial") else None
     else:
         if not resume and out.exists():
             shutil.rmtree(out)
@@ -135,6 +151,14 @@ def run_and_record(
             if cpu
             else ""
         ),
+        ""
+        + (
+            f"Stopped before the end: {partial[0]} of {partial[1]} trials finished (wall time above: first start "
+            "to last finish, restarts included; load average as of rendering). `--resume` finishes the rest."
+            if partial
+            else ""
+        )
+        + (f" {note}" if note else ""),
         "",
         f"Study: data set `{config['dataset']}`, model `{config['model']}`, sparsities {config['sparsities']}, "
         f"seeds {config['seeds']}, budget {config['budget']}, search {config['search']}.",
@@ -145,6 +169,17 @@ def run_and_record(
         "",
         markdown_table(COMPARISON_HEADERS, comparison_cells(report.comparison)),
         "",
+    ]
+    if report.methods:
+        lines += [
+            "Search methods side by side:",
+            "",
+            markdown_table(METHOD_HEADERS, method_cells(report.methods)),
+            "",
+            METHODS_NOTE,
+            "",
+        ]
+    lines += [
         "sparsity = fraction of zero weights among masked (Linear/Conv) weights; node sparsity = fraction of "
         "hidden units removed. Epochs to 95% of dense: first epoch reaching 95% of the dense parent's final test "
         "accuracy at the same seed (mean over seeds that reach it; count when not all do).",
@@ -164,8 +199,11 @@ def run_and_record(
         "load_average_before": load_before,
         "load_average_after": load_after,
         "resumed": resume,
+        "partial": partial,
+        "note": note,
         "summary": [row.__dict__ for row in report.rows],
         "search_vs_random": [row.__dict__ for row in report.comparison],
+        "search_methods": [row.__dict__ for row in report.methods],
         "config": config,
     }
     (RESULTS / f"{name}.json").write_text(json.dumps(document, indent=1), encoding="utf-8")
@@ -179,6 +217,7 @@ def main(name: str, *, study_file: Path | None, title: str, description: str) ->
     parser.add_argument("--resume", action="store_true", help="keep the store and finish the remaining trials")
     parser.add_argument("--report-only", action="store_true", help="re-render the results of the last run")
     parser.add_argument("--workers", type=int, default=None, help="parallel trials (default: every core)")
+    parser.add_argument("--note", default="", help="a sentence for the result file (e.g. the load observed)")
     options = parser.parse_args()
     run_and_record(
         name,
@@ -187,4 +226,5 @@ def main(name: str, *, study_file: Path | None, title: str, description: str) ->
         resume=options.resume,
         workers=options.workers,
         report_only=options.report_only,
+        note=options.note,
     )

@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 
 from sparsearch.cli.errors import user_errors
-from sparsearch.report import rich_comparison, rich_table, write_report
+from sparsearch.report import rich_comparison, rich_methods, rich_table, write_report
 from sparsearch.study import DEFAULT_STORE_DIR, default_study_config, load_study_config, run_study
 
 # output written to a file or a pipe gets room for the table's columns instead of the 80 Rich assumes there
@@ -28,6 +28,8 @@ def _show_report(console: Console, store_path: Path, study: str | None, folder: 
     console.print(rich_table(report.rows, title=f"study {report.study}"))
     if report.comparison:
         console.print(rich_comparison(report.comparison))
+    if report.methods:
+        console.print(rich_methods(report.methods))
     for arm, notes in report.notes.items():
         for note in notes:
             console.print(f"note ({arm}): {note}", highlight=False, soft_wrap=True)

@@ -1,11 +1,13 @@
 """sparsearch.report: a study's results as tables, PNG plots, a self-contained HTML page, CSV and JSON,
 computed from the results store alone."""
 
+from sparsearch.report.methods import MethodComparison, compare_methods
 from sparsearch.report.render import (
     Report,
     ReportFiles,
     default_report_folder,
     rich_comparison,
+    rich_methods,
     rich_table,
     write_report,
 )
@@ -23,14 +25,17 @@ from sparsearch.report.summary import (
 __all__ = [
     "SPARSITY_DEFINITION",
     "ArmSummary",
+    "MethodComparison",
     "Report",
     "ReportFiles",
     "SearchComparison",
     "StudyResults",
+    "compare_methods",
     "compare_search_with_random",
     "default_report_folder",
     "load_results",
     "rich_comparison",
+    "rich_methods",
     "rich_table",
     "space_notes",
     "summarize",

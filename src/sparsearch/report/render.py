@@ -8,11 +8,12 @@ import csv
 import html
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from rich.table import Table
 
+from sparsearch.report.methods import METHOD_HEADERS, MethodComparison, compare_methods, method_cells
 from sparsearch.report.plots import plot_accuracy_vs_sparsity, plot_convergence
 from sparsearch.report.summary import (
     COMPARISON_HEADERS,
@@ -55,7 +56,16 @@ class Report:
     files: ReportFiles
     rows: list[ArmSummary]
     comparison: list[SearchComparison]
-    notes: dict[str, list[str]]  # per arm: what its search space said about the model
+    notes: dict[str, list[str]] = field(default_factory=dict)  # per arm: what its search space said about the model
+    methods: list[MethodComparison] = field(default_factory=list)  # searched arms side by side
+
+
+METHODS_NOTE = (
+    "Each searched arm <method>-<space> against its random counterpart random-<space> and against Random Search "
+    "search-<space>, paired by seed (same parent initialisation, data order and training budget): mean ± std of "
+    "the differences in test accuracy (pp), and the seed pairs the method won. Search FLOPs: what the search "
+    "spent, in brackets as a share of its budget (by default what Random Search spends in the same cell)."
+)
 
 
 def default_report_folder(store_path: Path, study: str) -> Path:
@@ -79,6 +89,16 @@ def rich_comparison(rows: list[SearchComparison]) -> Table:
     for header in COMPARISON_HEADERS:
         table.add_column(header, justify="left" if header == "Space" else "right", no_wrap=header == "Space")
     for cells in comparison_cells(rows):
+        table.add_row(*cells)
+    return table
+
+
+def rich_methods(rows: list[MethodComparison]) -> Table:
+    """The search methods side by side, for the terminal."""
+    table = Table(title="Search methods vs random counterpart and Random Search (paired by seed)")
+    for header in METHOD_HEADERS:
+        table.add_column(header, justify="left" if header in ("Space", "Method") else "right")
+    for cells in method_cells(rows):
         table.add_row(*cells)
     return table
 
@@ -143,7 +163,11 @@ def _trial_cells(results: StudyResults) -> list[list[str]]:
 
 
 def _html_page(
-    results: StudyResults, rows: list[ArmSummary], comparison: list[SearchComparison], files: ReportFiles
+    results: StudyResults,
+    rows: list[ArmSummary],
+    comparison: list[SearchComparison],
+    files: ReportFiles,
+    methods: list[MethodComparison],
 ) -> str:
     counts = ", ".join(f"{count} {status}" for status, count in sorted(results.status_counts().items()))
     config = results.config
@@ -188,6 +212,12 @@ def _html_page(
             ),
             "</ul>",
         ]
+    if methods:
+        parts += [
+            "<h2>Search methods side by side</h2>",
+            f"<p class='note'>{html.escape(METHODS_NOTE)}</p>",
+            _html_table(METHOD_HEADERS, method_cells(methods)),
+        ]
     parts += [
         "<h2>Accuracy vs sparsity</h2>",
         _inline_png(files.accuracy_plot, "accuracy vs sparsity"),
@@ -215,6 +245,9 @@ def write_report(store_path: str | Path, study: str | None = None, folder: str |
     out.mkdir(parents=True, exist_ok=True)
     rows = summarize(results)
     comparison = compare_search_with_random(results)
+    methods = compare_methods(results)
+    if all(row.method == "search" for row in methods):
+        methods = []  # Random Search alone: the comparison above says it all
     files = ReportFiles(
         folder=out,
         html=out / "report.html",
@@ -242,6 +275,7 @@ def write_report(store_path: str | Path, study: str | None = None, folder: str |
         "config": results.config,
         "summary": [asdict(row) for row in rows],
         "search_vs_random": [asdict(row) for row in comparison],
+        "search_methods": [asdict(row) for row in methods],
         "trials": trials,
         "curves": {key: [asdict(row) for row in curve] for key, curve in results.curves.items()},
     }
@@ -252,6 +286,8 @@ def write_report(store_path: str | Path, study: str | None = None, folder: str |
     notes = space_notes(results)
     if notes:
         markdown.append("\n".join(f"- {arm}: {note}" for arm, lines in notes.items() for note in lines))
+    if methods:
+        markdown.append(markdown_table(METHOD_HEADERS, method_cells(methods)) + f"\n\n{METHODS_NOTE}")
     files.markdown.write_text("\n\n".join(markdown) + f"\n\n{SPARSITY_DEFINITION}.\n", encoding="utf-8")
-    files.html.write_text(_html_page(results, rows, comparison, files), encoding="utf-8")
-    return Report(results.name, files, rows, comparison, notes)
+    files.html.write_text(_html_page(results, rows, comparison, files, methods), encoding="utf-8")
+    return Report(results.name, files, rows, comparison, notes, methods)

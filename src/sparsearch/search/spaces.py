@@ -160,10 +160,20 @@ class NodeSpace:
 
     def sample(self, generator: torch.Generator) -> dict[str, Tensor]:
         """Masks of a random structured sub-network: ``kept_units`` random units per group."""
-        masks = {name: torch.ones(shape, dtype=torch.bool) for name, shape in self.shapes.items()}
+        keeps = {}
         for group in self.groups:
             keep = torch.zeros(group.units, dtype=torch.bool)
             keep[torch.randperm(group.units, generator=generator)[: self.kept_units[group.name]]] = True
+            keeps[group.name] = keep
+        return self.masks_keeping(keeps)
+
+    def masks_keeping(self, keeps: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """The masks that keep unit ``i`` of group ``g`` where ``keeps[g.name][i]`` (a group not named keeps all)."""
+        masks = {name: torch.ones(shape, dtype=torch.bool) for name, shape in self.shapes.items()}
+        for group in self.groups:
+            if group.name not in keeps:
+                continue
+            keep = keeps[group.name]
             for slot in group.producers:
                 rows = masks[slot.parameter][slot.offset : slot.offset + group.units]
                 rows &= keep.view(-1, *([1] * (rows.dim() - 1)))
@@ -172,6 +182,15 @@ class NodeSpace:
                 columns = mask[:, slot.offset : slot.offset + group.units * slot.block]
                 columns &= keep.repeat_interleave(slot.block).view(1, -1, *([1] * (mask.dim() - 2)))
         return masks
+
+    def kept_units_of(self, masks: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Which units of each group ``masks`` keep (a unit is kept where its first producer row is not all zero)."""
+        keeps = {}
+        for group in self.groups:
+            slot = group.producers[0]
+            rows = masks[slot.parameter][slot.offset : slot.offset + group.units]
+            keeps[group.name] = rows.reshape(group.units, -1).any(dim=1)
+        return keeps
 
 
 @SPACES.register("node")

@@ -27,27 +27,53 @@ from sparsearch.algorithms import ARMS
 from sparsearch.data import DATASETS
 from sparsearch.models import MODELS
 from sparsearch.registry import resolve_reference
-from sparsearch.search import SCORERS, SPACES
+from sparsearch.search import SCORERS, SEARCH_METHODS, SPACES, built_in_order, check_method_fits
 from sparsearch.sparsity.distribution import DISTRIBUTIONS
 from sparsearch.training import TrainBudget
 
 BASE_ARMS = ("dense", "random-node", "random-weight", "search-node", "search-weight")
-"""Arms every study knows: the dense parent, random sparse sub-networks, and Random-Search winners."""
+"""The default study's arms: the dense parent, random sparse sub-networks, and Random-Search winners."""
 
-MASK_ARM_KINDS = ("random", "search")
 DEFAULT_STORE_DIR = Path("sparsearch-runs")
 # keys that choose where and how a study runs, not what it computes: they stay out of the config hash
 RUN_ONLY_KEYS = frozenset({"store", "workers", "executor", "ray_address"})
 
 
 def search_spaces() -> tuple[str, ...]:
-    """Names of the search spaces a mask arm (``random-<space>`` / ``search-<space>``) may use."""
+    """Names of the search spaces a mask arm (``random-<space>`` / ``<method>-<space>``) may use."""
     return SPACES.names()
+
+
+def search_methods() -> tuple[str, ...]:
+    """Names of the search methods (``sparsearch.search.SEARCH_METHODS``); ``random`` is the unscored sample."""
+    return tuple(sorted(SEARCH_METHODS, key=built_in_order))
+
+
+def mask_arm_kinds() -> tuple[str, ...]:
+    """What may stand before the space in a mask arm: ``random`` or a search method."""
+    return ("random", *search_methods())
+
+
+def split_mask_arm(arm: str) -> tuple[str, str] | None:
+    """``(kind, space)`` of a mask arm such as ``sh-node`` (kind "random" or a search method), else None."""
+    for kind in mask_arm_kinds():
+        if arm.startswith(f"{kind}-") and len(arm) > len(kind) + 1:
+            return kind, arm[len(kind) + 1 :]
+    return None
+
+
+def mask_arms() -> tuple[str, ...]:
+    """Every ``random-<space>`` and ``<method>-<space>`` arm whose method fits its space."""
+    arms = [f"random-{space}" for space in search_spaces()]
+    for method in search_methods():
+        fits = SEARCH_METHODS.get(method).spaces
+        arms += [f"{method}-{space}" for space in search_spaces() if fits is None or space in fits]
+    return tuple(arms)
 
 
 def algorithm_arms() -> tuple[str, ...]:
     """Arms registered in ``sparsearch.algorithms.ARMS`` (built-ins, user code and entry points)."""
-    return tuple(name for name in ARMS.names() if name not in BASE_ARMS)
+    return tuple(name for name in ARMS.names() if name != "dense" and split_mask_arm(name) is None)
 
 
 def is_reference(name: str) -> bool:
@@ -64,7 +90,7 @@ def _check_reference(reference: str, what: str) -> str:
 
 def known_arms() -> tuple[str, ...]:
     """Every arm name a study file may list."""
-    return BASE_ARMS + algorithm_arms()
+    return ("dense", *mask_arms(), *algorithm_arms())
 
 
 def _allowed(values: tuple[str, ...] | list[str]) -> str:
@@ -89,7 +115,7 @@ class ModelSpec(_Strict):
         if arch not in MODELS:
             raise ValueError(
                 f"unknown model arch {arch!r}; allowed: {_allowed(MODELS.names())} "
-                "(or your own: model = \"package.module:function\" at the top level of the study file)"
+                '(or your own: model = "package.module:function" at the top level of the study file)'
             )
         return arch
 
@@ -111,6 +137,25 @@ class SearchSpec(_Strict):
     distribution: str = Field(
         default="erk", description="layer-wise distribution of the weight space (random and search arms alike)"
     )
+    budget_flops: int | None = Field(
+        default=None,
+        description="FLOPs every search method may spend per search; default: what Random Search spends "
+        "(n_candidates scored by the scorer) in the same space and cell",
+    )
+
+    @field_validator("budget_flops", mode="before")
+    @classmethod
+    def _positive_budget(cls, budget: object) -> object:
+        if budget is None:
+            return None
+        if isinstance(budget, bool) or not isinstance(budget, int | float) or budget != budget or budget < 1:
+            raise ValueError(
+                f"the search budget must be a positive number of FLOPs (e.g. 2e11), got {budget!r}; "
+                "leave it out to give every method Random Search's budget"
+            )
+        if isinstance(budget, float) and not budget.is_integer():
+            raise ValueError(f"the search budget must be a whole number of FLOPs, got {budget!r}")
+        return int(budget)
 
     @field_validator("scorer")
     @classmethod
@@ -152,7 +197,7 @@ class StudyConfig(_Strict):
         if dataset not in DATASETS:
             raise ValueError(
                 f"unknown dataset {dataset!r}; allowed: {_allowed(DATASETS.names())} "
-                "or your own as \"package.module:function\""
+                'or your own as "package.module:function"'
             )
         return dataset
 
@@ -162,7 +207,7 @@ class StudyConfig(_Strict):
         if isinstance(model, str):
             if not is_reference(model):
                 raise ValueError(
-                    f"model {model!r} is neither a [model] table nor a \"package.module:function\" reference; "
+                    f'model {model!r} is neither a [model] table nor a "package.module:function" reference; '
                     f"for a registered architecture write [model] arch = {model!r}"
                 )
             return _check_reference(model, "model")
@@ -192,12 +237,21 @@ class StudyConfig(_Strict):
         for arm in arms:
             if arm in allowed:
                 continue
-            kind, _, space = arm.partition("-")
-            if kind in MASK_ARM_KINDS and space in search_spaces():
-                continue  # a space registered by the user: random-<space> / search-<space>
-            if kind in MASK_ARM_KINDS and space:
+            parsed = split_mask_arm(arm)
+            if parsed is not None:
+                kind, space = parsed
+                if space not in search_spaces():
+                    raise ValueError(
+                        f"unknown search space {space!r} in arm {arm!r}; allowed spaces: {_allowed(search_spaces())}"
+                    )
+                check_method_fits(kind, space)  # the only other reason: the method does not fit the space
+                continue  # a space or method registered by the user
+            method, dash, _ = arm.partition("-")
+            if dash and method not in mask_arm_kinds() and method not in algorithm_arms():
                 raise ValueError(
-                    f"unknown search space {space!r} in arm {arm!r}; allowed spaces: {_allowed(search_spaces())}"
+                    f"unknown arm {arm!r}: {method!r} is neither a search method nor 'random' "
+                    f"(allowed: {_allowed(mask_arm_kinds())}) nor a training algorithm; allowed arms: "
+                    f"{_allowed(allowed)}"
                 )
             raise ValueError(f"unknown arm {arm!r}; allowed: {_allowed(allowed)}")
         if len(set(arms)) != len(arms):
@@ -224,7 +278,10 @@ class StudyConfig(_Strict):
     # ------------------------------------------------------------------------------------ derived
     def content(self) -> dict[str, Any]:
         """The settings that decide the study's results (JSON-ready; run-only keys such as store left out)."""
-        return self.model_dump(mode="json", exclude=set(RUN_ONLY_KEYS))
+        content = self.model_dump(mode="json", exclude=set(RUN_ONLY_KEYS))
+        if content["search"]["budget_flops"] is None:
+            del content["search"]["budget_flops"]  # so stores made before the key existed still resume
+        return content
 
     def config_hash(self) -> str:
         """Stable hash of ``content()``: a store refuses to mix trials of two different studies."""

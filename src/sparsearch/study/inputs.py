@@ -26,7 +26,7 @@ from sparsearch.engine.sparsifier import default_sparsifiable_parameters
 from sparsearch.models import build_model
 from sparsearch.registry import resolve_reference
 from sparsearch.search import make_space
-from sparsearch.study.config import MASK_ARM_KINDS, ModelSpec, StudyConfig, is_reference
+from sparsearch.study.config import ModelSpec, StudyConfig, is_reference, split_mask_arm
 
 ModelFactory = Callable[[int], nn.Module]
 """The user's parent network: ``factory(seed) -> nn.Module`` (same seed -> same weights)."""
@@ -188,8 +188,9 @@ def check_inputs(inputs: StudyInputs, *, needs_pickling: bool) -> None:
         )
     _check_fit(inputs, model, data)
     for arm in config.arms:
-        kind, _, space_name = arm.partition("-")
-        if kind in MASK_ARM_KINDS and space_name:
+        mask_arm = split_mask_arm(arm)
+        if mask_arm is not None:
+            space_name = mask_arm[1]
             try:
                 make_space(space_name, model, config.sparsities[0], distribution=config.search.distribution)
             except (TypeError, ValueError) as error:

@@ -3,9 +3,10 @@
 Arms:
 - ``dense``: the parent, trained as is (once per seed).
 - ``random-<space>``: one unscored sample from the space at the target sparsity, trained with fixed masks.
-- ``search-<space>``: Random Search over the same space (N scored candidates), the winner trained with fixed
-  masks. The random counterpart and the candidates come from independent generators derived from
-  (seed, sparsity, arm), so neither sees the other's draws.
+- ``<method>-<space>``: the search method (``search`` = Random Search, ``sh``, ``evolution``, ``tpe``, ``dass``;
+  ``sparsearch.search.SEARCH_METHODS``) over the same space under the study's search budget, the winner
+  trained with fixed masks. The random counterpart and the candidates come from independent generators
+  derived from (seed, sparsity, arm), so neither sees the other's draws.
 - every name in ``sparsearch.algorithms.ARMS``: that algorithm's sparsifier drives training.
 
 Every arm at a seed starts from the same parent initialisation and sees the same data order and budget.
@@ -26,8 +27,17 @@ from sparsearch.algorithms import ARMS, ArmSetting
 from sparsearch.data import DataSplits
 from sparsearch.engine.sparsifier import Sparsifier, StaticMaskSparsifier, default_sparsifiable_parameters
 from sparsearch.models import count_flops, parameter_counts
-from sparsearch.search import SearchSpace, make_space, node_sparsity, random_search, weight_sparsity
-from sparsearch.study.config import StudyConfig
+from sparsearch.search import (
+    SearchOutcome,
+    SearchProblem,
+    SearchSpace,
+    check_method_fits,
+    make_space,
+    node_sparsity,
+    random_search_flops,
+    weight_sparsity,
+)
+from sparsearch.study.config import StudyConfig, split_mask_arm
 from sparsearch.study.inputs import StudyInputs
 from sparsearch.study.store import EpochRow, TrialOutcome, TrialSpec
 from sparsearch.training import EpochMetrics, train
@@ -67,9 +77,7 @@ def _algorithm_factory(
     return build
 
 
-def run_trial(
-    inputs: StudyInputs, spec: TrialSpec, on_epoch: Callable[[EpochRow], None] | None = None
-) -> TrialOutcome:
+def run_trial(inputs: StudyInputs, spec: TrialSpec, on_epoch: Callable[[EpochRow], None] | None = None) -> TrialOutcome:
     """Run one trial and return its final metrics and curve; ``on_epoch`` sees each epoch as it ends."""
     config = inputs.config
     started = time.perf_counter()
@@ -79,38 +87,27 @@ def run_trial(
         return inputs.build_model(spec.seed, data)
 
     model = parent()
-    kind, _, space_name = spec.arm.partition("-")
+    mask_arm = split_mask_arm(spec.arm)
     search_info: dict[str, Any] | None = None
     space: SearchSpace | None = None
     sparsifier_factory: Callable[[int], Sparsifier] | None = None
     if spec.arm == "dense":
         pass
-    elif kind == "random" and space_name:
-        space = make_space(space_name, model, spec.sparsity, distribution=config.search.distribution)
+    elif mask_arm is not None and mask_arm[0] == "random":
+        space = make_space(mask_arm[1], model, spec.sparsity, distribution=config.search.distribution)
         masks = space.sample(torch.Generator().manual_seed(derive_seed(spec.seed, spec.sparsity, spec.arm)))
         sparsifier_factory = _static(masks)
-    elif kind == "search" and space_name:
-        space = make_space(space_name, model, spec.sparsity, distribution=config.search.distribution)
-        result = random_search(
-            space,
-            parent,
-            data,
-            scorer=config.search.scorer,
-            n_candidates=config.search.n_candidates,
-            seed=derive_seed(spec.seed, spec.sparsity, spec.arm),
-            short_train_steps=config.search.short_train_steps,
-            batch_size=config.search.batch_size,
-            budget=config.budget,
-        )
+    elif mask_arm is not None:
+        space = make_space(mask_arm[1], model, spec.sparsity, distribution=config.search.distribution)
+        outcome = run_search_arm(config, spec, mask_arm[0], space, mask_arm[1], parent, data)
         search_info = {
             "scorer": config.search.scorer,
             "n_candidates": config.search.n_candidates,
-            "scores": [float(score) for score in result.scores],
-            "best_index": int(result.best_index),
-            "seconds": float(result.seconds),
-            "flops": int(result.flops),
+            "scores": [float(entry["score"]) for entry in outcome.evaluations],
+            "best_index": next(i for i, entry in enumerate(outcome.evaluations) if entry["id"] == outcome.best_id),
+            **outcome.summary(),
         }
-        sparsifier_factory = _static(result.best_masks)
+        sparsifier_factory = _static(outcome.best_masks)
     else:
         steps_per_epoch = math.ceil(len(data.y_train) / config.budget.batch_size)
         sparsifier_factory = _algorithm_factory(config, spec, data, steps_per_epoch)
@@ -150,6 +147,44 @@ def _node_sparsity(model: nn.Module, masks: dict[str, torch.Tensor]) -> float:
         return float(node_sparsity(model, masks))
     except (TypeError, ValueError):
         return math.nan
+
+
+def run_search_arm(
+    config: StudyConfig,
+    spec: TrialSpec,
+    method: str,
+    space: SearchSpace,
+    space_name: str,
+    parent: Callable[[], nn.Module],
+    data: DataSplits,
+) -> SearchOutcome:
+    """Run the arm's search method under the study's search budget and return its outcome.
+
+    The budget is ``search.budget_flops`` or else what Random Search spends in the same space, sparsity and
+    seed (its candidates drawn with the ``search-<space>`` arm's seed, so every method of a cell gets the
+    same number even where candidates differ in cost, as in the allocation space).
+    """
+    method_class = check_method_fits(method, space_name)
+
+    def problem(seed: int) -> SearchProblem:
+        return SearchProblem(
+            space,
+            parent,
+            data,
+            seed=seed,
+            scorer=config.search.scorer,
+            short_train_steps=config.search.short_train_steps,
+            n_candidates=config.search.n_candidates,
+            batch_size=config.search.batch_size,
+            train_budget=config.budget,
+            budget_flops=config.search.budget_flops,
+        )
+
+    searched = problem(derive_seed(spec.seed, spec.sparsity, spec.arm))
+    budget = config.search.budget_flops or random_search_flops(
+        problem(derive_seed(spec.seed, spec.sparsity, f"search-{space_name}"))
+    )
+    return method_class(searched, budget).run()
 
 
 def _static(masks: dict[str, torch.Tensor]) -> Callable[[int], Sparsifier]:
