@@ -9,11 +9,13 @@ from sparsearch.algorithms import (
     GraSP,
     IterativeMagnitudePruning,
     RigL,
+    SparseIFT,
     StaticMagnitude,
     StaticRandom,
     StaticSparsifier,
     SynFlow,
     imp,
+    sparse_ift,
     sparse_soup,
 )
 from sparsearch.engine import LayerSparsity, Sparsifier, StaticMaskSparsifier
@@ -31,6 +33,7 @@ __all__ = [
     "IterativeMagnitudePruning",
     "LayerSparsity",
     "RigL",
+    "SparseIFT",
     "Sparsifier",
     "StaticMagnitude",
     "StaticMaskSparsifier",
@@ -41,5 +44,6 @@ __all__ = [
     "imp",
     "load",
     "save",
+    "sparse_ift",
     "sparse_soup",
 ]

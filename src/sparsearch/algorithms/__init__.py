@@ -15,6 +15,8 @@ Budget adaptations (documented, the classes keep the papers' defaults):
   weights while training and bake the N:M mask into them after the last step.
 - "imp" runs 3 pruning rounds inside the one training run (4 equal phases), rewinding to the end of the
   first epoch (capped to half a phase).
+- "sift-wide", "sift-parallel", "sift-factorized", "sift-doped": RigL (the study's cadence) on the
+  Sparse-IFT transformation of the study's model at the same FLOPs as the dense model (see sparse_ift.py).
 - Sparse model soups need several training runs per phase: use :func:`sparse_soup` directly (no arm).
 """
 
@@ -36,6 +38,16 @@ from sparsearch.algorithms.imp import (
     sparse_soup,
 )
 from sparsearch.algorithms.nm import PGF, SRSTE, nm_for_sparsity
+from sparsearch.algorithms.sparse_ift import (
+    FAMILIES,
+    SparseDoped,
+    SparseFactorized,
+    SparseIFT,
+    SparseIFTPlan,
+    SparseParallel,
+    sparse_ift,
+    sparse_ift_arm,
+)
 from sparsearch.algorithms.static import (
     SNIP,
     GraSP,
@@ -170,6 +182,9 @@ def _imp(setting: ArmSetting) -> Sparsifier:
         seed=setting.seed,
     )
 
+for _family in FAMILIES:
+    ARMS.add(f"sift-{_family}", sparse_ift_arm(_family))
+
 __all__ = [
     "ARMS",
     "GMP",
@@ -184,6 +199,11 @@ __all__ = [
     "IterativeMagnitudePruning",
     "PruningResult",
     "RigL",
+    "SparseDoped",
+    "SparseFactorized",
+    "SparseIFT",
+    "SparseIFTPlan",
+    "SparseParallel",
     "StaticMagnitude",
     "StaticRandom",
     "StaticSparsifier",
@@ -192,5 +212,6 @@ __all__ = [
     "imp",
     "magnitude_prune",
     "nm_for_sparsity",
+    "sparse_ift",
     "sparse_soup",
 ]
