@@ -15,6 +15,7 @@ from sparsearch.algorithms import (
     StaticSparsifier,
     SynFlow,
     imp,
+    quickselection,
     sparse_ift,
     sparse_soup,
 )
@@ -43,6 +44,7 @@ __all__ = [
     "__version__",
     "imp",
     "load",
+    "quickselection",
     "save",
     "sparse_ift",
     "sparse_soup",

@@ -38,6 +38,7 @@ from sparsearch.algorithms.imp import (
     sparse_soup,
 )
 from sparsearch.algorithms.nm import PGF, SRSTE, nm_for_sparsity
+from sparsearch.algorithms.quickselection import FeatureSelection, quickselection
 from sparsearch.algorithms.sparse_ift import (
     FAMILIES,
     SparseDoped,
@@ -195,6 +196,7 @@ __all__ = [
     "ArmFactory",
     "ArmSetting",
     "DynamicSparsifier",
+    "FeatureSelection",
     "GraSP",
     "IterativeMagnitudePruning",
     "PruningResult",
@@ -212,6 +214,7 @@ __all__ = [
     "imp",
     "magnitude_prune",
     "nm_for_sparsity",
+    "quickselection",
     "sparse_ift",
     "sparse_soup",
 ]
