@@ -18,6 +18,7 @@ from sparsearch.algorithms import (
     quickselection,
     sparse_ift,
     sparse_soup,
+    train_continual,
 )
 from sparsearch.engine import LayerSparsity, Sparsifier, StaticMaskSparsifier
 from sparsearch.io import Checkpoint, load, save
@@ -48,4 +49,5 @@ __all__ = [
     "save",
     "sparse_ift",
     "sparse_soup",
+    "train_continual",
 ]

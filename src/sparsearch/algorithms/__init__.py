@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
+from sparsearch.algorithms.continual import ContinualResult, Task, split_by_classes, train_continual
 from sparsearch.algorithms.dynamic import SET, DynamicSparsifier, RigL
 from sparsearch.algorithms.gmp import GMP
 from sparsearch.algorithms.imp import (
@@ -195,6 +196,7 @@ __all__ = [
     "SRSTE",
     "ArmFactory",
     "ArmSetting",
+    "ContinualResult",
     "DynamicSparsifier",
     "FeatureSelection",
     "GraSP",
@@ -210,6 +212,7 @@ __all__ = [
     "StaticRandom",
     "StaticSparsifier",
     "SynFlow",
+    "Task",
     "average_state_dicts",
     "imp",
     "magnitude_prune",
@@ -217,4 +220,6 @@ __all__ = [
     "quickselection",
     "sparse_ift",
     "sparse_soup",
+    "split_by_classes",
+    "train_continual",
 ]
