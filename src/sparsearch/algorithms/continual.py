@@ -37,7 +37,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sparsearch.engine.sparsifier import default_sparsifiable_parameters
-from sparsearch.models.flops import weight_positions
 
 Method = Literal["finetune", "replay", "ewc", "sparcl"]
 METHODS: tuple[str, ...] = ("finetune", "replay", "ewc", "sparcl")
@@ -277,7 +276,7 @@ def train_continual(
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     weights = default_sparsifiable_parameters(model)
-    uses = weight_positions(model, tuple(tasks[0].x_train.shape[1:]))
+    uses = _weight_uses(model, weights, tasks[0].x_train[:1])
     buffer = ReplayBuffer(buffer_size, generator) if method in ("replay", "sparcl") else None
     masks = TaskAwareMasks(weights, sparsity, len(tasks), generator) if method == "sparcl" else None
     fisher: dict[str, Tensor] = {}
@@ -346,6 +345,34 @@ def train_continual(
         task_accuracy.append([_accuracy(model, seen, restrict=True) for seen in tasks[: index + 1]])
     density = masks.density() if masks is not None else 1.0
     return ContinualResult(method, accuracy, task_accuracy, flops, density, time.perf_counter() - started)
+
+
+@torch.no_grad()
+def _weight_uses(model: nn.Module, weights: dict[str, nn.Parameter], sample: Tensor) -> dict[str, int]:
+    """How often each weight is applied per sample: 1 for Linear, output positions for Conv (one forward pass).
+
+    (``sparsearch.models.flops`` measures the same, but algorithms/ sits above models/ in the layering.)
+    """
+    names = {id(parameter): name for name, parameter in weights.items()}
+    uses: dict[str, int] = {}
+
+    def record(module: nn.Module, _inputs: object, output: Tensor) -> None:
+        name = names.get(id(module.weight))
+        if name is not None:
+            units = module.out_features if isinstance(module, nn.Linear) else module.out_channels
+            uses[name] = output[:1].numel() // units
+
+    layers = [m for m in model.modules() if isinstance(m, nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d)]
+    handles = [layer.register_forward_hook(record) for layer in layers]
+    was_training = model.training
+    model.eval()
+    try:
+        model(sample)
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
+    return {name: uses.get(name, 1) for name in weights}
 
 
 def _update_fisher(
