@@ -50,6 +50,7 @@ from sparsearch.algorithms.sparse_ift import (
     sparse_ift,
     sparse_ift_arm,
 )
+from sparsearch.algorithms.spdf import SPDF
 from sparsearch.algorithms.static import (
     SNIP,
     GraSP,
@@ -193,6 +194,7 @@ __all__ = [
     "PGF",
     "SET",
     "SNIP",
+    "SPDF",
     "SRSTE",
     "ArmFactory",
     "ArmSetting",
