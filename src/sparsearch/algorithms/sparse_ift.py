@@ -4,7 +4,8 @@ A dense layer is replaced by a sparse family member with the same number of non-
 per sample (k = round(1 / (1 - s))):
 
 - ``wide``: every hidden layer of units gets ``sqrt(k)`` times more units; each weight then keeps exactly as
-  many non-zeros as the dense one had (needs a model with ``hidden_layers()``, e.g. sparsearch's MLP and CNN).
+  many non-zeros as the dense one had (needs a model with ``hidden_layers()``, e.g. sparsearch's MLP and CNN, or
+  a plain chain of Linear layers).
 - ``parallel``: ``k`` sparse copies of the layer, outputs summed; each keeps 1/k of its weights.
 - ``factorized``: W (in -> out) becomes U (in -> d_h, the original kernel) then V (d_h -> out, a 1x1 kernel for
   convolutions), both sparse at s; d_h = round(in*out*K / ((1 - s)(in*K + out))) for a kernel of K positions.
@@ -25,6 +26,7 @@ can use it as an arm: ``sift-wide``, ``sift-parallel``, ``sift-factorized``, ``s
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 from collections.abc import Callable
@@ -195,14 +197,28 @@ def _transform_layer(
     raise ValueError(f"unknown Sparse-IFT family {family!r}; allowed: {', '.join(FAMILIES)}")
 
 
-def _widen(model: nn.Module, factor: float) -> tuple[dict[str, float], tuple[str, ...]]:
-    """Sparse Wide: ``factor`` times the units of every hidden layer; sparsities keep each weight's count."""
-    if not hasattr(model, "hidden_layers"):
+def _hidden_units(model: nn.Module) -> list[tuple[str, str, int, int]]:
+    """(producer, consumer, units, consumer group) per hidden layer: ``model.hidden_layers()``, or inferred for a
+    plain chain of Linear layers (each feeding the next, no convolutions or norms)."""
+    if hasattr(model, "hidden_layers"):
+        return [(h.producer, h.consumer, h.units, h.consumer_group) for h in model.hidden_layers()]
+    linears = [(name, module) for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    others = [name for name, module in model.named_modules()
+              if isinstance(module, (*_CONVS, nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm))]
+    chained = all(a.out_features == b.in_features for (_, a), (_, b) in itertools.pairwise(linears))
+    if others or len(linears) < 2 or not chained:
         raise ValueError(
             f"Sparse Wide needs to know which layers produce and consume each hidden layer: "
-            f"{type(model).__name__} has no hidden_layers() (sparsearch's MLP and CNN do); use the "
-            "parallel, factorized or doped family for other models"
+            f"{type(model).__name__} has no hidden_layers() (sparsearch's MLP and CNN do) and is not a plain "
+            "chain of Linear layers; use the parallel, factorized or doped family for other models"
         )
+    return [(f"{a}.weight", f"{b}.weight", layer.out_features, 1)
+            for (a, layer), (b, _) in itertools.pairwise(linears)]
+
+
+def _widen(model: nn.Module, factor: float) -> tuple[dict[str, float], tuple[str, ...]]:
+    """Sparse Wide: ``factor`` times the units of every hidden layer; sparsities keep each weight's count."""
+    hidden_units = _hidden_units(model)
     if factor < 1:
         raise ValueError(
             f"Sparse Wide width factor {factor} is below 1: narrower layers cannot spend the dense model's FLOPs"
@@ -210,12 +226,12 @@ def _widen(model: nn.Module, factor: float) -> tuple[dict[str, float], tuple[str
     modules = dict(model.named_modules())
     in_units: dict[str, int] = {}
     out_units: dict[str, int] = {}
-    original = {name[: -len(".weight")]: modules[name[: -len(".weight")]] for hidden in model.hidden_layers()
-                for name in (hidden.producer, hidden.consumer)}
-    for hidden in model.hidden_layers():
-        units = round(hidden.units * factor)
-        out_units[hidden.producer[: -len(".weight")]] = units
-        in_units[hidden.consumer[: -len(".weight")]] = units * hidden.consumer_group
+    original = {name[: -len(".weight")]: modules[name[: -len(".weight")]] for producer, consumer, _, _ in hidden_units
+                for name in (producer, consumer)}
+    for producer, consumer, units, group in hidden_units:
+        widened = round(units * factor)
+        out_units[producer[: -len(".weight")]] = widened
+        in_units[consumer[: -len(".weight")]] = widened * group
     sparsities = {}
     for name, layer in original.items():
         old_in, old_out, _ = _shape_of(layer)
