@@ -44,6 +44,7 @@ RANDOM_DRAWS = 5
 
 def laplacian_score(x: np.ndarray, neighbours: int = 5) -> np.ndarray:
     """He, Cai & Niyogi (2005): f~' L f~ / f~' D f~ per feature on a k-NN heat-kernel graph (lower = better)."""
+    x = x.astype(np.float64)
     graph = kneighbors_graph(x, neighbours, mode="distance", include_self=False)
     graph = graph.maximum(graph.T)
     squared = graph.copy()
@@ -55,8 +56,8 @@ def laplacian_score(x: np.ndarray, neighbours: int = 5) -> np.ndarray:
     centred = x - (degree @ x) / degree.sum()
     d_term = (degree[:, None] * centred**2).sum(0)
     s_term = (centred * (weights @ centred)).sum(0)
-    # constant features last: a rounding-level d_term would otherwise give them an arbitrary (often tiny) score
-    constant = x.std(0) <= 1e-6 * max(float(x.std(0).max()), 1e-30)
+    # constant features last: float32 rounding leaves them a tiny d_term and an arbitrary (often tiny) score
+    constant = x.max(0) == x.min(0)
     with np.errstate(divide="ignore", invalid="ignore"):
         score = (d_term - s_term) / d_term
     return np.where(constant | (d_term <= 0), np.inf, score)
@@ -84,8 +85,9 @@ def datasets() -> dict:
     )
     x, y = make_classification(n_samples=3000, n_features=500, n_informative=10, n_redundant=10, n_classes=4,
                                shuffle=False, random_state=0)  # unshuffled: the 20 useful features come first
-    permutation = np.random.default_rng(0).permutation(500)
-    x = x[:, permutation].astype(np.float32)
+    generator = np.random.default_rng(0)
+    rows, permutation = generator.permutation(3000), generator.permutation(500)  # unshuffled rows are class-sorted
+    x, y = x[rows][:, permutation].astype(np.float32), y[rows]
     useful = set(np.argsort(permutation)[:20].tolist())
     out["make_classification 500 features"] = (x[:2000], y[:2000], x[2000:], y[2000:], 20, useful)
     return out
@@ -99,7 +101,7 @@ def main() -> None:
             "load_average_start": [round(v, 2) for v in os.getloadavg()]}
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--redo", nargs="*", default=None,
-                        help="keep the stored rows and recompute only these selectors (e.g. 'Laplacian score')")
+                        help="keep the stored rows; recompute only these selectors or data sets (and the baselines)")
     args = parser.parse_args()
     stored = json.loads((RESULTS / "quickselection.json").read_text()) if args.redo is not None else None
     rows = []
@@ -113,7 +115,7 @@ def main() -> None:
         }
         rankings: dict[str, tuple[np.ndarray, float]] = {}
         for selector, rank in selectors.items():
-            if stored is not None and selector not in args.redo:
+            if stored is not None and selector not in args.redo and name not in args.redo:
                 rows.extend(r for r in stored["rows"] if r["data"] == name and r["selector"] == selector)
                 continue
             started = time.perf_counter()
