@@ -16,6 +16,8 @@ Budget adaptations (documented, the classes keep the papers' defaults):
   weights while training and bake the N:M mask into them after the last step.
 - "imp" runs 3 pruning rounds inside the one training run (4 equal phases), rewinding to the end of the
   first epoch (capped to half a phase).
+- "sift-wide", "sift-parallel", "sift-factorized", "sift-doped": RigL (the study's cadence) on the
+  Sparse-IFT transformation of the study's model at the same FLOPs as the dense model (see sparse_ift.py).
 - Sparse model soups need several training runs per phase: use :func:`sparse_soup` directly (no arm).
 """
 
@@ -26,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
+from sparsearch.algorithms.continual import ContinualResult, Task, split_by_classes, train_continual
 from sparsearch.algorithms.dynamic import SET, DynamicSparsifier, RigL
 from sparsearch.algorithms.gmp import GMP
 from sparsearch.algorithms.imp import (
@@ -37,6 +40,18 @@ from sparsearch.algorithms.imp import (
     sparse_soup,
 )
 from sparsearch.algorithms.nm import PGF, SRSTE, nm_for_sparsity
+from sparsearch.algorithms.quickselection import FeatureSelection, quickselection
+from sparsearch.algorithms.sparse_ift import (
+    FAMILIES,
+    SparseDoped,
+    SparseFactorized,
+    SparseIFT,
+    SparseIFTPlan,
+    SparseParallel,
+    sparse_ift,
+    sparse_ift_arm,
+)
+from sparsearch.algorithms.spdf import SPDF
 from sparsearch.algorithms.static import (
     SNIP,
     GraSP,
@@ -65,15 +80,14 @@ class ArmSetting:
     distribution: str
     batch: Batch | None = None
 
+    def update_every(self, stop: float = 0.75) -> int:
+        """The study's mask-update cadence: every 100 steps, or every epoch if shorter, and early enough that a
+        short budget still updates before the schedule stops at ``stop`` of training."""
+        return max(1, min(100, self.steps_per_epoch, int(stop * self.total_steps) - 1))
+
 
 ArmFactory = Callable[[ArmSetting], Sparsifier]
 ARMS: Registry[ArmFactory] = Registry("study arm", "sparsearch.arms")
-
-
-def _update_every(setting: ArmSetting, stop: float = 0.75) -> int:
-    # every 100 steps, or every epoch if shorter, and early enough that a short budget still updates before
-    # the schedule stops at ``stop`` of training (a study never asks for a schedule that would not update)
-    return max(1, min(100, setting.steps_per_epoch, int(stop * setting.total_steps) - 1))
 
 
 @ARMS.register("static-random-uniform")
@@ -112,7 +126,7 @@ def _gmp(setting: ArmSetting) -> Sparsifier:
         setting.sparsity,
         distribution=setting.distribution,
         total_steps=setting.total_steps,
-        update_every=_update_every(setting),
+        update_every=setting.update_every(),
         seed=setting.seed,
     )
 
@@ -133,7 +147,7 @@ def _rigl(setting: ArmSetting) -> Sparsifier:
         setting.sparsity,
         distribution=setting.distribution,
         total_steps=setting.total_steps,
-        update_every=_update_every(setting),
+        update_every=setting.update_every(),
         seed=setting.seed,
     )
 
@@ -173,27 +187,43 @@ def _imp(setting: ArmSetting) -> Sparsifier:
         seed=setting.seed,
     )
 
+for _family in FAMILIES:
+    ARMS.add(f"sift-{_family}", sparse_ift_arm(_family))
+
 __all__ = [
     "ARMS",
     "GMP",
     "PGF",
     "SET",
     "SNIP",
+    "SPDF",
     "SRSTE",
     "ArmFactory",
     "ArmSetting",
+    "ContinualResult",
     "DynamicSparsifier",
+    "FeatureSelection",
     "GraSP",
     "IterativeMagnitudePruning",
     "PruningResult",
     "RigL",
+    "SparseDoped",
+    "SparseFactorized",
+    "SparseIFT",
+    "SparseIFTPlan",
+    "SparseParallel",
     "StaticMagnitude",
     "StaticRandom",
     "StaticSparsifier",
     "SynFlow",
+    "Task",
     "average_state_dicts",
     "imp",
     "magnitude_prune",
     "nm_for_sparsity",
+    "quickselection",
+    "sparse_ift",
     "sparse_soup",
+    "split_by_classes",
+    "train_continual",
 ]

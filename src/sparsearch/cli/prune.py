@@ -29,6 +29,13 @@ def prune_command(
         str | None, typer.Option(help="Unstructured budget: 'layer' or 'row' (default: the method's usual).")
     ] = None,
     dsnot: Annotated[bool, typer.Option("--dsnot", help="Refine the mask with DSnoT.")] = False,
+    owl: Annotated[
+        bool, typer.Option("--owl", help="Per-block sparsity from outlier ratios (OWL), same overall sparsity.")
+    ] = False,
+    owl_m: Annotated[float, typer.Option(help="OWL: outliers score above M times their block's mean.")] = 5.0,
+    owl_lambda: Annotated[
+        float, typer.Option(help="OWL: block sparsities stay within target +- lambda.")
+    ] = 0.08,
     calib_tokens: Annotated[int, typer.Option(help="Calibration token budget.")] = 8192,
     seq_len: Annotated[
         int | None, typer.Option(help="Tokens per calibration window (default: 128 or the model's maximum).")
@@ -44,7 +51,10 @@ def prune_command(
         # imported here: sparsearch.oneshot.hf imports transformers, which takes seconds, for this command only
         from sparsearch.oneshot.hf import REPORT_NAME, prune_pretrained
 
-        config = OneShotConfig(method=method, sparsity=sparsity, pattern=pattern, budget=budget, dsnot=dsnot)
+        config = OneShotConfig(
+            method=method, sparsity=sparsity, pattern=pattern, budget=budget, dsnot=dsnot, owl=owl, owl_m=owl_m,
+            owl_lambda=owl_lambda,
+        )
         texts = read_calibration_file(calib)
         with console.status(f"pruning {model_dir} ({config.label})"):
             result = prune_pretrained(
@@ -52,11 +62,12 @@ def prune_command(
                 overwrite=overwrite, report_path=report,
             )
     table = Table(title=f"{config.label}: {len(result.layers)} layers")
-    for column in ("layer", "shape", "sparsity", "rel. error", "seconds"):
+    for column in ("layer", "shape", "target", "sparsity", "rel. error", "seconds"):
         table.add_column(column, justify="left" if column == "layer" else "right")
     for layer in result.layers:
         table.add_row(
-            layer.name, f"{layer.shape[0]}x{layer.shape[1]}", f"{layer.actual_sparsity:.3f}",
+            layer.name, f"{layer.shape[0]}x{layer.shape[1]}", f"{layer.target_sparsity:.3f}",
+            f"{layer.actual_sparsity:.3f}",
             f"{layer.reconstruction_error:.4f}", f"{layer.seconds:.2f}",
         )
     console.print(table)

@@ -1,4 +1,5 @@
-"""One-shot pruning of pretrained transformers: magnitude, Wanda, SparseGPT, and DSnoT on top of any of them.
+"""One-shot pruning of pretrained transformers: magnitude, Wanda, SparseGPT, DSnoT on top of any of them, and
+OWL's outlier-weighted per-block sparsity for any of them.
 
 Calibration text goes through the model block by block (each block sees the outputs of already-pruned
 blocks); no gradients, no retraining. ``prune_pretrained`` works on a Hugging Face model directory and writes
@@ -22,6 +23,8 @@ _EXPORTS = {
     "InputStatistics": "methods",
     "prune_weight": "methods",
     "relative_reconstruction_error": "methods",
+    "outlier_ratio": "owl",
+    "owl_sparsities": "owl",
     "LayerReport": "report",
     "PruneReport": "report",
     "find_blocks": "sequential",

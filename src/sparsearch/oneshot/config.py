@@ -6,6 +6,8 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
+from sparsearch.oneshot.owl import check_owl_settings
+
 Method = Literal["magnitude", "wanda", "sparsegpt"]
 Budget = Literal["layer", "row"]
 
@@ -44,6 +46,9 @@ class OneShotConfig:
     dsnot_max_cycles: int = 50
     dsnot_threshold: float = 0.1
     dsnot_variance_power: float = 1.0
+    owl: bool = False
+    owl_m: float = 5.0
+    owl_lambda: float = 0.08
 
     def __post_init__(self) -> None:
         if self.method not in DEFAULT_BUDGET:
@@ -69,10 +74,17 @@ class OneShotConfig:
             raise ValueError("give a sparsity in [0, 1) or an N:M pattern such as '2:4'")
         elif not 0 <= self.sparsity < 1:
             raise ValueError(f"sparsity {self.sparsity} is outside the allowed range [0, 1)")
+        if self.owl:
+            if self.pattern is not None:
+                raise ValueError(
+                    f"OWL allocates unstructured sparsity per block; it cannot be combined with the N:M pattern "
+                    f"{self.pattern} (which fixes every layer's sparsity): give --sparsity instead"
+                )
+            check_owl_settings(self.target_sparsity, self.owl_m, self.owl_lambda)
 
     @property
     def target_sparsity(self) -> float:
-        """The fraction of zeros every pruned layer should end with."""
+        """The fraction of zeros every pruned layer should end with (with OWL: on average)."""
         if self.pattern is not None:
             kept, group = parse_pattern(self.pattern)
             return 1 - kept / group
@@ -93,4 +105,5 @@ class OneShotConfig:
     def label(self) -> str:
         """A short name such as ``wanda+dsnot 2:4`` for tables."""
         name = f"{self.method}+dsnot" if self.dsnot else self.method
+        name = f"{name}+owl" if self.owl else name
         return f"{name} {self.pattern}" if self.pattern else f"{name} {self.target_sparsity:g}"

@@ -19,7 +19,10 @@ class LayerReport(BaseModel):
 
 
 class PruneReport(BaseModel):
-    """A whole run. Sparsity means the fraction of zero weights among the pruned layers' weights."""
+    """A whole run. Sparsity means the fraction of zero weights among the pruned layers' weights.
+
+    ``owl_outlier_ratios``: with OWL, each block's share of outlier scores in the dense model (block order).
+    """
 
     method: str
     dsnot: bool
@@ -34,6 +37,7 @@ class PruneReport(BaseModel):
     mean_reconstruction_error: float
     seconds: float
     layers: list[LayerReport]
+    owl_outlier_ratios: list[float] | None = None
 
     @classmethod
     def from_layers(cls, layers: list[LayerReport], seconds: float, **run: object) -> PruneReport:

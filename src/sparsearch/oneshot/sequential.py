@@ -8,6 +8,7 @@ the next block. Only one block's statistics exist at a time, so memory stays bou
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -22,7 +23,9 @@ from sparsearch.oneshot.methods import (
     check_group_size,
     prune_weight,
     relative_reconstruction_error,
+    wanda_score,
 )
+from sparsearch.oneshot.owl import outlier_ratio, owl_sparsities
 from sparsearch.oneshot.report import LayerReport, PruneReport
 
 PRUNABLE_LAYERS = (nn.Linear, Conv1D)
@@ -144,6 +147,18 @@ def _collect_input_statistics(
     return statistics
 
 
+def block_outlier_ratios(blocks: nn.ModuleList, calls: list[BlockCall], m: float) -> list[float]:
+    """OWL's outlier ratio of every block of the dense model, each block fed the dense outputs of the last."""
+    ratios = []
+    for block in blocks:
+        named_layers = dict(prunable_layers(block))
+        statistics = _collect_input_statistics(block, named_layers, calls)
+        scores = [wanda_score(weight_matrix(layer).float(), statistics[name]) for name, layer in named_layers.items()]
+        ratios.append(outlier_ratio(scores, m))
+        calls = [_with_hidden_states(call, _run_block(block, call)) for call in calls]
+    return ratios
+
+
 def check_pattern_fits(model: nn.Module, config: OneShotConfig) -> None:
     """Raise before anything changes if an N:M pattern does not tile some layer's input dimension."""
     blocks_name, blocks = find_blocks(model)
@@ -163,7 +178,9 @@ def prune_model(
     """Prune ``model`` in place, block by block, calibrated on token ``windows`` ``[n, seq_len]``.
 
     Only the Linear/Conv1D layers inside the transformer blocks are pruned (embeddings, heads and poolers
-    keep their weights). ``on_layer`` is called with each layer's report as soon as it is pruned.
+    keep their weights). With ``config.owl`` a first pass over the dense model sets every block's sparsity
+    from its outlier ratio (same overall sparsity). ``on_layer`` is called with each layer's report as soon as
+    it is pruned.
     """
     if windows.ndim != 2 or windows.shape[0] == 0:
         raise ValueError(f"calibration windows must be a non-empty [n, seq_len] tensor, got {tuple(windows.shape)}")
@@ -180,21 +197,29 @@ def prune_model(
     layers: list[LayerReport] = []
     try:
         calls = _capture_first_block_inputs(model, blocks[0], windows, batch_size)
+        block_configs = [config] * len(blocks)
+        ratios: list[float] | None = None
+        if config.owl:
+            ratios = block_outlier_ratios(blocks, calls, config.owl_m)
+            sizes = [sum(weight_matrix(layer).numel() for _, layer in prunable_layers(block)) for block in blocks]
+            sparsities = owl_sparsities(ratios, config.target_sparsity, config.owl_lambda, sizes)
+            block_configs = [dataclasses.replace(config, sparsity=value, owl=False) for value in sparsities]
         for index, block in enumerate(blocks):
+            block_config = block_configs[index]
             named_layers = dict(prunable_layers(block))
             statistics = _collect_input_statistics(block, named_layers, calls)
             for name, layer in named_layers.items():
                 layer_start = time.perf_counter()
                 dense = weight_matrix(layer).float().contiguous().clone()
                 layer_statistics = statistics[name]
-                pruned, _keep, swaps = prune_weight(dense, layer_statistics, config)
+                pruned, _keep, swaps = prune_weight(dense, layer_statistics, block_config)
                 _store_weight(layer, pruned)
                 stored = weight_matrix(layer)
                 zeros = int((stored == 0).sum())
                 report = LayerReport(
                     name=f"{blocks_name}.{index}.{name}",
                     shape=(stored.shape[0], stored.shape[1]),
-                    target_sparsity=config.target_sparsity,
+                    target_sparsity=block_config.target_sparsity,
                     actual_sparsity=zeros / stored.numel(),
                     zeros=zeros,
                     reconstruction_error=relative_reconstruction_error(dense, stored, layer_statistics),
@@ -219,4 +244,5 @@ def prune_model(
         target_sparsity=config.target_sparsity,
         calibration_windows=windows.shape[0],
         calibration_tokens=windows.numel(),
+        owl_outlier_ratios=ratios,
     )

@@ -31,9 +31,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
+from sparsearch.engine.replaceable import reason_to_keep_dense, shared_parameters
 from sparsearch.runtime.format import PanelCSRMatrix
 from sparsearch.runtime.kernels import sparse_linear
-from sparsearch.runtime.modules import SparseLinear, linear_like, reason_to_keep_dense, shared_parameters
+from sparsearch.runtime.modules import SparseLinear, linear_like
 from sparsearch.runtime.storage import compact_state, write_sparse_file
 from sparsearch.runtime.timing import PairedTiming, paired_speedup
 

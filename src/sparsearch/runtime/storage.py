@@ -25,8 +25,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from sparsearch.engine.replaceable import reason_to_keep_dense, shared_parameters
 from sparsearch.runtime.format import INT8_GROUP_SIZE, PanelCSRMatrix
-from sparsearch.runtime.modules import SparseLinear, linear_like, reason_to_keep_dense, shared_parameters
+from sparsearch.runtime.modules import SparseLinear, linear_like
 
 FORMAT_NAME = "sparsearch-runtime"
 FORMAT_VERSION = "1"
