@@ -2,15 +2,15 @@
 
 A denoising autoencoder with one sigmoid hidden layer (input -> hidden -> input, linear output) is trained with
 sparse evolutionary training (SET: Erdős–Rényi sparse layers with density epsilon * (n_in + n_out) /
-(n_in * n_out), every epoch the fraction zeta of the weakest connections replaced by random new ones) to
+(n_in * n_out), every epoch the fraction drop_fraction of the weakest connections replaced by random new ones) to
 reconstruct each sample from a noisy copy (x + noise * N(0, 1), features standardised first). The strength of
 input feature j is the sum of |w| over its connections to the hidden layer; the features with the largest
 strength are selected. Informative inputs end up with many strong connections; an input that never varies
 gets no gradient, so SET's drops remove its connections over the epochs.
 
-Defaults follow the paper (hidden 1000, epsilon 13, noise 0.2, zeta 0.2, momentum 0.9, weight decay 2e-4,
-batch 100) except the budget: the paper trains 100 epochs at learning rate 0.01; the default here is 10 epochs
-at 0.05 (with 0.01, 10 epochs left the strengths dominated by the initial weights in our tests).
+Defaults follow the paper (hidden 1000, epsilon 13, noise 0.2, drop_fraction (the paper's zeta) 0.2, momentum 0.9,
+weight decay 2e-4, batch 100) except the budget: the paper trains 100 epochs at learning rate 0.01; the default
+here is 10 epochs at 0.05 (with 0.01, 10 epochs left the strengths dominated by the initial weights in our tests).
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def quickselection(
     momentum: float = 0.9,
     weight_decay: float = 2e-4,
     noise: float = 0.2,
-    zeta: float = 0.2,
+    drop_fraction: float = 0.2,
     seed: int = 0,
 ) -> FeatureSelection:
     """Rank the features (columns) of ``x`` [samples, features] by QuickSelection; labels are not used.
@@ -79,8 +79,10 @@ def quickselection(
         raise ValueError(
             f"hidden ({hidden}), epochs ({epochs}), batch_size ({batch_size}) and epsilon ({epsilon}) must be positive"
         )
-    if not 0 <= noise < 1 or not 0 < zeta < 1:
-        raise ValueError(f"noise must be in [0, 1) and zeta in (0, 1), got noise={noise}, zeta={zeta}")
+    if not 0 <= noise < 1 or not 0 < drop_fraction < 1:
+        raise ValueError(
+            f"noise must be in [0, 1) and drop_fraction in (0, 1), got noise={noise}, drop_fraction={drop_fraction}"
+        )
     started = time.perf_counter()
     data = x.detach().float()
     scale = data.std(0)
@@ -95,7 +97,7 @@ def quickselection(
         "2.weight": er_sparsity(hidden, n_features, epsilon),
     }
     sparsifier = SET(
-        update_every=steps_per_epoch, zeta=zeta, distribution=sparsities, seed=seed
+        update_every=steps_per_epoch, drop_fraction=drop_fraction, distribution=sparsities, seed=seed
     ).attach(model, optimizer)
     kept = sum(int(mask.sum()) for mask in sparsifier.masks.values())
     for _ in range(epochs):
