@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from engine_overhead import cnn, mlp
 from runtime_common import RESULTS, machine, write_results
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -49,20 +50,7 @@ SETUPS = ("dense", "rigl 90%", "rigl 90% + sync")
 
 
 def build(model: str) -> nn.Module:
-    if model.startswith("MLP"):
-        return nn.Sequential(
-            nn.Flatten(), nn.Linear(784, 300), nn.ReLU(), nn.Linear(300, 100), nn.ReLU(), nn.Linear(100, 10)
-        )
-    return nn.Sequential(
-        nn.Conv2d(1, 16, 3, padding=1),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Conv2d(16, 32, 3, padding=1),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Flatten(),
-        nn.Linear(32 * 7 * 7, 10),
-    )
+    return mlp() if model.startswith("MLP") else cnn()  # the engine-overhead benchmark's models
 
 
 class Trainer:

@@ -8,10 +8,7 @@ import pytest
 import torch
 from oneshot_support import (
     capture_layer_inputs,
-    make_tiny_bert,
-    make_tiny_gpt2,
     single_torch_thread,
-    stdlib_texts,
 )
 
 from sparsearch.oneshot import (
@@ -27,21 +24,6 @@ from sparsearch.oneshot.methods import dsnot, lowest_score_mask, sparsegpt, wand
 from sparsearch.oneshot.sequential import prunable_layers, weight_matrix
 
 one_torch_thread = pytest.fixture(autouse=True, scope="module")(single_torch_thread)
-
-
-@pytest.fixture(scope="module")
-def texts():
-    return stdlib_texts()
-
-
-@pytest.fixture(scope="module")
-def gpt2_dir(tmp_path_factory, texts):
-    return make_tiny_gpt2(tmp_path_factory.mktemp("gpt2"), texts)
-
-
-@pytest.fixture(scope="module")
-def bert_dir(tmp_path_factory, texts):
-    return make_tiny_bert(tmp_path_factory.mktemp("bert"), texts)
 
 
 def _loaded(model_dir, texts, n_tokens=1024, seq_len=32):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from oneshot_support import capture_layer_inputs, make_tiny_bert, make_tiny_gpt2, single_torch_thread, stdlib_texts
+from oneshot_support import capture_layer_inputs, single_torch_thread
 from typer.testing import CliRunner
 
 from sparsearch.cli import app
@@ -20,21 +20,6 @@ from sparsearch.oneshot import (
 from sparsearch.oneshot.sequential import prunable_layers, weight_matrix
 
 one_torch_thread = pytest.fixture(autouse=True, scope="module")(single_torch_thread)
-
-
-@pytest.fixture(scope="module")
-def texts():
-    return stdlib_texts()
-
-
-@pytest.fixture(scope="module")
-def gpt2_dir(tmp_path_factory, texts):
-    return make_tiny_gpt2(tmp_path_factory.mktemp("gpt2"), texts)
-
-
-@pytest.fixture(scope="module")
-def bert_dir(tmp_path_factory, texts):
-    return make_tiny_bert(tmp_path_factory.mktemp("bert"), texts)
 
 
 def test_outlier_ratio_counts_scores_above_m_times_the_common_mean():
