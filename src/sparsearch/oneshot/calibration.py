@@ -33,9 +33,7 @@ def _special_token_frame(tokenizer: Any) -> tuple[list[int], list[int]]:
     return [], []
 
 
-def calibration_windows(
-    tokenizer: Any, texts: list[str], n_tokens: int, seq_len: int, seed: int = 0
-) -> Tensor:
+def calibration_windows(tokenizer: Any, texts: list[str], n_tokens: int, seq_len: int, seed: int = 0) -> Tensor:
     """Token windows ``[n_windows, seq_len]`` drawn at random from ``texts``, covering at least ``n_tokens``."""
     if n_tokens < 1:
         raise ValueError(f"calibration token budget {n_tokens} must be at least 1")
@@ -66,7 +64,5 @@ def calibration_windows(
         )
     generator = torch.Generator().manual_seed(seed)
     chosen = torch.randperm(available_windows, generator=generator)[:wanted_windows].tolist()
-    windows = [
-        prefix + stream[start * content_length : (start + 1) * content_length] + suffix for start in chosen
-    ]
+    windows = [prefix + stream[start * content_length : (start + 1) * content_length] + suffix for start in chosen]
     return torch.tensor(windows, dtype=torch.long)

@@ -127,4 +127,3 @@ def prune_pretrained(
     destination.parent.mkdir(parents=True, exist_ok=True)
     destination.write_text(report.model_dump_json(indent=2))
     return report
-

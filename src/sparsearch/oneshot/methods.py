@@ -21,14 +21,15 @@ class InputStatistics:
     """Sums over the calibration tokens of one layer's input x: the Gram matrix sum(x x^T) and sum(x)."""
 
     in_features: int
+    device: torch.device | str = "cpu"
     hessian: Tensor = field(init=False)
     feature_sum: Tensor = field(init=False)
     tokens: int = 0
     sequences: int = 0
 
     def __post_init__(self) -> None:
-        self.hessian = torch.zeros(self.in_features, self.in_features, dtype=torch.float32)
-        self.feature_sum = torch.zeros(self.in_features, dtype=torch.float64)
+        self.hessian = torch.zeros(self.in_features, self.in_features, dtype=torch.float32, device=self.device)
+        self.feature_sum = torch.zeros(self.in_features, dtype=torch.float64, device=self.device)
 
     def update(self, inputs: Tensor) -> None:
         """Add a batch of inputs (any leading shape, last dimension = in_features)."""
@@ -67,9 +68,7 @@ def _pruned_count(total: int, sparsity: float) -> int:
     return min(total, round(total * sparsity))
 
 
-def lowest_score_mask(
-    score: Tensor, sparsity: float, budget: Budget, n_m: tuple[int, int] | None
-) -> Tensor:
+def lowest_score_mask(score: Tensor, sparsity: float, budget: Budget, n_m: tuple[int, int] | None) -> Tensor:
     """Keep-mask that removes the lowest scores: N:M per group, else ``sparsity`` per row or per layer."""
     rows, cols = score.shape
     if n_m is not None:
@@ -78,7 +77,7 @@ def lowest_score_mask(
         keep = torch.zeros_like(grouped, dtype=torch.bool)
         keep.scatter_(2, grouped.topk(kept, dim=2).indices, True)
         return keep.reshape(rows, cols)
-    keep = torch.ones(score.shape, dtype=torch.bool)
+    keep = torch.ones(score.shape, dtype=torch.bool, device=score.device)
     if budget == "row":
         pruned = _pruned_count(cols, sparsity)
         if pruned:
@@ -104,15 +103,13 @@ def _inverse_hessian_cholesky(hessian: Tensor, dampening: float) -> Tensor:
     hessian = hessian.double()
     diagonal = hessian.diagonal()
     damp = dampening * diagonal.mean().clamp_min(1e-12)
-    regularised = hessian + damp * torch.eye(hessian.shape[0], dtype=hessian.dtype)
+    regularised = hessian + damp * torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
     lower = torch.linalg.cholesky(regularised)
     inverse = torch.cholesky_inverse(lower)
     return torch.linalg.cholesky(inverse, upper=True).float()
 
 
-def sparsegpt(
-    weight: Tensor, statistics: InputStatistics, config: OneShotConfig
-) -> tuple[Tensor, Tensor]:
+def sparsegpt(weight: Tensor, statistics: InputStatistics, config: OneShotConfig) -> tuple[Tensor, Tensor]:
     """SparseGPT (Frantar & Alistarh 2023): prune column blocks with adaptive masks and OBS weight updates.
 
     Within each block of ``sparsegpt_block_size`` columns the mask keeps the largest w^2 / [H^-1]_jj^2
@@ -193,7 +190,9 @@ def dsnot(
     gram_difference = difference @ hessian
     error = difference @ mean
     touched = torch.zeros_like(keep)
-    column_group = torch.arange(dense64.shape[1]) // config.n_m[1] if config.n_m is not None else None
+    column_group = (
+        torch.arange(dense64.shape[1], device=dense64.device) // config.n_m[1] if config.n_m is not None else None
+    )
     active = (error.abs() > config.dsnot_threshold).nonzero().squeeze(1)
     swaps = 0
     for _ in range(config.dsnot_max_cycles):
@@ -214,8 +213,10 @@ def dsnot(
         restore = -difference[active, grow]
         removed = current[active, prune]
         change = (
-            2 * restore * gram_difference[active, grow] + restore**2 * hessian[grow, grow]
-            + 2 * removed * gram_difference[active, prune] + removed**2 * hessian[prune, prune]
+            2 * restore * gram_difference[active, grow]
+            + restore**2 * hessian[grow, grow]
+            + 2 * removed * gram_difference[active, prune]
+            + removed**2 * hessian[prune, prune]
             + 2 * restore * removed * hessian[grow, prune]
         )
         accepted = stepping & (change < 0)
@@ -246,9 +247,7 @@ def relative_reconstruction_error(dense: Tensor, pruned: Tensor, statistics: Inp
     return float(numerator / denominator) if denominator > 0 else 0.0
 
 
-def prune_weight(
-    weight: Tensor, statistics: InputStatistics, config: OneShotConfig
-) -> tuple[Tensor, Tensor, int]:
+def prune_weight(weight: Tensor, statistics: InputStatistics, config: OneShotConfig) -> tuple[Tensor, Tensor, int]:
     """Apply the configured method (and DSnoT on top if asked) to one weight: (weight, keep-mask, swaps)."""
     dense = weight.detach().float().contiguous()
     if config.method == "sparsegpt":

@@ -89,8 +89,11 @@ def _capture_first_block_inputs(
         raise _FirstBlockReachedError
 
     handle = first_block.register_forward_pre_hook(record, with_kwargs=True)
+    # token ids go where the embedding is (a model on a GPU takes calibration text tokenised on the CPU)
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    device = embeddings.weight.device if embeddings is not None else next(model.parameters()).device
     try:
-        for batch in windows.split(batch_size):
+        for batch in windows.to(device).split(batch_size):
             try:
                 model(input_ids=batch, attention_mask=torch.ones_like(batch))
             except _FirstBlockReachedError:
@@ -129,7 +132,9 @@ def _collect_input_statistics(
         key = (inputs.data_ptr(), tuple(inputs.shape))
         owner, _ = seen_in_call.setdefault(key, (name, inputs))
         if name not in statistics:
-            statistics[name] = statistics[owner] if owner != name else InputStatistics(inputs.shape[-1])
+            statistics[name] = (
+                statistics[owner] if owner != name else InputStatistics(inputs.shape[-1], device=inputs.device)
+            )
         if owner == name:
             statistics[name].update(inputs)
 
