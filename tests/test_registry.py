@@ -36,3 +36,26 @@ def test_resolve_reference_errors_name_the_reference():
         resolve_reference("no_such_module_xyz:f", what="dataset")
     with pytest.raises(ValueError, match=r"has no attribute 'nope'"):
         resolve_reference("math:nope", what="model")
+
+
+def test_a_registered_distribution_is_taken_by_a_sparsifier_and_an_unknown_one_lists_it():
+    import torch
+    from torch import nn
+
+    from sparsearch.engine import Sparsifier
+    from sparsearch.sparsity.distribution import DISTRIBUTIONS
+
+    @DISTRIBUTIONS.register("wider-keeps-more")
+    def wider_keeps_more(shape) -> float:
+        return float(shape[0])  # relative density grows with the number of outputs
+
+    try:
+        model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 8))
+        sparsifier = Sparsifier(0.8, distribution="wider-keeps-more")
+        sparsifier.attach(model, torch.optim.SGD(model.parameters(), lr=0.1))
+        density = {row.name: 1 - row.target_sparsity for row in sparsifier.report()}
+        assert density["0.weight"] == pytest.approx(8 * density["2.weight"], rel=0.05)  # whole weights kept
+        with pytest.raises(ValueError, match=r"unknown distribution 'nope'; allowed: .*wider-keeps-more.*global"):
+            Sparsifier(0.8, distribution="nope")
+    finally:
+        DISTRIBUTIONS.remove("wider-keeps-more")

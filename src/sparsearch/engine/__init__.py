@@ -3,16 +3,15 @@
 from sparsearch.engine.distributed import MaskMismatchError, MaskSync, synchronize
 from sparsearch.engine.forward_mask import DenseWeightSparsifier
 from sparsearch.engine.sparsifier import (
-    MASK_DISTRIBUTIONS,
     LayerSparsity,
     Sparsifier,
     SparsityReport,
     StaticMaskSparsifier,
     default_sparsifiable_parameters,
+    mask_distributions,
 )
 
 __all__ = [
-    "MASK_DISTRIBUTIONS",
     "DenseWeightSparsifier",
     "LayerSparsity",
     "MaskMismatchError",
@@ -21,5 +20,6 @@ __all__ = [
     "SparsityReport",
     "StaticMaskSparsifier",
     "default_sparsifiable_parameters",
+    "mask_distributions",
     "synchronize",
 ]

@@ -59,7 +59,12 @@ ELEMENTWISE_OPTIMIZERS = (
     torch.optim.RMSprop,
 )
 MASK_SUFFIX = "_mask"
-MASK_DISTRIBUTIONS = (*DISTRIBUTIONS, "global")
+
+
+def mask_distributions() -> tuple[str, ...]:
+    """Names a Sparsifier's ``distribution`` takes: the registered layer-wise rules (yours too) and "global"."""
+    return (*DISTRIBUTIONS.names(), "global")
+
 INITS = ("dense", "rescale")
 
 
@@ -227,8 +232,8 @@ class Sparsifier:
                 )
             sparsity = implied
         self.sparsity = check_sparsity(0.9 if sparsity is None else sparsity)
-        if isinstance(distribution, str) and distribution not in MASK_DISTRIBUTIONS:
-            allowed = ", ".join(MASK_DISTRIBUTIONS)
+        if isinstance(distribution, str) and distribution != "global" and distribution not in DISTRIBUTIONS:
+            allowed = ", ".join(mask_distributions())
             raise ValueError(f"unknown distribution {distribution!r}; allowed: {allowed}, or a mapping")
         if not isinstance(distribution, str | Mapping):
             raise TypeError(f"distribution must be a name or a mapping, got {type(distribution).__name__}")
