@@ -6,6 +6,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -215,3 +220,46 @@ def test_a_declared_cost_is_checked_before_the_batch_and_an_understatement_is_re
     lying = _problem(digits, "test-understated")
     outcome = run_method("search", lying, budget_flops=3 * cost)
     assert len(outcome.evaluations) == 6 and outcome.flops == 6 * cost and outcome.overrun_flops == 3 * cost
+
+
+def _children(pid: int) -> list[int]:
+    children = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            if parent == pid:
+                children.append(int(entry.name))
+    return children
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_candidate_workers_stop_when_the_study_is_killed(tmp_path):
+    study_file = tmp_path / "k.toml"
+    study_file.write_text(
+        'name = "killme"\ndataset = "digits"\nsparsities = [0.9]\narms = ["search-weight"]\nseeds = [0]\n'
+        "[model]\nwidths = [256, 256]\n[search]\nn_candidates = 2\nshort_train_steps = 600\nworkers = 2\n"
+    )
+    command = [sys.executable, "-m", "sparsearch.cli", "study", str(study_file), "--store", str(tmp_path / "k.sqlite")]
+    process = subprocess.Popen([*command, "--workers", "1", "--no-progress", "--no-report"], stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 90
+    pool: list[int] = []
+    while time.monotonic() < deadline and process.poll() is None and len(pool) < 2:
+        time.sleep(0.2)
+        pool = _children(process.pid)  # the inline executor's trial runs in the study process: its pool's workers
+    assert process.poll() is None, process.stderr.read().decode()
+    assert len(pool) == 2
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    stop_deadline = time.monotonic() + 15
+    while time.monotonic() < stop_deadline and any(_alive(pid) for pid in pool):
+        time.sleep(0.2)
+    assert not any(_alive(pid) for pid in pool)
