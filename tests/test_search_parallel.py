@@ -207,6 +207,9 @@ def test_a_scorer_that_reports_its_cost_afterwards_never_runs_past_the_budget(di
     expected = rf"one evaluation by scorer 'test-undeclared' cost {cost} FLOPs, more than the budget of {cost - 1}"
     with pytest.raises(RuntimeError, match=expected):
         run_method("search", problem, budget_flops=cost - 1)
+    # evolution sizes its population from the cost of one evaluation: refused, naming the missing attribute
+    with pytest.raises(UnknownCostError, match="give the scorer a cost attribute"):
+        run_method("evolution", problem, budget_flops=budget)
 
 
 def test_a_declared_cost_is_checked_before_the_batch_and_an_understatement_is_recorded(digits, own_scorers):
