@@ -3,11 +3,13 @@
 A search method finds masks in a search space for a parent network. Every method of a study gets the same
 budget: by default what Random Search spends at that cell (``random_search_flops``: N candidates scored by the
 study's scorer). A method is stopped before an evaluation that would take it past the budget, and what it spent
-is reported (``SearchOutcome.flops``; never above ``budget_flops``).
+is reported (``SearchOutcome.flops``; never above ``budget_flops``, except with a scorer of your own whose cost is
+known only after it ran: see ``AskTellMethod.run``).
 
 Population methods (Random Search, successive halving, evolution, TPE) are ask/tell: ``ask()`` returns the
-candidates that can be evaluated now (in parallel: ``run_search`` hands a whole batch to ``evaluate_many``),
-``tell()`` returns each result. Gradient methods (DASS) run their own loop and charge every step to the budget.
+candidates that can be evaluated now (``AskTellMethod.run`` hands each batch to ``evaluate_many``, which may
+evaluate it in parallel: ``ParallelEvaluator``); ``tell()`` returns each result. Gradient methods (DASS) run
+their own loop and charge every step to the budget.
 
 FLOP convention (the training loop's): a short-training step of ``b`` samples costs ``3 * b`` forward passes of
 the candidate's non-zero weights, an evaluation adds one forward pass of the validation split; SNIP and
