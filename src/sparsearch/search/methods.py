@@ -3,11 +3,13 @@
 A search method finds masks in a search space for a parent network. Every method of a study gets the same
 budget: by default what Random Search spends at that cell (``random_search_flops``: N candidates scored by the
 study's scorer). A method is stopped before an evaluation that would take it past the budget, and what it spent
-is reported (``SearchOutcome.flops``; never above ``budget_flops``).
+is reported (``SearchOutcome.flops``; never above ``budget_flops``, except with a scorer of your own whose cost is
+known only after it ran: see ``AskTellMethod.run``).
 
 Population methods (Random Search, successive halving, evolution, TPE) are ask/tell: ``ask()`` returns the
-candidates that can be evaluated now (in parallel: ``run_search`` hands a whole batch to ``evaluate_many``),
-``tell()`` returns each result. Gradient methods (DASS) run their own loop and charge every step to the budget.
+candidates that can be evaluated now (``AskTellMethod.run`` hands each batch to ``evaluate_many``, which may
+evaluate it in parallel: ``ParallelEvaluator``); ``tell()`` returns each result. Gradient methods (DASS) run
+their own loop and charge every step to the budget.
 
 FLOP convention (the training loop's): a short-training step of ``b`` samples costs ``3 * b`` forward passes of
 the candidate's non-zero weights, an evaluation adds one forward pass of the validation split; SNIP and
@@ -20,9 +22,13 @@ entry-point group ``sparsearch.search_methods``); study arms are then named ``na
 from __future__ import annotations
 
 import math
+import multiprocessing
+import os
+import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -82,8 +88,10 @@ class SearchOutcome:
     """What a search found and what it cost.
 
     ``evaluations`` lists every evaluation in the order it was told (candidate, steps, score, loss, FLOPs);
-    ``flops`` is their total (plus gradient steps for DASS) and never exceeds ``budget_flops``;
-    ``stopped_by_budget`` says whether the method still wanted to evaluate more when the budget ran out.
+    ``flops`` is their total (plus gradient steps for DASS) and never exceeds ``budget_flops``, except with a
+    scorer of your own whose cost is known only after it ran: ``overrun_flops`` is then the part above the
+    budget (see ``AskTellMethod.run``); ``stopped_by_budget`` says whether the method still wanted to evaluate
+    more when the budget ran out.
     """
 
     method: str
@@ -95,6 +103,7 @@ class SearchOutcome:
     seconds: float
     evaluations: list[dict[str, float | int]] = field(default_factory=list)
     stopped_by_budget: bool = False
+    overrun_flops: int = 0
 
     def summary(self) -> dict[str, Any]:
         """JSON-ready record for the results store."""
@@ -106,6 +115,7 @@ class SearchOutcome:
             "best_id": int(self.best_id),
             "best_score": float(self.best_score),
             "stopped_by_budget": bool(self.stopped_by_budget),
+            "overrun_flops": int(self.overrun_flops),
             "evaluations": self.evaluations,
         }
 
@@ -141,7 +151,6 @@ class SearchProblem:
     rescale_init: bool = False
     budget_flops: int | None = None
     _meter: FlopMeter | None = field(default=None, repr=False)
-    _measured_flops: int | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         SCORERS.get(self.scorer)  # an unknown scorer: UnknownNameError naming the registered ones
@@ -172,10 +181,14 @@ class SearchProblem:
         return min(self.batch_size, len(self.data.y_train))
 
     def evaluation_flops(self, candidate: Candidate) -> int:
-        """What evaluating ``candidate`` costs, charged before it runs: short training's remaining steps as
+        """What evaluating ``candidate`` costs, known before it runs: short training's remaining steps as
         full batches (the training loop's FLOP meter counts the last, smaller batch of an epoch as it is, so
         this is an upper bound) plus a validation pass; SynFlow one sample and SNIP one batch with dense
-        weight gradients; a scorer of your own what its first evaluation reported."""
+        weight gradients; a scorer of your own what its ``cost(masks, context)`` says.
+
+        Raises :class:`UnknownCostError` for a scorer of your own without ``cost``: its FLOPs are known only
+        from the ``Score`` it returns, after it ran (see ``AskTellMethod.run`` for how the budget is kept then).
+        """
         nonzero, dense = self.forward_flops(candidate.masks)
         if self.scorer == "synflow":
             return 2 * nonzero + dense
@@ -184,13 +197,32 @@ class SearchProblem:
         if self.scorer == "short-train":
             done = candidate.resume.step if candidate.resume is not None else 0
             return (candidate.steps - done) * self.step_samples * 3 * nonzero + len(self.data.y_val) * nonzero
-        return self._measured_flops or 0
+        cost = getattr(SCORERS.get(self.scorer), "cost", None)
+        if cost is None:
+            raise UnknownCostError(
+                f"scorer {self.scorer!r} reports its FLOPs only after it ran (Score.flops), so the search budget "
+                "cannot be set or checked before an evaluation; give the scorer a cost attribute, "
+                "cost(masks, context) -> FLOPs (the context's flop_meter counts the parent under the masks)"
+            )
+        return int(cost(candidate.masks, self.scoring_context(candidate, self.meter)))
 
     def default_budget(self) -> int:
         """The search budget: ``budget_flops`` if given, else what Random Search spends."""
         return self.budget_flops if self.budget_flops is not None else random_search_flops(self)
 
     # --------------------------------------------------------------------------------- evaluation
+    def scoring_context(self, candidate: Candidate, flop_meter: FlopMeter) -> ScoringContext:
+        """What a registered scorer sees besides the candidate's model and masks."""
+        return ScoringContext(
+            data=self.data,
+            budget=self.train_budget,
+            seed=self.seed,
+            batch_size=self.batch_size,
+            short_train_steps=candidate.steps or self.short_train_steps,
+            batch=snip_batch(self.data, self.seed, self.batch_size),
+            flop_meter=flop_meter,
+        )
+
     def fresh_model(self, masks: Mapping[str, Tensor]) -> nn.Module:
         """A new parent for ``masks`` (rescaled to the kept fan-in when the study does so)."""
         model = self.model_factory()
@@ -206,10 +238,10 @@ class SearchProblem:
         registered in ``SCORERS``.
         """
         started = time.perf_counter()
-        flops = self.evaluation_flops(candidate)
         model = self.fresh_model(candidate.masks)
         state = None
         if self.scorer == "short-train":
+            flops = self.evaluation_flops(candidate)
             score, loss, state = short_train(
                 model,
                 candidate.masks,
@@ -221,21 +253,16 @@ class SearchProblem:
                 resume=candidate.resume,
             )
         else:
-            context = ScoringContext(
-                data=self.data,
-                budget=self.train_budget,
-                seed=self.seed,
-                batch_size=self.batch_size,
-                short_train_steps=candidate.steps or self.short_train_steps,
-                batch=snip_batch(self.data, self.seed, self.batch_size),
-                flop_meter=FlopMeter(model, self.data.input_shape, self.meter.positions),
-            )
+            context = self.scoring_context(candidate, FlopMeter(model, self.data.input_shape, self.meter.positions))
             result = SCORERS.get(self.scorer)(model, candidate.masks, context)
             score, loss = result.value, -result.tiebreak  # a higher tie-break is a lower "loss"
-            if self.scorer not in ("synflow", "snip"):
-                flops = result.flops
-                self._measured_flops = self._measured_flops or result.flops
+            # built-ins: the cost charged before (equal to the scorer's count); your own: what it reported
+            flops = self.evaluation_flops(candidate) if self.scorer in ("synflow", "snip") else int(result.flops)
         return Evaluation(candidate.id, candidate.steps, score, loss, flops, time.perf_counter() - started, state)
+
+
+class UnknownCostError(ValueError):
+    """A scorer's cost is known only after it ran (a scorer of your own without a ``cost`` attribute)."""
 
 
 def snip_batch(data: DataSplits, seed: int, batch_size: int) -> tuple[Tensor, Tensor]:
@@ -299,12 +326,21 @@ def short_train(
 
 
 def random_search_flops(problem: SearchProblem) -> int:
-    """What Random Search spends on ``problem``: its N candidates (sampled, not trained) scored once each."""
+    """What Random Search spends on ``problem``: its N candidates (sampled, not trained) scored once each.
+
+    Raises :class:`UnknownCostError` for a scorer of your own that says its cost only after it ran: give it a
+    ``cost`` attribute, or the search an explicit budget.
+    """
     sampler = torch.Generator().manual_seed(problem.seed)
-    return sum(
-        problem.evaluation_flops(Candidate(index, problem.space.sample(sampler), problem.short_train_steps))
-        for index in range(problem.n_candidates)
-    )
+    try:
+        return sum(
+            problem.evaluation_flops(Candidate(index, problem.space.sample(sampler), problem.short_train_steps))
+            for index in range(problem.n_candidates)
+        )
+    except UnknownCostError as error:
+        raise UnknownCostError(
+            f"{error}; or give the search an explicit budget ([search] budget_flops in a study file)"
+        ) from None
 
 
 def rank_key(evaluation: Evaluation) -> tuple[float, float, float]:
@@ -357,27 +393,56 @@ _POOL_PROBLEM: SearchProblem | None = None  # the problem a pool worker evaluate
 
 def _pool_evaluate(candidate: Candidate) -> Evaluation:
     assert _POOL_PROBLEM is not None
-    torch.set_num_threads(1)
     return _POOL_PROBLEM.evaluate(candidate)
+
+
+def _init_pool_worker(parent_pid: int) -> None:
+    torch.set_num_threads(1)
+    # a worker whose search process died (even of kill -9) exits instead of waiting for candidates forever
+    threading.Thread(target=_exit_when_orphaned, args=(parent_pid,), daemon=True).start()
+
+
+def _exit_when_orphaned(parent_pid: int) -> None:
+    while os.getppid() == parent_pid:
+        time.sleep(0.5)
+    os._exit(1)
+
+
+def parallel_candidates_unavailable() -> str | None:
+    """Why this process cannot evaluate candidates on forked workers (None: it can)."""
+    if "fork" not in multiprocessing.get_all_start_methods():
+        return "this platform cannot fork processes"
+    if multiprocessing.current_process().daemon:
+        return "a daemonic process (e.g. a multiprocessing.Pool worker) may not have children"
+    return None
 
 
 class ParallelEvaluator:
     """Evaluate each batch of candidates on ``workers`` forked processes (one torch thread each).
 
-    Forked, so the problem (its parent factory, space and data) reaches the workers without pickling; the
-    numbers are the ones an in-order evaluation gives. Use as a context manager, or call ``close()``.
-    Linux and macOS only (no fork on Windows).
+    Forked, so the problem (its parent factory, space and data) reaches the workers without pickling; only
+    candidates and evaluations travel, and every evaluation is the one an in-order evaluation gives (each
+    candidate's numbers depend on the problem's seed and the candidate, not on where or when it runs).
+    Workers start with the first batch and exit with ``close()`` or when this process dies. Use as a context
+    manager. Needs fork (Linux, macOS) and a non-daemonic process: see
+    :func:`parallel_candidates_unavailable`.
     """
 
     def __init__(self, problem: SearchProblem, workers: int) -> None:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-
         global _POOL_PROBLEM
         _positive_int(workers, "search workers")
+        reason = parallel_candidates_unavailable()
+        if reason is not None:
+            raise RuntimeError(f"cannot evaluate candidates in parallel here: {reason}")
         _POOL_PROBLEM = problem
         self.problem = problem
-        self.pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
+        self.workers = workers
+        self.pool = ProcessPoolExecutor(
+            workers,
+            mp_context=multiprocessing.get_context("fork"),
+            initializer=_init_pool_worker,
+            initargs=(os.getpid(),),
+        )
 
     def __call__(self, problem: SearchProblem, candidates: Sequence[Candidate]) -> list[Evaluation]:
         if problem is not self.problem:
@@ -386,7 +451,7 @@ class ParallelEvaluator:
 
     def close(self) -> None:
         """Stop the worker processes."""
-        self.pool.shutdown()
+        self.pool.shutdown(cancel_futures=True)
 
     def __enter__(self) -> ParallelEvaluator:
         return self
@@ -437,18 +502,33 @@ class AskTellMethod(SearchMethod):
         return best
 
     def run(self, evaluate_many: EvaluateMany | None = None) -> SearchOutcome:
+        """Ask, charge, evaluate, tell, until the method asks for nothing or the budget is spent.
+
+        Every candidate of a batch is charged before any of them runs, and the batch is cut before the first
+        candidate that would take the spend past the budget, so a batch evaluated in parallel never overruns
+        it. A scorer of your own without a ``cost`` attribute reports its FLOPs only after it ran: its first
+        evaluation then runs alone (an error if that alone costs more than the budget), and every later
+        candidate is charged in advance the dearest evaluation measured so far; the spend is what the scorer
+        reported, and the part above the budget (a candidate dearer than every earlier one) is recorded as
+        ``overrun_flops``.
+        """
         evaluate_many = evaluate_many or evaluate_in_order
         started = time.perf_counter()
         spent = 0
         stopped = False
         log: list[dict[str, float | int]] = []
+        waiting: list[Candidate] = []  # asked, not yet evaluated: the rest of a batch whose first ran alone
         while True:
-            batch = self.ask()
+            batch = waiting or self.ask()
             if not batch:
                 break
-            affordable = []
-            for candidate in batch:
-                cost = self.problem.evaluation_flops(candidate)
+            affordable: list[Candidate] = []
+            waiting = []
+            for index, candidate in enumerate(batch):
+                cost = self._charge(candidate, log)
+                if cost is None:  # cost unknown until one evaluation has been measured: this one runs alone
+                    affordable, waiting = [candidate], batch[index + 1 :]
+                    break
                 if spent + cost > self.budget_flops:
                     stopped = True
                     break
@@ -466,6 +546,12 @@ class AskTellMethod(SearchMethod):
                         "seconds": evaluation.seconds,
                     }
                 )
+            spent = int(sum(entry["flops"] for entry in log))  # what was charged, or measured where unknown
+            if len(log) == 1 and spent > self.budget_flops:
+                raise RuntimeError(
+                    f"search method {self.name!r}: one evaluation by scorer {self.problem.scorer!r} cost {spent} "
+                    f"FLOPs, more than the budget of {self.budget_flops} FLOPs"
+                )
             if stopped:
                 break
         best = self.best()
@@ -475,11 +561,19 @@ class AskTellMethod(SearchMethod):
             best_id=best.candidate_id,
             best_score=best.score,
             budget_flops=self.budget_flops,
-            flops=int(sum(entry["flops"] for entry in log)),
+            flops=spent,
             seconds=time.perf_counter() - started,
             evaluations=log,
             stopped_by_budget=stopped,
+            overrun_flops=max(0, spent - self.budget_flops),
         )
+
+    def _charge(self, candidate: Candidate, log: Sequence[Mapping[str, float | int]]) -> int | None:
+        """What ``candidate`` is charged before it runs; None while its scorer's cost is still unknown."""
+        try:
+            return self.problem.evaluation_flops(candidate)
+        except UnknownCostError:
+            return int(max(entry["flops"] for entry in log)) if log else None
 
 
 MethodFactory = type[SearchMethod]

@@ -37,6 +37,7 @@ BASE_ARMS = ("dense", "random-node", "random-weight", "search-node", "search-wei
 DEFAULT_STORE_DIR = Path("sparsearch-runs")
 # keys that choose where and how a study runs, not what it computes: they stay out of the config hash
 RUN_ONLY_KEYS = frozenset({"store", "workers", "executor", "ray_address"})
+RUN_ONLY_SEARCH_KEYS = frozenset({"workers"})
 
 
 def search_spaces() -> tuple[str, ...]:
@@ -128,7 +129,11 @@ class ModelSpec(_Strict):
 
 
 class SearchSpec(_Strict):
-    """How Random Search scores candidates, and how the weight space spreads sparsity over layers."""
+    """How Random Search scores candidates, how the weight space spreads sparsity over layers, and how many
+    candidates of one search are evaluated at a time (``workers``: 1 = one after another in the trial's
+    process; N = up to N forked processes per search; "auto" = the cores the study's parallel trials leave
+    free, see :meth:`StudyConfig.search_worker_count`). ``workers`` changes where candidates run, never
+    what they score, so it stays out of the config hash."""
 
     n_candidates: int = Field(default=8, ge=1)
     scorer: str = "short-train"
@@ -142,6 +147,19 @@ class SearchSpec(_Strict):
         description="FLOPs every search method may spend per search; default: what Random Search spends "
         "(n_candidates scored by the scorer) in the same space and cell",
     )
+    workers: int | Literal["auto"] = Field(
+        default=1, description='candidates of one search evaluated at a time: 1 (in order), N, or "auto"'
+    )
+
+    @field_validator("workers", mode="before")
+    @classmethod
+    def _valid_search_workers(cls, workers: object) -> object:
+        if workers == "auto" or (isinstance(workers, int) and not isinstance(workers, bool) and workers >= 1):
+            return workers
+        raise ValueError(
+            f"search workers must be a positive whole number of processes per search (1 = candidates one after "
+            f'another) or "auto" (the cores that parallel trials leave free), got {workers!r}'
+        )
 
     @field_validator("budget_flops", mode="before")
     @classmethod
@@ -278,7 +296,8 @@ class StudyConfig(_Strict):
     # ------------------------------------------------------------------------------------ derived
     def content(self) -> dict[str, Any]:
         """The settings that decide the study's results (JSON-ready; run-only keys such as store left out)."""
-        content = self.model_dump(mode="json", exclude=set(RUN_ONLY_KEYS))
+        run_only: dict[str, Any] = {**dict.fromkeys(RUN_ONLY_KEYS, True), "search": set(RUN_ONLY_SEARCH_KEYS)}
+        content = self.model_dump(mode="json", exclude=run_only)
         if content["search"]["budget_flops"] is None:
             del content["search"]["budget_flops"]  # so stores made before the key existed still resume
         return content
@@ -299,6 +318,18 @@ class StudyConfig(_Strict):
         if override is not None and override < 1:
             raise ValueError(f"workers must be at least 1, got {override}")
         return override or self.workers or os.cpu_count() or 1
+
+    def search_worker_count(self, trials_in_flight: int, cores: int | None = None) -> int:
+        """Processes each search evaluates its candidates on: ``[search] workers``, or for "auto" the
+        ``cores`` (default: this machine's) divided among the trials that run at once, at least 1.
+
+        ``trials_in_flight`` is the number of trials that run at the same time (the study's workers, or
+        fewer when fewer trials are left): a study whose trial workers fill the cores gets 1 (in order), a
+        single search on an idle machine gets every core.
+        """
+        if self.search.workers != "auto":
+            return int(self.search.workers)
+        return max(1, (cores or os.cpu_count() or 1) // max(1, trials_in_flight))
 
 
 def _describe_location(location: tuple[int | str, ...]) -> str:

@@ -50,9 +50,21 @@ class StudyInputs:
         model: the user's ``model(seed) -> nn.Module``; None: the config's model.
         data: the user's data (``DataSplits``, a mapping of splits, or ``data(seed)`` returning one);
             None: the config's data set.
+        search_workers: processes each search evaluates its candidates on (``run_study`` sets it from
+            ``[search] workers`` and the executor; 1 = one after another in the trial's process).
+        search_workers_note: why candidates run in order although more were asked for ("" if they do not);
+            every search trial records it.
     """
 
-    def __init__(self, config: StudyConfig, model: ModelFactory | None = None, data: object | None = None) -> None:
+    def __init__(
+        self,
+        config: StudyConfig,
+        model: ModelFactory | None = None,
+        data: object | None = None,
+        *,
+        search_workers: int = 1,
+        search_workers_note: str = "",
+    ) -> None:
         if model is not None and not callable(model):
             raise ValueError(
                 f"model must be a function of the seed returning a torch.nn.Module, got {type(model).__name__}"
@@ -60,14 +72,28 @@ class StudyInputs:
         self.config = config
         self.model = model
         self.data = data
+        self.search_workers = search_workers
+        self.search_workers_note = search_workers_note
         self._data_cache: dict[int, DataSplits] = {}
 
     # pickled for workers without the data cache (each process loads its own once)
     def __getstate__(self) -> dict[str, Any]:
-        return {"config": self.config, "model": self.model, "data": self.data}
+        return {
+            "config": self.config,
+            "model": self.model,
+            "data": self.data,
+            "search_workers": self.search_workers,
+            "search_workers_note": self.search_workers_note,
+        }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["config"], state["model"], state["data"])  # type: ignore[misc]
+        self.__init__(  # type: ignore[misc]
+            state["config"],
+            state["model"],
+            state["data"],
+            search_workers=state["search_workers"],
+            search_workers_note=state["search_workers_note"],
+        )
 
     # ------------------------------------------------------------------------------ descriptions
     @property

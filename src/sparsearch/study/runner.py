@@ -26,6 +26,7 @@ from sparsearch.study.executors import (
     Executor,
     InlineExecutor,
     Notice,
+    RayExecutor,
     TrialEvent,
     TrialFinished,
     TrialStarted,
@@ -60,6 +61,24 @@ def as_study_config(config: StudyConfig | Mapping[str, object] | str | Path) -> 
 
 
 # ------------------------------------------------------------------------------------------ running
+def search_workers_for(config: StudyConfig, executor: Executor, trials_left: int) -> tuple[int, str]:
+    """Processes each search of this run evaluates its candidates on, and why 1 if more were asked ("" else).
+
+    ``[search] workers`` as given, or for "auto" the machine's cores divided among the trials that run at
+    once (the executor's trial workers, or fewer when fewer trials are left to run). Under the Ray executor
+    every trial evaluates its candidates in order in its own task (candidates as Ray tasks are not built).
+    """
+    if isinstance(executor, RayExecutor):
+        if config.search.workers == 1:
+            return 1, ""
+        return 1, (
+            f"search workers = {config.search.workers!r} asked, candidates ran in order: under the Ray executor "
+            "each trial evaluates its candidates in its own task"
+        )
+    trial_slots = 1 if isinstance(executor, InlineExecutor) else int(getattr(executor, "workers", 1))
+    return config.search_worker_count(min(trial_slots, max(1, trials_left))), ""
+
+
 @dataclass
 class StudyRun:
     """What one invocation of a study did."""
@@ -191,7 +210,8 @@ def run_study(
             "val"; a split may also be a torch Dataset of (input, label) items), or ``data(seed)`` returning
             one of those; default: the config's data set.
         store_path: the SQLite store (default: the config's ``store``, else ./sparsearch-runs/<name>.sqlite).
-        workers: parallel trials (default: the config's ``workers``, else every core).
+        workers: parallel trials (default: the config's ``workers``, else every core); each search trial
+            evaluates its candidates on ``[search] workers`` processes (see :func:`search_workers_for`).
         executor: run trials on this executor instead of the config's.
         console: where the progress bar goes.
         show_progress: show a progress bar with ETA.
@@ -220,6 +240,9 @@ def run_study(
         store.retry_failed(config.name)
         done_before = store.status_counts(config.name).get("done", 0)
         run = StudyRun(config.name, path, len(trials), already_done=done_before)
+        inputs.search_workers, inputs.search_workers_note = search_workers_for(
+            config, chosen, len(trials) - done_before
+        )
         progress = (
             Progress(
                 TextColumn("{task.description}"),

@@ -28,12 +28,14 @@ from sparsearch.data import DataSplits
 from sparsearch.engine.sparsifier import Sparsifier, StaticMaskSparsifier, default_sparsifiable_parameters
 from sparsearch.models import count_flops, parameter_counts
 from sparsearch.search import (
+    ParallelEvaluator,
     SearchOutcome,
     SearchProblem,
     SearchSpace,
     check_method_fits,
     make_space,
     node_sparsity,
+    parallel_candidates_unavailable,
     random_search_flops,
     weight_sparsity,
 )
@@ -88,6 +90,7 @@ def run_trial(inputs: StudyInputs, spec: TrialSpec, on_epoch: Callable[[EpochRow
 
     model = parent()
     mask_arm = split_mask_arm(spec.arm)
+    notes: list[str] = []
     search_info: dict[str, Any] | None = None
     space: SearchSpace | None = None
     sparsifier_factory: Callable[[int], Sparsifier] | None = None
@@ -99,10 +102,14 @@ def run_trial(inputs: StudyInputs, spec: TrialSpec, on_epoch: Callable[[EpochRow
         sparsifier_factory = _static(masks)
     elif mask_arm is not None:
         space = make_space(mask_arm[1], model, spec.sparsity, distribution=config.search.distribution)
-        outcome = run_search_arm(config, spec, mask_arm[0], space, mask_arm[1], parent, data)
+        workers, why_in_order = candidate_workers(inputs)
+        if why_in_order:
+            notes.append(why_in_order)
+        outcome = run_search_arm(config, spec, mask_arm[0], space, mask_arm[1], parent, data, workers=workers)
         search_info = {
             "scorer": config.search.scorer,
             "n_candidates": config.search.n_candidates,
+            "workers": workers,
             "scores": [float(entry["score"]) for entry in outcome.evaluations],
             "best_index": next(i for i, entry in enumerate(outcome.evaluations) if entry["id"] == outcome.best_id),
             **outcome.summary(),
@@ -137,7 +144,7 @@ def run_trial(inputs: StudyInputs, spec: TrialSpec, on_epoch: Callable[[EpochRow
         wall_seconds=time.perf_counter() - started,
         epochs=tuple(_epoch_row(metrics) for metrics in trained.epochs),
         search=search_info,
-        notes=tuple(str(note) for note in getattr(space, "notes", ())),
+        notes=tuple(str(note) for note in getattr(space, "notes", ())) + tuple(notes),
     )
 
 
@@ -149,6 +156,23 @@ def _node_sparsity(model: nn.Module, masks: dict[str, torch.Tensor]) -> float:
         return math.nan
 
 
+def candidate_workers(inputs: StudyInputs) -> tuple[int, str]:
+    """Processes this trial's search evaluates candidates on, and why it is 1 if more were asked for ("" else).
+
+    More than one needs a process that may fork children: the trial's own under the inline and process
+    executors (the process executor's workers are not daemonic); where it cannot, the search runs its
+    candidates in order and the trial's notes say why.
+    """
+    if inputs.search_workers_note:
+        return 1, inputs.search_workers_note
+    if inputs.search_workers == 1:
+        return 1, ""
+    reason = parallel_candidates_unavailable()
+    if reason is not None:
+        return 1, f"search workers = {inputs.search_workers} asked, candidates ran in order: {reason}"
+    return inputs.search_workers, ""
+
+
 def run_search_arm(
     config: StudyConfig,
     spec: TrialSpec,
@@ -157,12 +181,15 @@ def run_search_arm(
     space_name: str,
     parent: Callable[[], nn.Module],
     data: DataSplits,
+    *,
+    workers: int = 1,
 ) -> SearchOutcome:
     """Run the arm's search method under the study's search budget and return its outcome.
 
     The budget is ``search.budget_flops`` or else what Random Search spends in the same space, sparsity and
     seed (its candidates drawn with the ``search-<space>`` arm's seed, so every method of a cell gets the
-    same number even where candidates differ in cost, as in the allocation space).
+    same number even where candidates differ in cost, as in the allocation space). With ``workers`` > 1 each
+    batch the method asks for is evaluated on that many forked processes; the outcome is the same.
     """
     method_class = check_method_fits(method, space_name)
 
@@ -184,7 +211,10 @@ def run_search_arm(
     budget = config.search.budget_flops or random_search_flops(
         problem(derive_seed(spec.seed, spec.sparsity, f"search-{space_name}"))
     )
-    return method_class(searched, budget).run()
+    if workers == 1:
+        return method_class(searched, budget).run()
+    with ParallelEvaluator(searched, workers) as pool:
+        return method_class(searched, budget).run(pool)
 
 
 def _static(masks: dict[str, torch.Tensor]) -> Callable[[int], Sparsifier]:
