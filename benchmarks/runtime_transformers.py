@@ -395,12 +395,14 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="90%% only, shorter timing, to a separate file")
     parser.add_argument("--budget", type=float, default=3.0, help="seconds of timing per point and condition")
     args = parser.parse_args()
+    if args.quick:
+        args.settings = "90%"
     torch.set_num_threads(args.threads)
     run = machine()
     run["torch_threads"] = args.threads
     run["command"] = "python benchmarks/runtime_transformers.py " + " ".join(
         f"--{k} {v}" if not isinstance(v, bool) else f"--{k}" for k, v in vars(args).items() if v not in (False, ""))
-    settings = ["90%"] if args.quick else parse_settings(args.settings)
+    settings = parse_settings(args.settings)
     busy = set(parse_settings(args.busy))
     budget = min(args.budget, 2.0) if args.quick else args.budget
     rows = []
