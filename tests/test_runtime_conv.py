@@ -226,7 +226,7 @@ def test_without_the_c_kernels_sparse_convs_run_dense_and_convert_keeps_them_den
     from sparsearch.runtime import conv as conv_module
     from sparsearch.runtime import kernels
 
-    convert_module = importlib.import_module("sparsearch.runtime.convert")  # the package exports a function of that name
+    convert_module = importlib.import_module("sparsearch.runtime.convert")  # the package exports a function "convert"
 
     numba = kernels.get_backend("numba")
     monkeypatch.setattr(conv_module, "get_backend", lambda: numba)
