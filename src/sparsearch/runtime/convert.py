@@ -431,13 +431,14 @@ def convert_with_report(model: nn.Module, sample_input: Any = None, *, batch_siz
 def convert(model: nn.Module, sample_input: Any = None, *, batch_sizes: Sequence[int] = (1, 64, 256),
             min_speedup: float = 1.05, max_density: float = 0.7, repeats: int = 5, tolerance: float | None = None,
             int8: bool = False, inplace: bool = False) -> nn.Module:
-    """Return an inference copy of `model` whose Linear layers use sparse kernels where measured faster.
+    """Return an inference copy of `model` whose Linear and Conv1d/Conv2d layers use sparse kernels where faster.
 
     A layer goes sparse only if its non-zeros are at most `max_density` of the weight and the sparse kernel
-    beats `F.linear` by `min_speedup` (median of interleaved paired rounds) at every size in `batch_sizes`.
+    beats the dense layer by `min_speedup` (median of interleaved paired rounds) at every size in `batch_sizes`.
     `sample_input` (a tensor, a tuple of positional arguments or a dict of keyword arguments) is what the
     model is called with to check outputs (to `tolerance`, relative to max(1, |output|)) and whole-model speed;
-    without it, those checks are skipped (with a warning). `int8=True` stores the sparse layers' values as
+    without it, those checks are skipped (with a warning) and convolutions stay dense (they are timed on inputs
+    of the size they see in it). `int8=True` stores the sparse layers' values as
     int8 with a scale per 32 non-zeros (timed as such; default tolerance 5e-2 instead of 1e-4). Masked models
     need nothing special: the exact zeros in the weights are the mask. The result is in eval mode with
     gradients off.
