@@ -14,7 +14,8 @@ to 90% on 12,000 Fashion-MNIST images, the same recipe and seed), dense vs `conv
 convert did before convolutions: convs stay dense) vs `convert` now, latency at batch 1 and throughput at batch
 256, quiet and busy. Training is not timed: run `--train-only` first under `heavy`, then the timing under `quiet`
 (the trained model is cached under $SPARSEARCH_CACHE or ~/.cache/sparsearch).
-Run: python benchmarks/runtime_conv.py [--train-only] [--budget SECONDS]
+Run: python benchmarks/runtime_conv.py [--train-only] [--part layers|cnn|all] [--budget SECONDS] (layers: about
+2 minutes on 2 quiet cores at the default budget; cnn: about 1 minute after --train-only)
 """
 
 from __future__ import annotations
@@ -178,13 +179,14 @@ def measure_cnn(data, budget: float) -> dict:
 
 
 def to_markdown(payload: dict) -> str:
-    lines = ["Single convolution layers, fp32, random sparsity. Speed-up = median(dense) / median(candidate) in the "
-             "same condition, interleaved. 'sparse': `SparseConv*d` (one kernel call per image, no im2col); 'im2col, "
+    layer_intro = ["Single convolution layers, fp32, random sparsity. Speed-up = median(dense) / median(candidate) "
+             "in the same condition, interleaved. 'sparse': `SparseConv*d` (one kernel call per image, no im2col); 'im2col, "
              "one call': an im2col copy of the whole batch and one kernel call over batch x positions columns, then "
              "the transpose back to NCHW; 'converted': what `convert` chose on the quiet machine for that batch. "
              "'busy': one competing process multiplying 512x512 matrices on one thread.\n",
              "| layer | sparsity | batch | condition | load avg before | dense ms | sparse | im2col, one call | "
              "converted |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = layer_intro if payload["layers"] else []
     for r in payload["layers"]:
         for condition in ("quiet", "busy"):
             c = r[condition]
@@ -195,7 +197,7 @@ def to_markdown(payload: dict) -> str:
     cnn = payload.get("cnn")
     if cnn:
         a = cnn["test_accuracy"]
-        lines += ["", f"Fashion-MNIST CNN (conv32-conv64-fc1024-fc10, {cnn['achieved_sparsity']:.1%} zeros, trained as "
+        lines += [f"Fashion-MNIST CNN (conv32-conv64-fc1024-fc10, {cnn['achieved_sparsity']:.1%} zeros, trained as "
                   "in runtime_end_to_end.py). 'Linear only': `convert` keeping every convolution dense (what it did "
                   "before sparse convolutions); 'with convs': `convert` now. Speed-up over the dense model "
                   "(median / median, interleaved).\n",
@@ -217,22 +219,24 @@ def to_markdown(payload: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--budget", type=float, default=1.5, help="seconds of timing per point and condition")
+    parser.add_argument("--part", choices=("layers", "cnn", "all"), default="all",
+                        help="single layers (results: runtime_conv_layers), the CNN end to end (runtime_conv_cnn)")
     parser.add_argument("--train-only", action="store_true", help="train and cache the CNN, time nothing")
-    parser.add_argument("--skip-cnn", action="store_true", help="single layers only")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.train_only:
         trained_cnn(load_dataset("fashion-mnist"))
         return
-    info = machine()
-    info["torch_threads"] = args.threads
-    info["kernel_backend"] = kernels.get_backend().name
-    info["budget_s_per_point"] = args.budget
-    payload = {"machine": info, "layers": measure_layers(args.budget)}
-    if not args.skip_cnn:
-        payload["cnn"] = measure_cnn(load_dataset("fashion-mnist"), args.budget)
-    write_results("runtime_conv", payload, to_markdown(payload))
+    for part in ("layers", "cnn") if args.part == "all" else (args.part,):
+        info = machine()
+        info.update(torch_threads=args.threads, kernel_backend=kernels.get_backend().name,
+                    budget_s_per_point=args.budget)
+        if part == "layers":
+            payload = {"machine": info, "layers": measure_layers(args.budget)}
+        else:
+            payload = {"machine": info, "layers": [], "cnn": measure_cnn(load_dataset("fashion-mnist"), args.budget)}
+        write_results(f"runtime_conv_{part}", payload, to_markdown(payload))
 
 
 if __name__ == "__main__":
