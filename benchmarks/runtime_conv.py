@@ -180,10 +180,10 @@ def measure_cnn(data, budget: float) -> dict:
 
 def to_markdown(payload: dict) -> str:
     layer_intro = ["Single convolution layers, fp32, random sparsity. Speed-up = median(dense) / median(candidate) "
-             "in the same condition, interleaved. 'sparse': `SparseConv*d` (one kernel call per image, no im2col); 'im2col, "
-             "one call': an im2col copy of the whole batch and one kernel call over batch x positions columns, then "
-             "the transpose back to NCHW; 'converted': what `convert` chose on the quiet machine for that batch. "
-             "'busy': one competing process multiplying 512x512 matrices on one thread.\n",
+             "in the same condition, interleaved. 'sparse': `SparseConv*d` (one kernel call per image, no im2col); "
+             "'im2col, one call': an im2col copy of the whole batch and one kernel call over batch x positions "
+             "columns, then the transpose back to NCHW; 'converted': what `convert` chose on the quiet machine for "
+             "that batch. 'busy': one competing process multiplying 512x512 matrices on one thread.\n",
              "| layer | sparsity | batch | condition | load avg before | dense ms | sparse | im2col, one call | "
              "converted |", "|---|---|---|---|---|---|---|---|---|"]
     lines = layer_intro if payload["layers"] else []
