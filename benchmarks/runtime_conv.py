@@ -101,10 +101,16 @@ def measure_layers(budget: float) -> list[dict]:
                     converted = convert(nn.Sequential(conv), x, batch_sizes=(batch,))
                 kept = "sparse" if isinstance(converted[0], SparseConv1d | SparseConv2d) else "dense"
                 fns = {"dense": lambda x=x, c=conv: c(x), "sparse": lambda x=x, s=sparse: s(x),
-                       "im2col_one_call": lambda x=x, f=im2col: f(x), "converted": lambda x=x, c=converted: c(x)}
+                       "converted": lambda x=x, c=converted: c(x)}
+                # timed in its own rounds: its batch-sized im2col buffer evicted the caches of whichever call came
+                # next, which made even the unchanged dense layer look slower when it followed
+                alternative = {"dense": fns["dense"], "im2col_one_call": lambda x=x, f=im2col: f(x)}
                 row = {"layer": label, "sparsity": sparsity, "batch": batch, "converted_kept": kept}
                 for condition in ("quiet", "busy"):
                     row[condition] = timed(fns, condition, budget)
+                    other = timed(alternative, condition, budget / 2)
+                    row[condition]["speedup"]["im2col_one_call"] = other["speedup"]["im2col_one_call"]
+                    row[condition]["im2col_rounds"] = other
                     s = row[condition]["speedup"]
                     print(f"{label} s={sparsity} b={batch} {condition}: dense {row[condition]['ms']['dense']:.3f} ms "
                           f"| sparse {s['sparse']:.2f}x | im2col one call {s['im2col_one_call']:.2f}x | converted "
@@ -182,8 +188,9 @@ def to_markdown(payload: dict) -> str:
     layer_intro = ["Single convolution layers, fp32, random sparsity. Speed-up = median(dense) / median(candidate) "
              "in the same condition, interleaved. 'sparse': `SparseConv*d` (one kernel call per image, no im2col); "
              "'im2col, one call': an im2col copy of the whole batch and one kernel call over batch x positions "
-             "columns, then the transpose back to NCHW; 'converted': what `convert` chose on the quiet machine for "
-             "that batch. 'busy': one competing process multiplying 512x512 matrices on one thread.\n",
+             "columns, then the transpose back to NCHW (timed against dense in rounds of its own); 'converted': what "
+             "`convert` chose on the quiet machine for that batch. 'busy': one competing process multiplying "
+             "512x512 matrices on one thread.\n",
              "| layer | sparsity | batch | condition | load avg before | dense ms | sparse | im2col, one call | "
              "converted |", "|---|---|---|---|---|---|---|---|---|"]
     lines = layer_intro if payload["layers"] else []
