@@ -8,7 +8,7 @@ from torch import nn
 from typer.testing import CliRunner
 
 from sparsearch.cli import app
-from sparsearch.runtime import SparseLinear, convert_with_report, load_sparse, save_sparse
+from sparsearch.runtime import SparseConv1d, SparseLinear, convert_with_report, load_sparse, save_sparse
 
 FORCE = {"batch_sizes": (4,), "min_speedup": 1e-9, "repeats": 1}  # sparse wherever allowed, whatever the timing
 
@@ -105,11 +105,12 @@ def test_users_model_with_tied_head_converts_saves_and_loads(tmp_path):
     torch.manual_seed(0)
     model = sparsify(UserModel())
     tokens = torch.randint(0, 200, (2, 9))
-    with pytest.warns(UserWarning, match="Conv1d"):
+    with pytest.warns(UserWarning, match="MultiheadAttention"):
         fast, report = convert_with_report(model, tokens, **FORCE)
     by_name = decisions(report)
     assert not by_name["head"].sparse and "tied to embedding.weight" in by_name["head"].reason
     assert by_name["proj"].sparse and isinstance(fast.proj, SparseLinear)
+    assert by_name["conv"].sparse and isinstance(fast.conv, SparseConv1d)
     assert "embedding table" in by_name["embedding"].reason
     assert "matches the original" in report.output_check
     with torch.no_grad():
@@ -120,6 +121,7 @@ def test_users_model_with_tied_head_converts_saves_and_loads(tmp_path):
     fresh = UserModel()
     loaded = load_sparse(path, fresh)
     assert loaded.head.weight is loaded.embedding.weight  # the tie survives the round trip
+    assert isinstance(loaded.conv, SparseConv1d)
     with torch.no_grad():
         torch.testing.assert_close(loaded(tokens), expected, rtol=1e-4, atol=1e-5)
 
@@ -132,9 +134,8 @@ def test_resnet_block_with_batchnorm_matches_after_conversion():
             module.running_mean.uniform_(-0.5, 0.5)
             module.running_var.uniform_(0.5, 2.0)
     x = torch.randn(4, 8, 8, 8)
-    with pytest.warns(UserWarning, match="Conv2d"):
-        fast, report = convert_with_report(block, x, **FORCE)
-    assert report.sparse_layers == ["fc", "out"]
+    fast, report = convert_with_report(block, x, **FORCE)
+    assert report.sparse_layers == ["conv1", "conv2", "fc", "out"]
     with torch.no_grad():
         torch.testing.assert_close(fast(x), block(x), rtol=1e-4, atol=1e-5)
 

@@ -59,13 +59,13 @@ def test_report_explains_every_linear_layer(converted):
 
 def test_dense_layers_and_unsupported_layers_stay_dense_and_are_reported():
     torch.manual_seed(1)
-    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 10))
-    with pytest.warns(UserWarning, match="Conv2d"):
+    model = nn.Sequential(nn.Conv3d(1, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 10))
+    with pytest.warns(UserWarning, match="Conv3d"):
         fast, report = convert_with_report(model, batch_sizes=(8,))
     assert isinstance(fast[2], nn.Linear)
     by_name = {d.name: d for d in report.layers}
     assert "density" in by_name["2"].reason and not by_name["2"].sparse
-    assert "no sparse kernel for Conv2d" in by_name["0"].reason
+    assert "no sparse kernel for Conv3d" in by_name["0"].reason
 
 
 def test_sparse_file_round_trip_is_small_and_exact(all_sparse, tmp_path):

@@ -1,12 +1,14 @@
-"""Sparse inference on the CPU: the panel-CSR format, its kernels, `SparseLinear`, `convert`, and sparse files.
+"""Sparse inference on the CPU: the panel-CSR format, its kernels, `SparseLinear`, `SparseConv1d/2d`, `convert`,
+and sparse files.
 
-    fast = sparsearch.runtime.convert(model)          # Linear -> SparseLinear where measured faster
+    fast = sparsearch.runtime.convert(model, example_batch)  # Linear/Conv -> sparse layers where measured faster
     sparsearch.runtime.save_sparse(fast, "m.safetensors")
     again = sparsearch.runtime.load_sparse("m.safetensors", build_model())
 
     model, tokenizer, report = sparsearch.runtime.convert_transformers("pruned-model-dir")   # transformers models
 """
 
+from sparsearch.runtime.conv import SparseConv1d, SparseConv2d
 from sparsearch.runtime.convert import (
     ConversionReport,
     LayerDecision,
@@ -25,6 +27,8 @@ __all__ = [
     "ConversionReport",
     "LayerDecision",
     "PanelCSRMatrix",
+    "SparseConv1d",
+    "SparseConv2d",
     "SparseLinear",
     "convert",
     "convert_file",

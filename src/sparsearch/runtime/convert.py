@@ -1,17 +1,21 @@
-"""`convert`: turn a masked or pruned model into an inference model that uses `SparseLinear` where it pays.
+"""`convert`: turn a masked or pruned model into an inference model that uses sparse layers where they pay.
 
 Which layers can go sparse: every `nn.Linear` (and transformers' GPT-2 `Conv1D`, whose weight is stored
-transposed) that the model calls as a module. A layer whose parent reads its weight itself (the `out_proj` of
-`nn.MultiheadAttention`, or any layer that is not called on the sample input) or whose weight is tied to
-another module's (an LM head tied to its embedding) stays dense, and the report says why.
+transposed) that the model calls as a module -> `SparseLinear`; every `nn.Conv1d` / `nn.Conv2d` (any stride,
+padding, dilation, groups, padding mode) that the model calls on a batched sample input -> `SparseConv1d` /
+`SparseConv2d` (timed on inputs of the size it saw, so without a sample input, or with int8, convolutions
+stay dense). A layer whose parent reads its weight itself (the `out_proj` of `nn.MultiheadAttention`, or any
+layer that is not called on the sample input) or whose weight is tied to another module's (an LM head tied
+to its embedding) stays dense, and the report says why.
 
-Which of those go sparse: each is timed dense (`F.linear`) against sparse (the runtime's kernels) on this
-machine at the batch sizes the caller names, in interleaved pairs (`timing.paired_speedup`), and goes sparse
-only if the median speed-up reaches `min_speedup` at every one of them; the report gives the speed-up and how
-many of the rounds agreed. Given a sample input, `convert` then checks that the converted model computes what
-the original does (layers that break it go back to dense) and times the whole model: if it is slower than
-the original (or than min(1, min_speedup) times it: a tiny `min_speedup` forces sparse layers), every layer
-goes back to dense, so a converted model is never slower than the original.
+Which of those go sparse: each is timed dense (`F.linear`, or the convolution itself) against sparse (the
+runtime's kernels) on this machine at the batch sizes the caller names, in interleaved pairs
+(`timing.paired_speedup`), and goes sparse only if the median speed-up reaches `min_speedup` at every one of
+them; the report gives the speed-up and how many of the rounds agreed. Given a sample input, `convert` then
+checks that the converted model computes what the original does (layers that break it go back to dense) and
+times the whole model: if it is slower than the original (or than min(1, min_speedup) times it: a tiny
+`min_speedup` forces sparse layers), every layer goes back to dense, so a converted model is never slower
+than the original.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import copy
 import dataclasses
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,8 +36,9 @@ from safetensors.torch import load_file
 from torch import nn
 
 from sparsearch.engine.replaceable import reason_to_keep_dense, shared_parameters
+from sparsearch.runtime.conv import SparseConv1d, SparseConv2d, sparse_conv_for
 from sparsearch.runtime.format import PanelCSRMatrix
-from sparsearch.runtime.kernels import sparse_linear
+from sparsearch.runtime.kernels import get_backend, sparse_linear
 from sparsearch.runtime.modules import SparseLinear, linear_like
 from sparsearch.runtime.storage import compact_state, write_sparse_file
 from sparsearch.runtime.timing import PairedTiming, paired_speedup
@@ -43,6 +48,7 @@ INT8_TOLERANCE = 5e-2  # int8 weights round each weight by up to half a step of 
 CHECKPOINT_MODEL_PREFIX = "model/"  # sparsearch.save checkpoints keep the model's state dict under this prefix
 # Parameter names that hold lookup tables rather than Linear weights, for `convert_file`, which has no model to ask
 EMBEDDING_NAME_PARTS = ("embed", "wte", "wpe", "tok_embeddings", "shared")
+SUPPORTED_TYPES = ("Linear", "Conv1D", "Conv1d", "Conv2d", "SparseLinear", "SparseConv1d", "SparseConv2d")
 
 
 @dataclass(frozen=True)
@@ -99,29 +105,19 @@ class ConversionReport:
         return "\n".join(lines)
 
 
-def _decide_weight(name: str, layer_type: str, weight: torch.Tensor, bias: torch.Tensor | None,
-                   batch_sizes: Sequence[int], min_speedup: float, max_density: float,
-                   repeats: int, int8: bool = False) -> tuple[LayerDecision, SparseLinear | None]:
-    """Time a [out, in] weight dense against sparse and decide (see the module docstring)."""
-    weight = weight.detach().float().contiguous()
-    density = float((weight != 0).float().mean()) if weight.numel() else 1.0
-    shape = tuple(weight.shape)
-    if density > max_density:
-        reason = f"density {density:.3f} > max_density {max_density}: dense kernels win there"
-        return LayerDecision(name, layer_type, shape, density, False, reason), None
-    matrix = PanelCSRMatrix.from_dense(weight)
-    if int8:
-        matrix = matrix.quantize()
-    bias = None if bias is None else bias.detach().float().contiguous()
+def _time_layer(name: str, layer_type: str, shape: tuple[int, ...], density: float, batch_sizes: Sequence[int],
+                dense: Callable[[torch.Tensor], object], sparse: Callable[[torch.Tensor], object],
+                make_input: Callable[[int], torch.Tensor], min_speedup: float, repeats: int,
+                label: str = "sparse") -> LayerDecision:
+    """Time `dense` against `sparse` on `make_input(batch)` at every batch size and decide (module docstring)."""
     dense_ms, sparse_ms, speedups, confidence = {}, {}, {}, 1.0
     # sparse work is density x dense work: a measured speed-up far beyond 1/density means load hit the dense call
     plausible = 2.0 / max(density, 1e-6)
     with torch.no_grad():
         for batch in batch_sizes:
-            x = torch.randn(batch, weight.shape[1])
-            timing = paired_speedup(lambda x=x: F.linear(x, weight, bias),
-                                    lambda x=x: sparse_linear(x, matrix, bias),
-                                    threshold=min_speedup, rounds=repeats, plausible_max=plausible)
+            x = make_input(batch)
+            timing = paired_speedup(lambda x=x: dense(x), lambda x=x: sparse(x), threshold=min_speedup,
+                                    rounds=repeats, plausible_max=plausible)
             dense_ms[batch], sparse_ms[batch], speedups[batch] = timing.baseline_ms, timing.candidate_ms, timing.speedup
             confidence = min(confidence, timing.confidence)
     worst_batch = min(speedups, key=speedups.__getitem__)
@@ -129,11 +125,70 @@ def _decide_weight(name: str, layer_type: str, weight: torch.Tensor, bias: torch
     if speedups[worst_batch] < min_speedup:
         reason = f"sparse/dense speed-up {measured} < min_speedup {min_speedup} at batch {worst_batch}"
         return LayerDecision(name, layer_type, shape, density, False, reason, dense_ms, sparse_ms, speedups,
-                             confidence), None
-    decision = LayerDecision(name, layer_type, shape, density, True,
-                             f"sparse{' int8' if int8 else ''} faster ({measured})",
-                             dense_ms, sparse_ms, speedups, confidence)
-    return decision, SparseLinear(matrix, bias)
+                             confidence)
+    return LayerDecision(name, layer_type, shape, density, True, f"{label} faster ({measured})", dense_ms,
+                         sparse_ms, speedups, confidence)
+
+
+def _density(weight: torch.Tensor) -> float:
+    return float((weight != 0).float().mean()) if weight.numel() else 1.0
+
+
+def _too_dense(name: str, layer_type: str, shape: tuple[int, ...], density: float,
+               max_density: float) -> LayerDecision | None:
+    if density <= max_density:
+        return None
+    reason = f"density {density:.3f} > max_density {max_density}: dense kernels win there"
+    return LayerDecision(name, layer_type, shape, density, False, reason)
+
+
+def _decide_weight(name: str, layer_type: str, weight: torch.Tensor, bias: torch.Tensor | None,
+                   batch_sizes: Sequence[int], min_speedup: float, max_density: float,
+                   repeats: int, int8: bool = False) -> tuple[LayerDecision, SparseLinear | None]:
+    """Time a [out, in] weight dense against sparse and decide (see the module docstring)."""
+    weight = weight.detach().float().contiguous()
+    density, shape = _density(weight), tuple(weight.shape)
+    too_dense = _too_dense(name, layer_type, shape, density, max_density)
+    if too_dense is not None:
+        return too_dense, None
+    matrix = PanelCSRMatrix.from_dense(weight)
+    if int8:
+        matrix = matrix.quantize()
+    bias = None if bias is None else bias.detach().float().contiguous()
+    decision = _time_layer(name, layer_type, shape, density, batch_sizes, lambda x: F.linear(x, weight, bias),
+                           lambda x: sparse_linear(x, matrix, bias), lambda batch: torch.randn(batch, shape[1]),
+                           min_speedup, repeats, f"sparse{' int8' if int8 else ''}")
+    return decision, SparseLinear(matrix, bias) if decision.sparse else None
+
+
+def _conv_reason_to_keep_dense(name: str, called: dict[str, tuple[int, ...] | None] | None,
+                               int8: bool) -> str | None:
+    """Why a convolution stays dense before any timing, or None (`called`: see `_called_modules`)."""
+    if int8:
+        return "int8 sparse convolutions are not implemented: stays dense (float32)"
+    if called is None:
+        return "no sample_input: a convolution's speed depends on its input size, so it is timed only with one"
+    if name not in called:
+        return "not called as a module on the sample input (or unused)"
+    if called[name] is None:
+        return "called on an unbatched input in the sample: timed only on batched inputs, stays dense"
+    if get_backend().name != "c":
+        return "sparse convolutions need the C kernels (the numba fallback is in use): stays dense"
+    return None
+
+
+def _decide_conv(name: str, conv: nn.Module, input_shape: tuple[int, ...], batch_sizes: Sequence[int],
+                 min_speedup: float, max_density: float, repeats: int) -> tuple[LayerDecision, nn.Module | None]:
+    """Time a convolution (on inputs shaped like the one it saw, per sample) dense against sparse and decide."""
+    layer_type, shape = type(conv).__name__, tuple(conv.weight.shape)
+    density = _density(conv.weight.detach())
+    too_dense = _too_dense(name, layer_type, shape, density, max_density)
+    if too_dense is not None:
+        return too_dense, None
+    sparse = sparse_conv_for(conv).from_conv(conv)
+    decision = _time_layer(name, layer_type, shape, density, batch_sizes, conv, sparse,
+                           lambda batch: torch.randn(batch, *input_shape), min_speedup, repeats)
+    return decision, sparse if decision.sparse else None
 
 
 def _replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
@@ -175,12 +230,19 @@ def output_difference(reference: Any, candidate: Any) -> float:
     return worst
 
 
-def _called_modules(model: nn.Module, names: list[str], sample_input: Any) -> set[str]:
+def _called_modules(model: nn.Module, names: list[str], sample_input: Any) -> dict[str, tuple[int, ...] | None]:
     """The modules among `names` that the model calls as modules on `sample_input` (others have their weight
-    read by a parent, like nn.MultiheadAttention's out_proj, or are unused)."""
-    called: set[str] = set()
-    handles = [model.get_submodule(name).register_forward_pre_hook(lambda *_, name=name: called.add(name))
-               for name in names]
+    read by a parent, like nn.MultiheadAttention's out_proj, or are unused), with the shape of one sample of
+    their first input (without the batch dimension; None for an unbatched call)."""
+    called: dict[str, tuple[int, ...] | None] = {}
+
+    def record(name: str, module: nn.Module, args: tuple) -> None:
+        first = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        batched = first is not None and (sparse_conv_for(module) is None or first.dim() == module.weight.dim())
+        called.setdefault(name, tuple(first.shape[1:]) if batched else None)
+
+    handles = [model.get_submodule(name).register_forward_pre_hook(
+        lambda module, args, name=name: record(name, module, args)) for name in names]
     try:
         _run(model, sample_input)
     finally:
@@ -268,7 +330,8 @@ def convert_with_report(model: nn.Module, sample_input: Any = None, *, batch_siz
         raise ValueError(f"tolerance must be >= 0, got {tolerance}")
     converted = model if inplace else copy.deepcopy(model)
     converted.eval()
-    candidates = {name: module for name, module in converted.named_modules() if linear_like(module)}
+    candidates = {name: module for name, module in converted.named_modules()
+                  if linear_like(module) or sparse_conv_for(module)}
     reference = None
     called = None
     if sample_input is not None:
@@ -297,8 +360,19 @@ def convert_with_report(model: nn.Module, sample_input: Any = None, *, batch_siz
             decisions.append(decision)
             if sparse is not None:
                 replacements.append((name, module, sparse))
-        elif isinstance(module, SparseLinear):
-            decisions.append(LayerDecision(name, "SparseLinear", (module.out_features, module.in_features),
+        elif sparse_conv_for(module) is not None:
+            reason = reason_to_keep_dense(converted, name, owners) or _conv_reason_to_keep_dense(name, called, int8)
+            if reason is not None:
+                decisions.append(LayerDecision(name, type(module).__name__, tuple(module.weight.shape),
+                                               _density(module.weight.detach()), False, reason))
+                continue
+            decision, sparse = _decide_conv(name, module, called[name], batch_sizes, min_speedup, max_density,
+                                            repeats)
+            decisions.append(decision)
+            if sparse is not None:
+                replacements.append((name, module, sparse))
+        elif isinstance(module, SparseLinear | SparseConv1d | SparseConv2d):
+            decisions.append(LayerDecision(name, type(module).__name__, tuple(module.weight_shape),
                                            module.matrix.density, True, "already sparse"))
         else:
             decisions.extend(_unsupported(name, module))
@@ -336,8 +410,13 @@ def convert_with_report(model: nn.Module, sample_input: Any = None, *, batch_siz
                      for d in decisions]
     converted.requires_grad_(False)
     report = ConversionReport(decisions, output_check, model_timing)
-    unsupported = [d for d in decisions if d.layer_type not in ("Linear", "Conv1D", "SparseLinear")
+    unsupported = [d for d in decisions if d.layer_type not in SUPPORTED_TYPES
                    and not d.reason.startswith("embedding table")]
+    unsampled = [d for d in decisions if d.reason.startswith("no sample_input")]
+    if unsampled:
+        listed = ", ".join(f"{d.name} ({d.layer_type})" for d in unsampled)
+        warnings.warn(f"sparsearch.runtime.convert: convolutions stay dense without a sample_input (their speed "
+                      f"depends on the input size): {listed}", UserWarning, stacklevel=2)
     if unsupported:
         listed = ", ".join(f"{d.name} ({d.layer_type}, density {d.density:.2f})" for d in unsupported)
         warnings.warn(f"sparsearch.runtime.convert: layers without a sparse kernel stay dense: {listed}",
@@ -352,13 +431,14 @@ def convert_with_report(model: nn.Module, sample_input: Any = None, *, batch_siz
 def convert(model: nn.Module, sample_input: Any = None, *, batch_sizes: Sequence[int] = (1, 64, 256),
             min_speedup: float = 1.05, max_density: float = 0.7, repeats: int = 5, tolerance: float | None = None,
             int8: bool = False, inplace: bool = False) -> nn.Module:
-    """Return an inference copy of `model` whose Linear layers use sparse kernels where measured faster.
+    """Return an inference copy of `model` whose Linear and Conv1d/Conv2d layers use sparse kernels where faster.
 
     A layer goes sparse only if its non-zeros are at most `max_density` of the weight and the sparse kernel
-    beats `F.linear` by `min_speedup` (median of interleaved paired rounds) at every size in `batch_sizes`.
+    beats the dense layer by `min_speedup` (median of interleaved paired rounds) at every size in `batch_sizes`.
     `sample_input` (a tensor, a tuple of positional arguments or a dict of keyword arguments) is what the
     model is called with to check outputs (to `tolerance`, relative to max(1, |output|)) and whole-model speed;
-    without it, those checks are skipped (with a warning). `int8=True` stores the sparse layers' values as
+    without it, those checks are skipped (with a warning) and convolutions stay dense (they are timed on inputs
+    of the size they see in it). `int8=True` stores the sparse layers' values as
     int8 with a scale per 32 non-zeros (timed as such; default tolerance 5e-2 instead of 1e-4). Masked models
     need nothing special: the exact zeros in the weights are the mask. The result is in eval mode with
     gradients off.

@@ -115,6 +115,22 @@ class _CBackend:
                                    xt.data_ptr(), xt.stride(0), xt.shape[1], m.cols, yt.data_ptr(), None, threads)
         return yt
 
+    def shifted_matmul_t(self, m: PanelCSRMatrix, bias: torch.Tensor | None, x: torch.Tensor, ldx: int,
+                         batch: int, out: torch.Tensor) -> None:
+        """out[n] (rows x batch) = W X_n^T for each image n of x, where X_n^T's column j is the `batch` floats at
+        x[n].flatten()[col * ldx:] (rows overlap: the convolutions' virtual columns, see runtime/conv.py).
+
+        x and out must be contiguous float32 with x[n] holding every address the matrix reads."""
+        images = x.shape[0]
+        x_step, out_step = x.stride(0) * 4, out.stride(0) * 4  # bytes per image
+        x_ptr, out_ptr = x.data_ptr(), out.data_ptr()
+        bias_ptr = None if bias is None else bias.data_ptr()
+        threads = _threads_for(m.nnz * batch)
+        kernel, args = self._lib.panel_csr_linear, m.kernel_args
+        for n in range(images):
+            kernel(*args, bias_ptr, None, 0, x_ptr + n * x_step, ldx, batch, m.cols, out_ptr + n * out_step, None,
+                   threads)
+
     def matvec(self, m: PanelCSRMatrix, bias: torch.Tensor | None, x: torch.Tensor, y: torch.Tensor,
                threads: int) -> None:
         self._lib.panel_csr_matvec(

@@ -54,6 +54,10 @@ class SparseLinear(nn.Module):
     def nnz(self) -> int:
         return self._matrix.nnz
 
+    @property
+    def weight_shape(self) -> tuple[int, int]:
+        return (self.out_features, self.in_features)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and x.requires_grad:
             raise RuntimeError("SparseLinear is inference-only: gradients do not flow through the sparse "

@@ -2,9 +2,10 @@
 
 A file is a model's `state_dict()` after `convert` with every sparse-enough weight stored as the arrays
 `<prefix>.values` (float32, or int8 with `<prefix>.scales`), `<prefix>.col_indices` (uint16) and
-`<prefix>.segment_nnz` (uint16) of a `PanelCSRMatrix`: for a `SparseLinear` the prefix is the layer's name and it
-runs sparse after loading; for any other weight of 2 or more dims (a Linear kept dense because dense was faster, a
-convolution, flattened to 2-D) the prefix is the parameter's name and it is expanded to dense on load. So the file
+`<prefix>.segment_nnz` (uint16) of a `PanelCSRMatrix`: for a `SparseLinear` or `SparseConv1d/2d` (its weight as
+out_channels x in_channels/groups * kernel positions, the conv's shape in `weight_shape`) the prefix is the layer's
+name and it runs sparse after loading; for any other weight of 2 or more dims (a layer kept dense because dense
+was faster, flattened to 2-D) the prefix is the parameter's name and it is expanded to dense on load. So the file
 size follows the non-zeros whatever ran faster. Other tensors are stored dense. The header metadata records the
 format version, each sparse entry's shape, panel width and execution mode, and a CRC32 of every tensor, so a
 corrupted or truncated file raises a ValueError instead of producing wrong numbers. Loading needs no pickle:
@@ -26,8 +27,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from sparsearch.engine.replaceable import reason_to_keep_dense, shared_parameters
+from sparsearch.runtime.conv import SparseConv1d, SparseConv2d, sparse_conv_for
 from sparsearch.runtime.format import INT8_GROUP_SIZE, PanelCSRMatrix
 from sparsearch.runtime.modules import SparseLinear, linear_like
+
+SparseModule = SparseLinear | SparseConv1d | SparseConv2d
 
 FORMAT_NAME = "sparsearch-runtime"
 FORMAT_VERSION = "1"
@@ -54,13 +58,13 @@ def _arrays(matrix: PanelCSRMatrix) -> dict[str, torch.Tensor]:
     return arrays
 
 
-def compact_state(state: dict[str, torch.Tensor], sparse_modules: dict[str, SparseLinear]
+def compact_state(state: dict[str, torch.Tensor], sparse_modules: dict[str, SparseModule]
                   ) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]]]:
     """State dict -> (tensors to write, sparse entries): weights stored sparse where that takes fewer bytes."""
     tensors: dict[str, torch.Tensor] = {}
     entries: dict[str, dict[str, Any]] = {}
     for name, module in sparse_modules.items():
-        entries[name] = _entry(module.matrix, "sparse", (module.out_features, module.in_features))
+        entries[name] = _entry(module.matrix, "sparse", module.weight_shape)
         tensors.update({f"{name}.{array}": value for array, value in _arrays(module.matrix).items()})
     for key, value in state.items():
         owner, _, leaf = key.rpartition(".")
@@ -81,7 +85,7 @@ def save_sparse(model: nn.Module, path: str | Path) -> int:
     """Write `model` (typically the output of `convert`) to a safetensors file; returns the file size in bytes."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    sparse_modules = {name: m for name, m in model.named_modules() if isinstance(m, SparseLinear)}
+    sparse_modules = {name: m for name, m in model.named_modules() if isinstance(m, SparseModule)}
     tensors, entries = compact_state(model.state_dict(), sparse_modules)
     return write_sparse_file(tensors, entries, path)
 
@@ -161,10 +165,42 @@ def read_sparse_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[st
     return tensors, matrices, entries
 
 
+def _load_sparse_conv(model: nn.Module, prefix: str, conv: nn.Module, matrix: PanelCSRMatrix, entry: dict[str, Any],
+                      dense_state: dict[str, torch.Tensor], owners: dict[int, list[str]] | None,
+                      ran_dense: list[str]) -> None:
+    """Put a convolution stored sparse into `model` at `prefix`: as `SparseConv1d/2d`, or dense if it may not be
+    replaced (a tied weight; `owners` None: the model's layer is already sparse, so nothing is tied); its bias
+    comes out of `dense_state`."""
+    shape = tuple(conv.weight.shape)
+    if tuple(entry["weight_shape"]) != shape or matrix.rows * matrix.cols != math.prod(shape):
+        raise ValueError(f"sparse layer {prefix!r} has weight shape {tuple(entry['weight_shape'])} but the model's "
+                         f"{type(conv).__name__} there has weight shape {shape}")
+    bias = dense_state.pop(f"{prefix}.bias", None)
+    if (bias is None) != (conv.bias is None):
+        raise ValueError(f"sparse layer {prefix!r} {'has' if bias is not None else 'lacks'} a bias but the model's "
+                         f"{type(conv).__name__} there {'has none' if conv.bias is None else 'has one'}")
+    reason = None if owners is None else reason_to_keep_dense(model, prefix, owners)
+    parent_name, _, child = prefix.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    if reason is not None:
+        with torch.no_grad():
+            conv.weight.copy_(matrix.to_dense().reshape(shape))
+            if bias is not None:
+                conv.bias.copy_(bias)
+        setattr(parent, child, conv)
+        ran_dense.append(f"{prefix} ({reason})")
+        return
+    sparse = sparse_conv_for(conv).from_conv(conv, matrix)
+    if bias is not None:
+        sparse.bias.copy_(bias)
+    setattr(parent, child, sparse)
+
+
 def load_sparse(path: str | Path, model: nn.Module) -> nn.Module:
     """Load a file written by `save_sparse` into `model`, an instance of the same architecture (dense is fine).
 
-    Entries that ran sparse replace the model's `nn.Linear` (or GPT-2 `Conv1D`) of that name by `SparseLinear`,
+    Entries that ran sparse replace the model's `nn.Linear` (or GPT-2 `Conv1D`) of that name by `SparseLinear`
+    and its `nn.Conv1d` / `nn.Conv2d` by `SparseConv1d` / `SparseConv2d`,
     unless the model may not have it replaced (its parent reads the weight, the weight is tied, or the module
     is not Linear-like: then it runs dense, with a warning); the others are expanded into the model's dense
     parameters. The model is returned in eval mode with gradients off.
@@ -183,6 +219,12 @@ def load_sparse(path: str | Path, model: nn.Module) -> nn.Module:
             module = model.get_submodule(prefix)
         except AttributeError as error:
             raise ValueError(f"{str(path)!r} holds sparse layer {prefix!r} but the model has no such module") from error
+        converted = isinstance(module, SparseConv1d | SparseConv2d)  # loading into an already converted model
+        if converted or sparse_conv_for(module) is not None:
+            _load_sparse_conv(model, prefix, module.to_dense_conv() if converted else module, matrix,
+                              entries[prefix], dense_state, None if converted else owners, ran_dense)
+            sparse_names.add(prefix)
+            continue
         view = linear_like(module)
         if isinstance(module, SparseLinear):
             shape = (module.out_features, module.in_features)
