@@ -91,7 +91,7 @@ def test_corrupted_or_inconsistent_int8_files_are_refused(tmp_path):
     entries["0"]["int8_group_size"] = 32  # the earlier layout: a scale per 32 stored non-zeros
     save_file({k: handle_tensor for k, handle_tensor in _reload(path).items()}, str(tmp_path / "old.safetensors"),
               metadata={**metadata, "sparse_entries": json.dumps(entries)})
-    with pytest.raises(ValueError, match="scales per 32 stored non-zeros.*convert the model again"):
+    with pytest.raises(ValueError, match=r"scales per 32 stored non-zeros.*convert the model again"):
         load_sparse(tmp_path / "old.safetensors", fresh())
 
 

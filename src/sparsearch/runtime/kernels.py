@@ -125,7 +125,8 @@ class _CBackend:
 
     def matvec(self, m: PanelCSRMatrix, bias: torch.Tensor | None, x: torch.Tensor, y: torch.Tensor,
                threads: int) -> None:
-        bitmap = m.bitmap.data_ptr() if m.is_int8 and self.isa == "avx512-vnni-bitmap" and m.density >= BITMAP_MIN_DENSITY else None
+        use_bitmap = m.is_int8 and self.isa == "avx512-vnni-bitmap" and m.density >= BITMAP_MIN_DENSITY
+        bitmap = m.bitmap.data_ptr() if use_bitmap else None
         self._lib.panel_csr_matvec(
             *m.kernel_args, None if bias is None else bias.data_ptr(),
             x.data_ptr(), y.data_ptr(), threads, bitmap, m.cols)
