@@ -423,13 +423,13 @@ static void linear_chunk(const void* ctx, int64_t chunk, int64_t chunks) {
 }
 
 /* ---- Batch 1 (matrix-vector) ------------------------------------------------------------------------------
- * Measured on the benchmark machine (Xeon @2.8 GHz, 2 cores, AVX-512; benchmarks/results/runtime_int8.md,
- * "batch-1 cost"): the former scalar loop took 0.8-1.0 ns per non-zero on one thread (2.2-2.8 cycles: three
- * loads per non-zero, index, value and x[index], on two load ports, plus the int8 scale), whether the weights sat
- * in L3 (4096x4096, 10 MB) or came from DRAM (16384x16384, 161 MB), i.e. 6-10 GB/s where dense F.linear streams
- * 24.5 GB/s on two threads: compute-bound, not bandwidth-bound. So the kernel gathers 16 (AVX-512) or 8 (AVX2)
- * x values per instruction, with vector loads of indices and values; a segment is walked in blocks aligned to
- * the vector width (masked at both ends), so an int8 block never straddles a scale group and needs one scale. */
+ * Compute-bound, not bandwidth-bound, on the benchmark machine (Xeon @2.8 GHz, 2 cores, AVX-512; timed with
+ * benchmarks/results/runtime_int8.md, "batch-1 cost"): this scalar loop takes 0.7-1.0 ns per non-zero on one
+ * thread (2-2.8 cycles: three loads per non-zero, index, value and x[index], on two load ports), about the same
+ * whether the weights sit in L3 (4096x4096 at 90%: 10 MB) or stream from DRAM (16384x16384: 161 MB), i.e. 6-10
+ * GB/s where dense F.linear streams 24.5 GB/s on two threads. AVX-512 gathers do not help here: 0.65 ns per
+ * gathered element (16-wide; 1.3 ns 8-wide) against 0.57 ns for scalar loads in a standalone loop, so float32
+ * stays scalar (with four sums for instruction-level parallelism); int8 uses the bitmap kernel below. */
 static void matvec_chunk(const void* ctx, int64_t chunk, int64_t chunks) {
     const linear_args* a = ctx;
     int64_t first, last;
