@@ -210,6 +210,15 @@ def to_markdown(payload: dict) -> str:
     else:
         lines.append(f"dense (pruned) {gpt['dense_pruned']:.3f}, float32 sparse {gpt['fp32_sparse']:.3f}, "
                      f"int8 sparse {gpt['int8_sparse']:.3f}.")
+    cost = {r["size"]: r for r in payload["batch_1_cost"]}
+    if cost:
+        small, large = cost[min(cost)], cost[max(cost)]
+        lines += ["", f"Reading: the sparse kernels move {small['gb_per_s']['fp32_sparse']:.1f} (fp32) and "
+                  f"{small['gb_per_s']['int8_sparse']:.1f} (int8) GB/s at {small['size']} where dense streams "
+                  f"{small['gb_per_s']['dense']:.1f}: batch 1 is bound by instructions per non-zero (fp32: three loads "
+                  f"each) and, for int8, per 64-column bitmap word, not by bandwidth; int8 is "
+                  f"{small['ms']['fp32_sparse'] / small['ms']['int8_sparse']:.2f}x fp32 at {small['size']} and "
+                  f"{large['ms']['fp32_sparse'] / large['ms']['int8_sparse']:.2f}x at {large['size']}."]
     layer1 = next(r for r in payload["layer"] if r["batch"] == 1 and r["condition"] == "quiet")["ms"]
     ratio = layer1["fp32_sparse"] / layer1["int8_sparse"]
     minilm_ratio = s["int8_sparse"] / s["fp32_sparse"]
