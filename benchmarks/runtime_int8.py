@@ -1,7 +1,11 @@
 """int8 sparse weights against float32 sparse, dense, and PyTorch's dynamic int8 quantisation of the dense model.
 
 1. The 4096x4096 layer at 90% sparsity, batch 1 and 64: dense `F.linear`, float32 sparse, int8 sparse (a scale
-   per 32 stored non-zeros), interleaved.
+   per segment), and at batch 1 `quantize_dynamic` of the dense layer, interleaved; batch 1 also next to one
+   competing busy process (as in runtime_contention.py).
+1b. Batch-1 cost per non-zero at 4096x4096 (weights fit the 48 MB L3) and 16384x16384 (161 MB of float32 sparse
+   weights: DRAM), fp32 and int8 against dense `F.linear`'s streaming rate: is batch 1 bound by bandwidth or by
+   the instructions per non-zero?
 2. all-MiniLM-L6-v2 pruned to 90% (one-shot magnitude), converted with `convert_transformers`; `to_int8` turns
    the same sparse layers to int8. Sentences/s at batch 1 for dense (the pruned model), float32 sparse, int8
    sparse and `torch.ao.quantization.quantize_dynamic` of the dense model; cosine of the mean-pooled sentence
@@ -25,28 +29,77 @@ import torch.nn.functional as F
 from oneshot_corpus import sentences, stdlib_docstrings
 from oneshot_train_gpt import MODEL_DIR as GPT_DIR
 from runtime_common import interleaved_times, machine, write_results
-from runtime_contention import weight_at
+from runtime_contention import BusyProcess, weight_at
 from runtime_transformers import pruned_copy
 
 from sparsearch.oneshot import load_pretrained
 from sparsearch.runtime import PanelCSRMatrix, convert_transformers, sparse_linear, to_int8
 
 
+def bytes_read(matrix: PanelCSRMatrix) -> int:
+    """Bytes the batch-1 kernel reads per call: values, segment offsets, and column indices (fp32) or bitmaps and
+    scales (int8, the bitmap kernel)."""
+    read = matrix.values.numel() * matrix.values.element_size() + matrix.segment_ptr.numel() * 8
+    if matrix.is_int8:
+        return read + matrix.bitmap.numel() * 8 + matrix.scales.numel() * 4
+    return read + matrix.col_indices.numel() * 2
+
+
 def layer_points(budget: float) -> list[dict]:
     weight, bias = weight_at(0.9), torch.randn(4096)
     fp32 = PanelCSRMatrix.from_dense(weight)
     int8 = fp32.quantize()
+    linear = torch.nn.Linear(4096, 4096)
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+        linear.bias.copy_(bias)
+    dynamic = torch.ao.quantization.quantize_dynamic(torch.nn.Sequential(linear), {torch.nn.Linear},
+                                                     dtype=torch.qint8)
     rows = []
-    for batch in (1, 64):
+    for batch, condition in ((1, "quiet"), (64, "quiet"), (1, "busy")):
         x = torch.randn(batch, 4096)
-        med, _ = interleaved_times({"dense": lambda x=x: F.linear(x, weight, bias),
-                                    "fp32_sparse": lambda x=x: sparse_linear(x, fp32, bias),
-                                    "int8_sparse": lambda x=x: sparse_linear(x, int8, bias)},
-                                   min_rounds=5, max_rounds=100, budget_s=budget)
-        rows.append({"batch": batch, "ms": {k: v * 1e3 for k, v in med.items()},
+        fns = {"dense": lambda x=x: F.linear(x, weight, bias),
+               "fp32_sparse": lambda x=x: sparse_linear(x, fp32, bias),
+               "int8_sparse": lambda x=x: sparse_linear(x, int8, bias)}
+        if batch == 1:
+            fns["dynamic_int8_dense"] = lambda x=x: dynamic(x)
+        load = [round(v, 2) for v in os.getloadavg()]
+        if condition == "busy":
+            with BusyProcess():
+                med, _ = interleaved_times(fns, min_rounds=5, max_rounds=100, budget_s=budget)
+        else:
+            med, _ = interleaved_times(fns, min_rounds=5, max_rounds=100, budget_s=budget)
+        rows.append({"batch": batch, "condition": condition, "ms": {k: v * 1e3 for k, v in med.items()},
                      "bytes_per_nnz": {"fp32": fp32.storage_bytes / fp32.nnz, "int8": int8.storage_bytes / int8.nnz},
-                     "load_average": [round(v, 2) for v in os.getloadavg()]})
+                     "load_average": load})
         print(rows[-1], flush=True)
+    return rows
+
+
+def batch_1_cost(budget: float) -> list[dict]:
+    """ns per non-zero and GB/s read, against dense F.linear's streaming rate, at two sizes."""
+    rows = []
+    for size in (4096, 16384):
+        generator = torch.Generator().manual_seed(size)
+        weight = torch.randn(size, size, generator=generator)
+        weight *= torch.rand(size, size, generator=generator) >= 0.9
+        fp32 = PanelCSRMatrix.from_dense(weight)
+        int8 = fp32.quantize()
+        x = torch.randn(1, size)
+        load = [round(v, 2) for v in os.getloadavg()]
+        med, best = interleaved_times({"dense": lambda x=x, w=weight: F.linear(x, w),
+                                       "fp32_sparse": lambda x=x, m=fp32: sparse_linear(x, m),
+                                       "int8_sparse": lambda x=x, m=int8: sparse_linear(x, m)},
+                                      min_rounds=5, max_rounds=60, budget_s=budget)
+        read = {"dense": weight.numel() * 4, "fp32_sparse": bytes_read(fp32), "int8_sparse": bytes_read(int8)}
+        rows.append({"size": size, "nnz": fp32.nnz, "load_average": load,
+                     "ms": {k: v * 1e3 for k, v in med.items()},
+                     "ns_per_nnz": {k: med[k] * 1e9 / fp32.nnz for k in ("fp32_sparse", "int8_sparse")},
+                     "bytes_read_per_nnz": {k: read[k] / fp32.nnz for k in ("fp32_sparse", "int8_sparse")},
+                     "gb_per_s": {k: read[k] / med[k] / 1e9 for k in med},
+                     "gb_per_s_best": {k: read[k] / best[k] / 1e9 for k in best}})
+        print(rows[-1], flush=True)
+        del weight, fp32, int8
     return rows
 
 
@@ -108,14 +161,36 @@ def gpt_perplexity() -> dict | None:
 
 def to_markdown(payload: dict) -> str:
     lines = ["## 4096x4096 at 90% sparsity (median ms, interleaved)\n",
-             "| batch | dense | float32 sparse | int8 sparse | int8 over float32 sparse | bytes/nnz fp32 / int8 "
-             "| load |",
-             "|---|---|---|---|---|---|---|"]
+             "'busy': one competing process multiplying 512x512 matrices on one thread (runtime_contention.py). "
+             "Dynamic int8: `torch.ao.quantization.quantize_dynamic` of the dense layer.\n",
+             "| batch | condition | dense | dynamic int8 (dense) | float32 sparse | int8 sparse | int8 over float32 "
+             "sparse | int8 sparse over dynamic int8 | stored bytes/nnz fp32 / int8 | load |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in payload["layer"]:
         ms = r["ms"]
-        lines.append(f"| {r['batch']} | {ms['dense']:.3f} | {ms['fp32_sparse']:.3f} | {ms['int8_sparse']:.3f} | "
-                     f"{ms['fp32_sparse'] / ms['int8_sparse']:.2f}x | {r['bytes_per_nnz']['fp32']:.2f} / "
-                     f"{r['bytes_per_nnz']['int8']:.2f} | {r['load_average'][0]} |")
+        dynamic = ms.get("dynamic_int8_dense")
+        dynamic_ms = "-" if dynamic is None else f"{dynamic:.3f}"
+        over_dynamic = "-" if dynamic is None else f"{dynamic / ms['int8_sparse']:.2f}x"
+        lines.append(f"| {r['batch']} | {r['condition']} | {ms['dense']:.3f} | "
+                     f"{dynamic_ms} | {ms['fp32_sparse']:.3f} | "
+                     f"{ms['int8_sparse']:.3f} | {ms['fp32_sparse'] / ms['int8_sparse']:.2f}x | "
+                     f"{over_dynamic} | "
+                     f"{r['bytes_per_nnz']['fp32']:.2f} / {r['bytes_per_nnz']['int8']:.2f} | "
+                     f"{r['load_average'][0]} |")
+    lines += ["", "## Batch-1 cost per non-zero (90% sparsity, 2 threads, median of interleaved calls)\n",
+              "Bytes read per call: fp32 values + uint16 indices + segment offsets; int8 values + column bitmaps "
+              "(1 bit per weight) + scales + offsets; dense: the float32 matrix. GB/s = bytes read / median time "
+              "(best time in brackets).\n",
+              "| size | non-zeros | dense ms (GB/s) | fp32 ms | fp32 ns/nnz | fp32 B/nnz read | fp32 GB/s | int8 ms "
+              "| int8 ns/nnz | int8 B/nnz read | int8 GB/s | load |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in payload["batch_1_cost"]:
+        ms, ns, rd, gb, gbb = r["ms"], r["ns_per_nnz"], r["bytes_read_per_nnz"], r["gb_per_s"], r["gb_per_s_best"]
+        lines.append(f"| {r['size']} | {r['nnz']} | {ms['dense']:.2f} ({gb['dense']:.1f}, {gbb['dense']:.1f}) | "
+                     f"{ms['fp32_sparse']:.3f} | {ns['fp32_sparse']:.3f} | {rd['fp32_sparse']:.2f} | "
+                     f"{gb['fp32_sparse']:.1f} ({gbb['fp32_sparse']:.1f}) | {ms['int8_sparse']:.3f} | "
+                     f"{ns['int8_sparse']:.3f} | {rd['int8_sparse']:.2f} | {gb['int8_sparse']:.1f} "
+                     f"({gbb['int8_sparse']:.1f}) | {r['load_average'][0]} |")
     m = payload["minilm"]
     s = m["sentences_per_s_batch_1"]
     lines += ["", f"## all-MiniLM-L6-v2 at 90% (magnitude), {m['sparse_layers']} layers sparse\n",
@@ -135,7 +210,16 @@ def to_markdown(payload: dict) -> str:
     else:
         lines.append(f"dense (pruned) {gpt['dense_pruned']:.3f}, float32 sparse {gpt['fp32_sparse']:.3f}, "
                      f"int8 sparse {gpt['int8_sparse']:.3f}.")
-    layer1 = next(r for r in payload["layer"] if r["batch"] == 1)["ms"]
+    cost = {r["size"]: r for r in payload["batch_1_cost"]}
+    if cost:
+        small, large = cost[min(cost)], cost[max(cost)]
+        lines += ["", f"Reading: the sparse kernels move {small['gb_per_s']['fp32_sparse']:.1f} (fp32) and "
+                  f"{small['gb_per_s']['int8_sparse']:.1f} (int8) GB/s at {small['size']} where dense streams "
+                  f"{small['gb_per_s']['dense']:.1f}: batch 1 is bound by instructions per non-zero (fp32: three loads "
+                  f"each) and, for int8, per 64-column bitmap word, not by bandwidth; int8 is "
+                  f"{small['ms']['fp32_sparse'] / small['ms']['int8_sparse']:.2f}x fp32 at {small['size']} and "
+                  f"{large['ms']['fp32_sparse'] / large['ms']['int8_sparse']:.2f}x at {large['size']}."]
+    layer1 = next(r for r in payload["layer"] if r["batch"] == 1 and r["condition"] == "quiet")["ms"]
     ratio = layer1["fp32_sparse"] / layer1["int8_sparse"]
     minilm_ratio = s["int8_sparse"] / s["fp32_sparse"]
     cosine = m["cosine"]["int8_sparse_vs_fp32_sparse"]
@@ -155,8 +239,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     info = machine()
     info["torch_threads"] = args.threads
-    payload = {"machine": info, "layer": layer_points(args.budget), "minilm": minilm(args.budget),
-               "gpt_perplexity": gpt_perplexity()}
+    payload = {"machine": info, "layer": layer_points(args.budget), "batch_1_cost": batch_1_cost(args.budget),
+               "minilm": minilm(args.budget), "gpt_perplexity": gpt_perplexity()}
     payload["gpt_perplexity_note"] = None if payload["gpt_perplexity"] else f"{GPT_DIR} absent"
     write_results("runtime_int8" + ("" if args.threads == 2 else f"_{args.threads}thread"), payload,
                   to_markdown(payload))

@@ -17,7 +17,6 @@ from sparsearch.runtime import (
     save_sparse,
     sparse_linear,
 )
-from sparsearch.runtime.format import INT8_GROUP_SIZE
 
 
 def sparse_weight(rows=300, cols=1500, sparsity=0.9, seed=0):
@@ -32,14 +31,17 @@ def test_int8_kernels_compute_with_the_dequantised_weights(backend, batch):
     weight = sparse_weight()
     q = PanelCSRMatrix.from_dense(weight).quantize()
     q.validate()
-    assert q.values.dtype == torch.int8 and q.scales.numel() == -(-q.nnz // INT8_GROUP_SIZE)
+    assert q.values.dtype == torch.int8 and q.scales.shape == q.segment_nnz.shape
     dequantised = q.to_dense()
     assert not dequantised[weight == 0].any()  # zeros stay zero (a tiny weight may round to zero)
     step = (weight - dequantised).abs().max()
     assert 0 < step <= weight.abs().max() / 254 + 1e-6  # rounding to half a step of the largest scale at most
     x, bias = torch.randn(batch, 1500), torch.randn(300)
+    # batch 1 (C, AVX-512 VNNI) rounds x to int16 with one scale: each output moves by at most
+    # max|x| / 65534 * sum of its row's |weights|
+    atol = 1e-3 + x.abs().max().item() / 65534 * dequantised.abs().sum(1).max().item()
     torch.testing.assert_close(sparse_linear(x, q, bias, backend=backend), F.linear(x, dequantised, bias),
-                               rtol=1e-4, atol=1e-3)
+                               rtol=1e-4, atol=atol)
 
 
 def test_int8_files_are_half_the_size_and_round_trip(tmp_path):
@@ -83,13 +85,102 @@ def test_corrupted_or_inconsistent_int8_files_are_refused(tmp_path):
     with pytest.raises(ValueError, match="lacks the int8 scales"):
         load_sparse(tmp_path / "no_scales.safetensors", fresh())
     entries = json.loads(metadata["sparse_entries"])
-    entries["0"]["int8_group_size"] = 16
+    entries["0"]["int8_scales"] = "row"
     save_file({k: handle_tensor for k, handle_tensor in _reload(path).items()}, str(tmp_path / "groups.safetensors"),
               metadata={**metadata, "sparse_entries": json.dumps(entries)})
-    with pytest.raises(ValueError, match="int8 groups of 16"):
+    with pytest.raises(ValueError, match="int8 scales per 'row'"):
         load_sparse(tmp_path / "groups.safetensors", fresh())
+    del entries["0"]["int8_scales"]
+    entries["0"]["int8_group_size"] = 32  # the earlier layout: a scale per 32 stored non-zeros
+    save_file({k: handle_tensor for k, handle_tensor in _reload(path).items()}, str(tmp_path / "old.safetensors"),
+              metadata={**metadata, "sparse_entries": json.dumps(entries)})
+    with pytest.raises(ValueError, match=r"scales per 32 stored non-zeros.*convert the model again"):
+        load_sparse(tmp_path / "old.safetensors", fresh())
 
 
 def _reload(path):
     with safe_open(str(path), framework="pt") as handle:
         return {key: handle.get_tensor(key) for key in handle.keys()}
+
+
+def _x16(x):
+    """x rounded as the int8 batch-1 kernel reads it: int16 with one scale per call."""
+    scale = x.abs().max() / 32767
+    return torch.round(x / scale) * scale
+
+
+@pytest.mark.parametrize(("rows", "cols", "panel_width", "sparsity"), [
+    (7, 1, None, 0.0), (9, 63, None, 0.5), (9, 64, None, 0.9), (9, 65, None, 0.9), (12, 130, 65, 0.3),
+    (20, 1500, 7, 0.5), (16, 3000, 2000, 0.0), (33, 4100, None, 0.9), (10, 700, 100, 0.97)])
+def test_int8_batch_1_handles_word_tails_panels_and_empty_rows(rows, cols, panel_width, sparsity):
+    """The batch-1 int8 kernel walks 64-column bitmap words: widths around a word, panels ending mid-word, panels of
+    more than 16 words (an integer flush block), all-zero and dense rows."""
+    weight = sparse_weight(rows, cols, sparsity, seed=cols)
+    weight[0] = 0
+    weight[-1] = torch.randn(cols)
+    q = PanelCSRMatrix.from_dense(weight, panel_width).quantize()
+    dequantised = q.to_dense()
+    x, bias = torch.randn(1, cols), torch.randn(rows)
+    got = sparse_linear(x, q, bias)
+    # exact up to float rounding against the int16-rounded input (the AVX-512 VNNI kernel); other builds use x as is
+    expected = F.linear(_x16(x), dequantised, bias)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 * (1 + dequantised.abs().sum(1).max().item()))
+    assert got[0, 0] == bias[0]
+
+
+def test_int8_batch_1_keeps_non_finite_inputs_as_float_arithmetic_does():
+    q = PanelCSRMatrix.from_dense(sparse_weight(40, 300, 0.5)).quantize()
+    same_pattern = PanelCSRMatrix.from_arrays(q.shape, q.panel_width, q.float_values, q.col_indices, q.segment_nnz)
+    x = torch.randn(1, 300)
+    x[0, 5] = float("inf")
+    got = sparse_linear(x, q)
+    assert got.isinf().any() and got.isfinite().any()  # rows with a non-zero in column 5, and the others
+    torch.testing.assert_close(got, sparse_linear(x, same_pattern), equal_nan=True)
+
+
+def test_int8_scales_follow_each_segment():
+    """One scale per segment: a segment of small weights keeps its precision next to one of large weights."""
+    weight = sparse_weight(8, 200, 0.5)
+    weight[:4] *= 1000.0
+    q = PanelCSRMatrix.from_dense(weight, panel_width=100).quantize()
+    assert q.scales.shape == (2, 8)
+    small = weight[4:]
+    assert (q.to_dense()[4:] - small).abs().max() <= small.abs().max() / 254 + 1e-6
+
+
+def test_bitmap_marks_exactly_the_non_zeros():
+    weight = sparse_weight(11, 300, 0.8)
+    matrix = PanelCSRMatrix.from_dense(weight, panel_width=130)
+    words = -(-130 // 64)
+    bits = matrix.bitmap.view(11, matrix.panels, words)
+    mask = torch.zeros(11, matrix.panels * words * 64, dtype=torch.bool)
+    for bit in range(64):
+        set_here = ((bits >> bit) & 1).bool()  # [rows, panels, words]
+        for panel in range(matrix.panels):
+            mask[:, panel * words * 64 + bit: (panel + 1) * words * 64: 64] = set_here[:, panel]
+    by_panel = mask.view(11, matrix.panels, words * 64)[:, :, :130].reshape(11, -1)[:, :300]
+    assert torch.equal(by_panel, weight != 0)
+
+
+@pytest.mark.parametrize(("cflags", "isa"), [("-mno-avx512f", "scalar"), ("-mno-avx512f -mno-avx2", "scalar")])
+def test_kernels_built_without_avx512_compute_the_same(tmp_path, cflags, isa):
+    """The C kernels compile and agree without AVX-512 (the bitmap kernel needs AVX-512 VBMI2 + VNNI)."""
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import torch, torch.nn.functional as F\n"
+        "from sparsearch.runtime import PanelCSRMatrix, sparse_linear, kernels\n"
+        f"assert kernels.get_backend().isa == {isa!r}, kernels.get_backend().isa\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "w = torch.randn(70, 1500, generator=g) * (torch.rand(70, 1500, generator=g) > 0.9)\n"
+        "for m in (PanelCSRMatrix.from_dense(w), PanelCSRMatrix.from_dense(w).quantize()):\n"
+        "    for batch in (1, 5, 70):\n"
+        "        x = torch.randn(batch, 1500, generator=g)\n"
+        "        torch.testing.assert_close(sparse_linear(x, m), F.linear(x, m.to_dense()), rtol=1e-4, atol=1e-3)\n"
+    )
+    env = {**os.environ, "SPARSEARCH_KERNEL_CFLAGS": cflags, "SPARSEARCH_CACHE": str(tmp_path),
+           "SPARSEARCH_KERNEL_BACKEND": "c"}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr

@@ -439,9 +439,9 @@ def convert(model: nn.Module, sample_input: Any = None, *, batch_sizes: Sequence
     model is called with to check outputs (to `tolerance`, relative to max(1, |output|)) and whole-model speed;
     without it, those checks are skipped (with a warning) and convolutions stay dense (they are timed on inputs
     of the size they see in it). `int8=True` stores the sparse layers' values as
-    int8 with a scale per 32 non-zeros (timed as such; default tolerance 5e-2 instead of 1e-4). Masked models
-    need nothing special: the exact zeros in the weights are the mask. The result is in eval mode with
-    gradients off.
+    int8 with one float32 scale per segment, a row within a panel (timed as such; default tolerance 5e-2 instead
+    of 1e-4). Masked models need nothing special: the exact zeros in the weights are the mask. The result is in
+    eval mode with gradients off.
     """
     converted, _ = convert_with_report(model, sample_input, batch_sizes=batch_sizes, min_speedup=min_speedup,
                                        max_density=max_density, repeats=repeats, tolerance=tolerance, int8=int8,
@@ -450,7 +450,7 @@ def convert(model: nn.Module, sample_input: Any = None, *, batch_sizes: Sequence
 
 
 def to_int8(model: nn.Module) -> nn.Module:
-    """A copy of a converted model whose `SparseLinear` layers hold int8 values with group scales (the same
+    """A copy of a converted model whose `SparseLinear` layers hold int8 values with a scale per segment (the same
     layers, without re-timing them: for comparing int8 with float32 on the same decisions)."""
     quantized = copy.deepcopy(model)
     for name, module in list(quantized.named_modules()):

@@ -7,12 +7,11 @@ activations that the kernel touches inside the L2 cache for large layers (measur
 benchmarks/runtime_kernels.py); layers no wider than one panel are plain CSR.
 
 Storage per non-zero: 4 bytes (float32 value) + 2 bytes (uint16 index), plus 2 bytes per (panel, row) segment
-for its length. `quantize()` stores the values as int8 with one float32 scale per INT8_GROUP_SIZE consecutive
-stored non-zeros (GQSA-style group quantisation: the non-zeros of a row are stored together, so a group holds
-neighbours along the input dimension of one row, rarely two): 1 + 2 + 4/32 bytes per non-zero. Groups follow
-the storage order rather than fixed columns because after pruning a fixed block of columns holds a varying,
-often tiny, number of non-zeros; 32 keeps the scales at 1/8 byte per non-zero while a group's largest weight,
-which sets its step, stays local.
+for its length. `quantize()` stores the values as int8 with one float32 scale per segment (symmetric: the
+segment's largest |weight| / 127), i.e. per output row and column panel of up to 1024 inputs, finer than the
+usual per-output-channel int8 scale: 1 + 2 bytes per non-zero + 6 per segment. One scale per segment (rather than
+per 32 stored non-zeros, an earlier layout) lets the batch-1 kernel sum a whole segment in integers and scale
+once (csrc/sparse_kernels.c, "int8 bitmap kernel").
 """
 
 from __future__ import annotations
@@ -24,7 +23,7 @@ import torch
 
 DEFAULT_MAX_PANEL_WIDTH = 1024
 MAX_PANEL_WIDTH = 65535
-INT8_GROUP_SIZE = 32  # must match GROUP_SHIFT in csrc/sparse_kernels.c
+INT8_SCALES = "segment"  # what one int8 scale covers; recorded in files (storage.py)
 
 
 def default_panel_width(cols: int) -> int:
@@ -50,7 +49,7 @@ class PanelCSRMatrix:
     segment_nnz: torch.Tensor  # uint16 [panels, rows]
     segment_ptr: torch.Tensor  # int64 [panels * rows + 1]
     row_nnz_prefix: torch.Tensor  # int64 [rows + 1]
-    scales: torch.Tensor | None = None  # float32 [ceil(nnz / INT8_GROUP_SIZE)] when values are int8
+    scales: torch.Tensor | None = None  # float32 [panels, rows] (one per segment) when values are int8
 
     def __deepcopy__(self, memo: dict) -> PanelCSRMatrix:
         # rebuilt, not copied field by field: the cached kernel_args hold data pointers of the source's arrays
@@ -68,21 +67,40 @@ class PanelCSRMatrix:
         """The values as float32 (dequantised if int8)."""
         if self.scales is None:
             return self.values
-        groups = torch.arange(self.nnz) // INT8_GROUP_SIZE
-        return self.values.to(torch.float32) * self.scales[groups]
+        return self.values.to(torch.float32) * self.scales.reshape(-1)[self._segment_of_entry]
+
+    @cached_property
+    def _segment_of_entry(self) -> torch.Tensor:
+        """Flat segment index (panel * rows + row) of every stored non-zero."""
+        counts = self.segment_nnz.to(torch.int64).reshape(-1)
+        return torch.repeat_interleave(torch.arange(counts.numel()), counts)
 
     def quantize(self) -> PanelCSRMatrix:
-        """This matrix with int8 values and a float32 scale per INT8_GROUP_SIZE stored non-zeros (symmetric)."""
+        """This matrix with int8 values and a float32 scale per segment (symmetric, largest |weight| -> 127)."""
         if self.is_int8:
             return self
-        padded = torch.zeros(-(-self.nnz // INT8_GROUP_SIZE) * INT8_GROUP_SIZE, dtype=torch.float32)
-        padded[: self.nnz] = self.values
-        groups = padded.view(-1, INT8_GROUP_SIZE)
-        scales = groups.abs().amax(dim=1) / 127.0
-        scales = torch.where(scales > 0, scales, torch.ones_like(scales))
-        q = torch.round(groups / scales[:, None]).clamp(-127, 127).to(torch.int8).reshape(-1)[: self.nnz]
+        segments = self._segment_of_entry
+        top = torch.zeros(self.segment_nnz.numel(), dtype=torch.float32)
+        top.scatter_reduce_(0, segments, self.values.abs(), reduce="amax")
+        scales = torch.where(top > 0, top / 127.0, torch.ones_like(top))
+        q = torch.round(self.values / scales[segments]).clamp(-127, 127).to(torch.int8)
         return PanelCSRMatrix.from_arrays(self.shape, self.panel_width, q, self.col_indices, self.segment_nnz,
-                                          scales=scales.contiguous())
+                                          scales=scales.reshape(self.segment_nnz.shape))
+
+    @cached_property
+    def bitmap(self) -> torch.Tensor:
+        """Column bitmaps of the segments, int64 [rows * panels * ceil(panel_width / 64)], row-major (a row's
+        bitmaps are one stream): bit j of word w of segment (p, i) is set when column 64 w + j of panel p holds a
+        non-zero of row i. Derived (not stored in files); the int8 batch-1 kernel reads it instead of the column
+        indices (see csrc/sparse_kernels.c)."""
+        words = -(-self.panel_width // 64)
+        segment = self._segment_of_entry
+        row_major = (segment % max(self.rows, 1)) * self.panels + segment // max(self.rows, 1)
+        columns = self.col_indices.to(torch.int64)
+        bitmap = torch.zeros(self.segment_nnz.numel() * words, dtype=torch.int64)
+        # distinct powers of two: their sum is their bitwise or (bit 63 wraps to the sign bit, as intended)
+        bitmap.index_add_(0, row_major * words + columns // 64, torch.ones_like(columns) << (columns % 64))
+        return bitmap
 
     @property
     def rows(self) -> int:
@@ -177,10 +195,9 @@ class PanelCSRMatrix:
             raise ValueError(f"values and col_indices must be 1-D of equal length, got "
                              f"{tuple(self.values.shape)} and {tuple(self.col_indices.shape)}")
         if self.scales is not None:
-            groups = -(-self.nnz // INT8_GROUP_SIZE)
-            if self.scales.dtype != torch.float32 or tuple(self.scales.shape) != (groups,):
-                raise ValueError(f"scales must be float32 of shape ({groups},) for {self.nnz} int8 values in groups "
-                                 f"of {INT8_GROUP_SIZE}, got {self.scales.dtype} {tuple(self.scales.shape)}")
+            if self.scales.dtype != torch.float32 or tuple(self.scales.shape) != (panels, rows):
+                raise ValueError(f"scales must be float32 of shape {(panels, rows)} (one per segment), got "
+                                 f"{self.scales.dtype} {tuple(self.scales.shape)}")
             if not bool(torch.isfinite(self.scales).all()):
                 raise ValueError("scales must be finite")
         counts = self.segment_nnz.to(torch.int64)
@@ -199,8 +216,7 @@ class PanelCSRMatrix:
         """The dense float32 matrix (for checks and for layers that fall back to dense)."""
         rows, cols = self.shape
         dense = torch.zeros(rows, self.panels * self.panel_width, dtype=torch.float32)
-        counts = self.segment_nnz.to(torch.int64).reshape(-1)
-        segment = torch.repeat_interleave(torch.arange(counts.numel()), counts)
+        segment = self._segment_of_entry
         panel, row = segment // max(rows, 1), segment % max(rows, 1)
         dense[row, panel * self.panel_width + self.col_indices.to(torch.int64)] = self.float_values
         return dense[:, :cols].contiguous()

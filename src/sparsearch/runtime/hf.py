@@ -98,7 +98,7 @@ def convert_transformers(model_or_path: nn.Module | str | Path, *, tokenizer: An
                          int8: bool = False) -> tuple[nn.Module, Any, ConversionReport]:
     """(converted model, tokenizer, report) for a transformers model or model directory with zeros in its weights.
 
-    `int8=True` stores the sparse layers' values as int8 with group scales (see `convert`).
+    `int8=True` stores the sparse layers' values as int8 with a scale per segment (see `convert`).
     Raises ValueError for a directory that is not a transformers model and for a model whose Linear/Conv1D
     weights have no layer at or below `max_density` (nothing to gain: prune it first, e.g. `sparsearch prune`).
     """

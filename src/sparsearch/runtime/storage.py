@@ -28,7 +28,7 @@ from torch import nn
 
 from sparsearch.engine.replaceable import reason_to_keep_dense, shared_parameters
 from sparsearch.runtime.conv import SparseConv1d, SparseConv2d, sparse_conv_for
-from sparsearch.runtime.format import INT8_GROUP_SIZE, PanelCSRMatrix
+from sparsearch.runtime.format import INT8_SCALES, PanelCSRMatrix
 from sparsearch.runtime.modules import SparseLinear, linear_like
 
 SparseModule = SparseLinear | SparseConv1d | SparseConv2d
@@ -47,7 +47,7 @@ def _entry(matrix: PanelCSRMatrix, execute: str, weight_shape: tuple[int, ...]) 
     entry = {"shape": list(matrix.shape), "panel_width": matrix.panel_width, "execute": execute,
              "weight_shape": list(weight_shape)}
     if matrix.is_int8:
-        entry["int8_group_size"] = INT8_GROUP_SIZE
+        entry["int8_scales"] = INT8_SCALES
     return entry
 
 
@@ -143,10 +143,14 @@ def read_sparse_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[st
         if any(key not in tensors for key in keys):
             raise ValueError(f"{str(path)!r} lacks the arrays {keys} of sparse entry {prefix!r}")
         scales = None
-        if "int8_group_size" in info:
-            if info["int8_group_size"] != INT8_GROUP_SIZE:
-                raise ValueError(f"{str(path)!r}: sparse entry {prefix!r} has int8 groups of "
-                                 f"{info['int8_group_size']!r}; this sparsearch reads groups of {INT8_GROUP_SIZE}")
+        if "int8_group_size" in info:  # the first int8 layout: a scale per 32 stored non-zeros
+            raise ValueError(f"{str(path)!r}: sparse entry {prefix!r} has int8 scales per "
+                             f"{info['int8_group_size']!r} stored non-zeros (an earlier sparsearch); this sparsearch "
+                             f"reads one scale per {INT8_SCALES}: convert the model again")
+        if "int8_scales" in info:
+            if info["int8_scales"] != INT8_SCALES:
+                raise ValueError(f"{str(path)!r}: sparse entry {prefix!r} has int8 scales per "
+                                 f"{info['int8_scales']!r}; this sparsearch reads one scale per {INT8_SCALES!r}")
             if f"{prefix}.scales" not in tensors:
                 raise ValueError(f"{str(path)!r} lacks the int8 scales {prefix + '.scales'!r} of sparse entry "
                                  f"{prefix!r}")

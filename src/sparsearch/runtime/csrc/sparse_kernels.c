@@ -18,6 +18,7 @@
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #include <time.h>
 
@@ -30,6 +31,7 @@ typedef float vec16 __attribute__((vector_size(64), aligned(4)));
  * the OS deschedules (other jobs on the same cores) delays only its current chunk, not a fixed half. */
 #define CHUNKS_PER_THREAD 16
 
+
 /* ---- Thread pool ----------------------------------------------------------------------------------------
  * Why not OpenMP: on a CPU shared with other busy processes, an OpenMP parallel region ends with a barrier that
  * waits for every thread of the team, including one the OS has not scheduled at all during the region, and
@@ -39,11 +41,10 @@ typedef float vec16 __attribute__((vector_size(64), aligned(4)));
  * there is no work, and the caller waits only for chunks a helper has actually started, never for a helper
  * that has not shown up. Chunks are claimed from one atomic word that also holds the job's generation, so a
  * helper that wakes up late can never take a chunk of a job that has finished. */
-/* Weights are float32 values, or int8 values q with one float32 scale per GROUP_SIZE consecutive stored non-zeros
- * (group-quantised, GQSA-style: a group holds neighbouring non-zeros of a row, so one scale fits them): the
- * weight of non-zero k is q[k] * scales[k / GROUP_SIZE]. 1 + 2 + 4/32 bytes per non-zero instead of 6. */
-#define GROUP_SHIFT 5
-#define WEIGHT(k) (q ? (float)q[k] * scales[(k) >> GROUP_SHIFT] : values[k])
+/* Weights are float32 values, or int8 values q with one float32 scale per segment (the non-zeros of one row inside
+ * one column panel): the weight of non-zero k of segment s is q[k] * scales[s]. The code below reads the scale of
+ * the segment it works on into `scale`. 1 + 2 bytes per non-zero (+ 4 per segment) instead of 6. */
+#define WEIGHT(k) (q ? (float)q[k] * scale : values[k])
 
 #if defined(__x86_64__) || defined(__i386__)
 #define CPU_RELAX() __builtin_ia32_pause()
@@ -175,7 +176,7 @@ static void balanced_rows(const int64_t* row_nnz_prefix, int64_t rows, int t, in
 }
 
 #define DEFINE_TILE(NV)                                                                                 \
-    static inline void tile_##NV(const float* values, const int8_t* q, const float* scales, const uint16_t* cols, int64_t k0, int64_t k1,     \
+    static inline void tile_##NV(const float* values, const int8_t* q, float scale, const uint16_t* cols, int64_t k0, int64_t k1,     \
                                  const float* xt, int64_t ldx, float* y, int accumulate, float init) { \
         vec8 acc[NV];                                                                                   \
         for (int v = 0; v < NV; v++) {                                                                  \
@@ -192,7 +193,7 @@ static void balanced_rows(const int64_t* row_nnz_prefix, int64_t rows, int t, in
 DEFINE_TILE(1) DEFINE_TILE(2) DEFINE_TILE(3)
 
 #define DEFINE_TILE16(NV)                                                                               \
-    static inline void tile16_##NV(const float* values, const int8_t* q, const float* scales, const uint16_t* cols, int64_t k0, int64_t k1,   \
+    static inline void tile16_##NV(const float* values, const int8_t* q, float scale, const uint16_t* cols, int64_t k0, int64_t k1,   \
                                    const float* xt, int64_t ldx, float* y, int accumulate, float init) { \
         vec16 acc[NV];                                                                                  \
         for (int v = 0; v < NV; v++) {                                                                  \
@@ -209,7 +210,7 @@ DEFINE_TILE(1) DEFINE_TILE(2) DEFINE_TILE(3)
 DEFINE_TILE16(2) DEFINE_TILE16(3) DEFINE_TILE16(4)
 
 /* Batch columns that do not fill a vector of 8: plain scalar accumulation. */
-static inline void tile_tail(const float* values, const int8_t* q, const float* scales, const uint16_t* cols, int64_t k0, int64_t k1,
+static inline void tile_tail(const float* values, const int8_t* q, float scale, const uint16_t* cols, int64_t k0, int64_t k1,
                              const float* xt, int64_t ldx, float* y, int width, int accumulate, float init) {
     float acc[8];
     for (int c = 0; c < width; c++) acc[c] = accumulate ? y[c] : init;
@@ -221,6 +222,9 @@ static inline void tile_tail(const float* values, const int8_t* q, const float* 
     for (int c = 0; c < width; c++) y[c] = acc[c];
 }
 
+/* Tried for batch 256 (4096x4096, 90%, 2 threads, same quiet run): tiles of 128 (8 vectors), and software
+ * prefetch of the X^T rows 4 or 8 non-zeros ahead; medians 17.6-18.5 ms against 18.6 ms for this code, within
+ * the run's spread, so neither was kept. */
 #define BATCH_TILE 64
 
 /* Y^T rows [first, last) = W X^T (+ bias) for all batch columns. X^T is either cols x batch with row stride ldx
@@ -243,30 +247,31 @@ static void rows_matmul_t(int64_t first, int64_t last, int64_t rows, int64_t pan
                 float init = bias ? bias[i] : 0.0f;
                 float* y = yt + i * ldy + b0;
                 int64_t k0 = seg[i], k1 = seg[i + 1];
+                const float scale = scales ? scales[p * rows + i] : 1.0f;
                 int done = 0;  /* batch columns of this tile handled so far */
                 if (width >= 32) {
                     done = (int)(width / 16) * 16;
                     switch (width / 16) {
-                        case 4: tile16_4(values, q, scales, cols, k0, k1, x, ld_tile, y, accumulate, init); break;
-                        case 3: tile16_3(values, q, scales, cols, k0, k1, x, ld_tile, y, accumulate, init); break;
-                        default: tile16_2(values, q, scales, cols, k0, k1, x, ld_tile, y, accumulate, init); break;
+                        case 4: tile16_4(values, q, scale, cols, k0, k1, x, ld_tile, y, accumulate, init); break;
+                        case 3: tile16_3(values, q, scale, cols, k0, k1, x, ld_tile, y, accumulate, init); break;
+                        default: tile16_2(values, q, scale, cols, k0, k1, x, ld_tile, y, accumulate, init); break;
                     }
                     if (width - done >= 8) {
-                        tile_1(values, q, scales, cols, k0, k1, x + done, ld_tile, y + done, accumulate, init);
+                        tile_1(values, q, scale, cols, k0, k1, x + done, ld_tile, y + done, accumulate, init);
                         done += 8;
                     }
                 } else {
                     done = vectors * 8;
                     switch (vectors) {
-                        case 3: tile_3(values, q, scales, cols, k0, k1, x, ld_tile, y, accumulate, init); break;
-                        case 2: tile_2(values, q, scales, cols, k0, k1, x, ld_tile, y, accumulate, init); break;
-                        case 1: tile_1(values, q, scales, cols, k0, k1, x, ld_tile, y, accumulate, init); break;
+                        case 3: tile_3(values, q, scale, cols, k0, k1, x, ld_tile, y, accumulate, init); break;
+                        case 2: tile_2(values, q, scale, cols, k0, k1, x, ld_tile, y, accumulate, init); break;
+                        case 1: tile_1(values, q, scale, cols, k0, k1, x, ld_tile, y, accumulate, init); break;
                         default: break;
                     }
                 }
                 int tail = (int)(width - done);
                 if (tail)
-                    tile_tail(values, q, scales, cols, k0, k1, x + done, ld_tile, y + done, tail, accumulate,
+                    tile_tail(values, q, scale, cols, k0, k1, x + done, ld_tile, y + done, tail, accumulate,
                               init);
             }
         }
@@ -390,6 +395,9 @@ typedef struct {
     const float *values, *scales, *bias, *x;
     const int8_t* q;
     float *xt, *yt, *y;
+    const uint64_t* bitmap;  /* matvec: per-segment column bitmaps, or NULL */
+    const uint8_t *xq_hi, *xq_lo;  /* matvec, int8 with bitmap: x quantised (see quantise_x16), x_scale per unit */
+    float x_scale;
 } linear_args;
 
 static void transpose_chunk(const void* ctx, int64_t chunk, int64_t chunks) {
@@ -414,6 +422,14 @@ static void linear_chunk(const void* ctx, int64_t chunk, int64_t chunks) {
     if (a->y) transpose_block(first, last, 0, a->batch, a->yt, a->batch, a->y, a->rows, 16);
 }
 
+/* ---- Batch 1 (matrix-vector) ------------------------------------------------------------------------------
+ * Compute-bound, not bandwidth-bound, on the benchmark machine (Xeon @2.8 GHz, 2 cores, AVX-512; timed with
+ * benchmarks/results/runtime_int8.md, "batch-1 cost"): this scalar loop takes 0.7-1.0 ns per non-zero on one
+ * thread (2-2.8 cycles: three loads per non-zero, index, value and x[index], on two load ports), about the same
+ * whether the weights sit in L3 (4096x4096 at 90%: 10 MB) or stream from DRAM (16384x16384: 161 MB), i.e. 6-10
+ * GB/s where dense F.linear streams 24.5 GB/s on two threads. AVX-512 gathers do not help here: 0.65 ns per
+ * gathered element (16-wide; 1.3 ns 8-wide) against 0.57 ns for scalar loads in a standalone loop, so float32
+ * stays scalar (with four sums for instruction-level parallelism); int8 uses the bitmap kernel below. */
 static void matvec_chunk(const void* ctx, int64_t chunk, int64_t chunks) {
     const linear_args* a = ctx;
     int64_t first, last;
@@ -423,10 +439,12 @@ static void matvec_chunk(const void* ctx, int64_t chunk, int64_t chunks) {
     const float *values = a->values, *scales = a->scales, *x = a->x;
     const int8_t* q = a->q;
     for (int64_t i = first; i < last; i++) {
+        float total;
         float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
         for (int64_t p = 0; p < a->panels; p++) {
             const float* xp = x + p * a->panel_width;
             int64_t k = seg_ptr[p * rows + i], end = seg_ptr[p * rows + i + 1];
+            const float scale = scales ? scales[p * rows + i] : 1.0f;
             for (; k + 4 <= end; k += 4) {
                 s0 += WEIGHT(k) * xp[cols[k]];
                 s1 += WEIGHT(k + 1) * xp[cols[k + 1]];
@@ -435,42 +453,113 @@ static void matvec_chunk(const void* ctx, int64_t chunk, int64_t chunks) {
             }
             for (; k < end; k++) s0 += WEIGHT(k) * xp[cols[k]];
         }
-        a->y[i] = ((s0 + s1) + (s2 + s3)) + (a->bias ? a->bias[i] : 0.0f);
+        total = (s0 + s1) + (s2 + s3);
+        a->y[i] = total + (a->bias ? a->bias[i] : 0.0f);
     }
 }
 
-/* The int8 matrix-vector product without a per-weight scale: each row's run of non-zeros is cut at group
- * boundaries, summed in int8 x float, and scaled once per group. */
-static void matvec_chunk_int8(const void* ctx, int64_t chunk, int64_t chunks) {
+/* int8 bitmap kernel. The scalar loop above costs 0.8-1.1 ns per non-zero on one thread here: three loads per
+ * non-zero (index, value, x[index]) on two load ports, and AVX-512 gathers do not help on this CPU (measured
+ * 0.65 ns per gathered element vs 0.57 for scalar loads, 1.3 for 8-wide gathers). So for int8 weights each
+ * segment also has a column bitmap (one 64-bit word per 64 columns, PanelCSRMatrix.bitmap, derived on load):
+ * a word's int8 values are expanded into their column lanes with one vpexpandb and multiplied with x loaded
+ * contiguously, a cost per 64 columns instead of per non-zero (about 8 cycles per word measured, i.e. 0.47 ns per
+ * non-zero at 90% sparsity, where the scalar loop needs 0.6-1.1). x is quantised once per call to int16 with one
+ * scale (|error| <= max|x| / 65534, far below the int8 weights' own), the weights are sign-extended to int16,
+ * vpdpwssd sums pairs of products into int32 lanes (at most 4 products per lane per word: no overflow within
+ * INT8_FLUSH_WORDS words), and each segment's sum is scaled once. */
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VBMI2__) && defined(__AVX512VNNI__)
+#include <immintrin.h>
+#define MATVEC_BITMAP 1
+#define X16_MAX 32767.0f
+#define INT8_FLUSH_WORDS 16  /* |256 H + L - 32768 S| <= 16 words * 4 * (256*255*127 + 255*127 + 32768*127) < 2^31 */
+
+/* Word w of the segment: its n non-zeros (a load of 64 values, masked to n at the end of the array, then the
+ * register form of vpexpandb: the memory form measured slower here) into their column lanes, times x's high and
+ * low bytes, and their sum. */
+#define BITMAP_WORD(w, acc_hi, acc_lo, acc_sum)                                                                \
+    do {                                                                                                       \
+        uint64_t m_ = bits[w];                                                                                 \
+        int n_ = __builtin_popcountll(m_);                                                                     \
+        __m512i q8_ = _mm512_maskz_expand_epi8(m_, q + 64 <= q_end ? _mm512_loadu_si512(q)                    \
+                                                       : _mm512_maskz_loadu_epi8(_bzhi_u64(~0ULL, n_), q));     \
+        acc_hi = _mm512_dpbusd_epi32(acc_hi, _mm512_loadu_si512(hi + 64 * (w)), q8_);                          \
+        acc_lo = _mm512_dpbusd_epi32(acc_lo, _mm512_loadu_si512(lo + 64 * (w)), q8_);                          \
+        acc_sum = _mm512_dpbusd_epi32(acc_sum, ones, q8_);                                                     \
+        q += n_;                                                                                               \
+    } while (0)
+
+static void matvec_chunk_bitmap(const void* ctx, int64_t chunk, int64_t chunks) {
     const linear_args* a = ctx;
     int64_t first, last;
     balanced_rows(a->row_nnz_prefix, a->rows, (int)chunk, (int)chunks, &first, &last);
-    const int64_t rows = a->rows, *seg_ptr = a->seg_ptr;
-    const uint16_t* cols = a->cols;
-    const int8_t* q = a->q;
-    const float *scales = a->scales, *x = a->x;
+    const int64_t rows = a->rows, words = (a->panel_width + 63) / 64;
+    const __m512i ones = _mm512_set1_epi8(1);
+    const int8_t* q_end = a->q + a->row_nnz_prefix[rows];
     for (int64_t i = first; i < last; i++) {
-        float total = 0.0f;
+        __m512 accf = _mm512_setzero_ps();
         for (int64_t p = 0; p < a->panels; p++) {
-            const float* xp = x + p * a->panel_width;
-            int64_t k = seg_ptr[p * rows + i], end = seg_ptr[p * rows + i + 1];
-            while (k < end) {
-                int64_t group_end = ((k >> GROUP_SHIFT) + 1) << GROUP_SHIFT;
-                if (group_end > end) group_end = end;
-                float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
-                const float scale = scales[k >> GROUP_SHIFT];
-                for (; k + 4 <= group_end; k += 4) {
-                    s0 += (float)q[k] * xp[cols[k]];
-                    s1 += (float)q[k + 1] * xp[cols[k + 1]];
-                    s2 += (float)q[k + 2] * xp[cols[k + 2]];
-                    s3 += (float)q[k + 3] * xp[cols[k + 3]];
+            if (i + 1 < last) __builtin_prefetch(a->q + a->seg_ptr[p * rows + i + 1]);  /* the next row's values */
+            const int8_t* q = a->q + a->seg_ptr[p * rows + i];
+            const uint64_t* bits = a->bitmap + (i * a->panels + p) * words;
+            const uint8_t *hi = a->xq_hi + p * words * 64, *lo = a->xq_lo + p * words * 64;
+            const __m512 scale = _mm512_set1_ps(a->scales[p * rows + i]);
+            for (int64_t w0 = 0; w0 < words; w0 += INT8_FLUSH_WORDS) {
+                int64_t w1 = w0 + INT8_FLUSH_WORDS < words ? w0 + INT8_FLUSH_WORDS : words;
+                /* two sets of accumulators, for even and odd words: vpdpbusd has a latency of 5 cycles, and one
+                 * set was bound by it (5.6 cycles per word measured, where 3 dpbusd per word need 3) */
+                __m512i hi0 = _mm512_setzero_si512(), lo0 = hi0, s0 = hi0, hi1 = hi0, lo1 = hi0, s1 = hi0;
+                int64_t w = w0;
+                for (; w + 2 <= w1; w += 2) {  /* empty words too: no branch to mispredict, they add 0 */
+                    BITMAP_WORD(w, hi0, lo0, s0);
+                    BITMAP_WORD(w + 1, hi1, lo1, s1);
                 }
-                for (; k < group_end; k++) s0 += (float)q[k] * xp[cols[k]];
-                total += ((s0 + s1) + (s2 + s3)) * scale;
+                if (w < w1) BITMAP_WORD(w, hi0, lo0, s0);
+                __m512i acc_hi_sum = _mm512_add_epi32(hi0, hi1);
+                __m512i acc_lo_sum = _mm512_add_epi32(lo0, lo1);
+                __m512i acc_w_sum = _mm512_add_epi32(s0, s1);
+                /* exact in int32: sum of q * (x16 + 32768) - 32768 * sum of q = sum of q * x16 per lane */
+                __m512i dot = _mm512_sub_epi32(_mm512_add_epi32(_mm512_slli_epi32(acc_hi_sum, 8), acc_lo_sum),
+                                               _mm512_slli_epi32(acc_w_sum, 15));
+                accf = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, accf);
             }
         }
-        a->y[i] = total + (a->bias ? a->bias[i] : 0.0f);
+        a->y[i] = _mm512_reduce_add_ps(accf) * a->x_scale + (a->bias ? a->bias[i] : 0.0f);
     }
+}
+
+/* x as int16 x16 = round(x / scale) with one scale per call, stored as the high and low bytes of x16 + 32768 (both
+ * unsigned, as vpdpbusd wants), in panels padded to whole 64-column words. Returns the scale, or 0 if x is not
+ * finite (the caller then uses the CSR kernel, which propagates inf and NaN as float arithmetic does). */
+static float quantise_x16(const float* x, int64_t ncols, int64_t panels, int64_t panel_width, uint8_t* hi,
+                          uint8_t* lo) {
+    float top = 0.0f;
+    for (int64_t j = 0; j < ncols; j++) {
+        float v = x[j] < 0 ? -x[j] : x[j];
+        if (!(v <= 3.0e38f)) return 0.0f;  /* inf or NaN */
+        top = v > top ? v : top;
+    }
+    float scale = top > 0 ? top / X16_MAX : 1.0f, inverse = 1.0f / scale;
+    int64_t padded = (panel_width + 63) / 64 * 64;
+    for (int64_t p = 0; p < panels; p++)
+        for (int64_t j = 0; j < padded; j++) {
+            int64_t c = p * panel_width + j;
+            long v = (j < panel_width && c < ncols) ? __builtin_lrintf(x[c] * inverse) : 0;
+            v = (v > 32767 ? 32767 : v < -32767 ? -32767 : v) + 32768;
+            hi[p * padded + j] = (uint8_t)(v >> 8);
+            lo[p * padded + j] = (uint8_t)(v & 255);
+        }
+    return scale;
+}
+#endif
+
+/* Which matrix-vector code this library was compiled with (tests check that each one is exercised). */
+const char* panel_csr_matvec_isa(void) {
+#if defined(MATVEC_BITMAP)
+    return "avx512-vnni-bitmap";
+#else
+    return "scalar";
+#endif
 }
 
 /* y[batch, rows] = x W^T (+ bias). If x is given (batch x cols, row stride ldx_in) it is first transposed into
@@ -500,14 +589,32 @@ void panel_csr_linear(int64_t rows, int64_t panels, int64_t panel_width, const i
 /* y[rows] = W x (+ bias) for a single contiguous input vector (memory-bound: bytes per non-zero matter). */
 void panel_csr_matvec(int64_t rows, int64_t panels, int64_t panel_width, const int64_t* seg_ptr,
                       const int64_t* row_nnz_prefix, const uint16_t* cols, const void* values,
-                      const float* scales, const float* bias, const float* x, float* y, int threads) {
+                      const float* scales, const float* bias, const float* x, float* y, int threads,
+                      const uint64_t* bitmap, int64_t ncols) {
     linear_args a = {.rows = rows, .panels = panels, .panel_width = panel_width, .batch = 1, .seg_ptr = seg_ptr,
                      .row_nnz_prefix = row_nnz_prefix, .cols = cols, .values = scales ? NULL : values,
                      .scales = scales, .bias = bias, .x = x, .q = scales ? values : NULL, .y = y};
     int slot;
     threads = choose_threads(values, 1, threads, &slot);
     double start = now_ns();
-    run_parallel(scales ? matvec_chunk_int8 : matvec_chunk, &a, threads > 1 ? (int64_t)threads * CHUNKS_PER_THREAD : 1,
-                 threads);
+    chunk_fn fn = matvec_chunk;
+    uint8_t* xq = NULL;
+#if defined(MATVEC_BITMAP)
+    if (bitmap && a.q) {
+        size_t padded = (size_t)(panels * ((panel_width + 63) / 64) * 64);
+        xq = aligned_alloc(64, 2 * padded);
+        if (xq && (a.x_scale = quantise_x16(x, ncols, panels, panel_width, xq, xq + padded)) > 0) {
+            a.xq_hi = xq;
+            a.xq_lo = xq + padded;
+            a.bitmap = bitmap;
+            fn = matvec_chunk_bitmap;
+        }
+    }
+#else
+    (void)bitmap;
+    (void)ncols;
+#endif
+    run_parallel(fn, &a, threads > 1 ? (int64_t)threads * CHUNKS_PER_THREAD : 1, threads);
+    free(xq);
     record_time(slot, values, 1, threads > 1, now_ns() - start, (double)row_nnz_prefix[rows]);
 }
