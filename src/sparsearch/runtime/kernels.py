@@ -102,18 +102,17 @@ class _CBackend:
     def linear(self, m: PanelCSRMatrix, bias: torch.Tensor | None, x2: torch.Tensor, threads: int) -> torch.Tensor:
         """y [batch, rows] for x2 [batch, cols] with either row stride 1 (X^T layout) or column stride 1."""
         batch = x2.shape[0]
-        yt = torch.empty(m.rows, batch, dtype=torch.float32)
         y = torch.empty(batch, m.rows, dtype=torch.float32)
         bias_ptr = None if bias is None else bias.data_ptr()
         if x2.stride(0) == 1 and x2.stride(1) >= batch:  # already X^T (e.g. the transpose of a contiguous tensor)
-            x_ptr, ld_in, xt, ldx = None, 0, x2.t(), x2.stride(1)
-        else:
-            x2 = x2 if x2.stride(1) == 1 else x2.contiguous()
-            x_ptr, ld_in = x2.data_ptr(), x2.stride(0)
-            xt = torch.empty(m.cols, batch, dtype=torch.float32)
-            ldx = batch
-        self._lib.panel_csr_linear(*m.kernel_args, bias_ptr, x_ptr, ld_in, xt.data_ptr(), ldx, batch, m.cols,
-                                   yt.data_ptr(), y.data_ptr(), threads)
+            yt = torch.empty(m.rows, batch, dtype=torch.float32)
+            self._lib.panel_csr_linear(*m.kernel_args, bias_ptr, None, 0, x2.data_ptr(), x2.stride(1), batch,
+                                       m.cols, yt.data_ptr(), y.data_ptr(), threads)
+            return y
+        x2 = x2 if x2.stride(1) == 1 else x2.contiguous()
+        # the kernel transposes x into its own per-thread scratch (no X^T, Y^T buffers to allocate per call)
+        self._lib.panel_csr_linear(*m.kernel_args, bias_ptr, x2.data_ptr(), x2.stride(0), None, 0, batch, m.cols,
+                                   None, y.data_ptr(), threads)
         return y
 
     def matmul_t(self, m: PanelCSRMatrix, bias: torch.Tensor | None, xt: torch.Tensor,
@@ -234,12 +233,15 @@ def sparse_linear(x: torch.Tensor, matrix: PanelCSRMatrix, bias: torch.Tensor | 
         raise ValueError(f"threads must be a positive int or None, got {threads!r}")
     kernels = get_backend(backend)
     threads = min(_threads_for(matrix.nnz * batch), threads or torch.get_num_threads())
-    x2 = x.detach().reshape(batch, matrix.cols)
+    x2 = x.detach()
+    if x2.dim() != 2:  # views and reshapes cost about a microsecond each: skipped for the usual 2-D input
+        x2 = x2.reshape(batch, matrix.cols)
     if batch == 1:
         y = torch.empty(matrix.rows, dtype=torch.float32)
         kernels.matvec(matrix, bias, x2[0].contiguous(), y, threads)
         return y.reshape(*lead, matrix.rows)
-    return kernels.linear(matrix, bias, x2, threads).reshape(*lead, matrix.rows)
+    y = kernels.linear(matrix, bias, x2, threads)
+    return y if len(lead) == 1 else y.reshape(*lead, matrix.rows)
 
 
 def sparse_matmul_t(matrix: PanelCSRMatrix, xt: torch.Tensor, bias: torch.Tensor | None = None,

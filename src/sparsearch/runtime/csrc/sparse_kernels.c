@@ -285,6 +285,8 @@ static void rows_matmul_t(int64_t first, int64_t last, int64_t rows, int64_t pan
  * 64-byte line of the destination is written whole, once, instead of half at a time; with 8 rows the 4096x4096
  * Linear at batch 64 took 47% longer than the same kernel without transposes on one thread. */
 #define TR_COLS 64
+/* Inputs with fewer elements than this are transposed on the calling thread only (see panel_csr_linear). */
+#define SERIAL_TRANSPOSE_ELEMENTS 32768
 static void transpose_block(int64_t r0, int64_t r1, int64_t c0, int64_t c1, const float* src, int64_t lds,
                             float* dst, int64_t ldd, int64_t block_rows) {
     for (int64_t rb = r0; rb < r1; rb += block_rows)
@@ -398,7 +400,34 @@ typedef struct {
     const uint64_t* bitmap;  /* matvec: per-segment column bitmaps, or NULL */
     const uint8_t *xq_hi, *xq_lo;  /* matvec, int8 with bitmap: x quantised (see quantise_x16), x_scale per unit */
     float x_scale;
+    int64_t ldy;  /* row stride of yt: batch, or the padded batch when the kernel transposes x itself */
 } linear_args;
+
+/* Width of a batch tile as stored in the kernel's own X^T and Y^T scratch: rounded up to whole vectors (8 floats,
+ * 16 from 32 on) and padded with zeros, so that a batch such as 11 or 33 runs one vector pass over a row's
+ * non-zeros instead of a vector pass plus a scalar pass for the last 3 or 1 columns. */
+static int64_t padded_width(int64_t width) {
+    return width >= 32 ? (width + 15) / 16 * 16 : (width + 7) / 8 * 8;
+}
+
+/* The batch as stored in the padded scratch: whole tiles of BATCH_TILE, then the last tile padded. */
+static int64_t padded_batch(int64_t batch) {
+    return batch / BATCH_TILE * BATCH_TILE + (batch % BATCH_TILE ? padded_width(batch % BATCH_TILE) : 0);
+}
+
+/* Per-thread scratch for X^T and Y^T, kept between calls: allocating them per call (torch.empty twice from
+ * Python) was a fixed cost that mattered for small layers at small batches. Grown as needed, never shrunk. */
+static _Thread_local float* scratch_data;
+static _Thread_local size_t scratch_floats;
+static float* thread_scratch(size_t floats) {
+    if (floats > scratch_floats) {
+        free(scratch_data);
+        size_t bytes = (floats * sizeof(float) + 63) / 64 * 64;
+        scratch_data = aligned_alloc(64, bytes);
+        scratch_floats = scratch_data ? floats : 0;
+    }
+    return scratch_data;
+}
 
 static void transpose_chunk(const void* ctx, int64_t chunk, int64_t chunks) {
     const linear_args* a = ctx;
@@ -406,8 +435,11 @@ static void transpose_chunk(const void* ctx, int64_t chunk, int64_t chunks) {
     for (int64_t cb = col_blocks * chunk / chunks; cb < col_blocks * (chunk + 1) / chunks; cb++) {
         int64_t c0 = cb * 32, c1 = c0 + 32 < a->ncols ? c0 + 32 : a->ncols;
         for (int64_t b0 = 0; b0 < a->batch; b0 += BATCH_TILE) {
-            int64_t width = a->batch - b0 < BATCH_TILE ? a->batch - b0 : BATCH_TILE;
-            transpose_block(0, width, c0, c1, a->x + b0 * a->ldx_in, a->ldx_in, a->xt + b0 * a->ncols, width, 8);
+            int64_t width = a->batch - b0 < BATCH_TILE ? a->batch - b0 : BATCH_TILE, padded = padded_width(width);
+            float* tile = a->xt + b0 * a->ncols;
+            transpose_block(0, width, c0, c1, a->x + b0 * a->ldx_in, a->ldx_in, tile, padded, 8);
+            for (int64_t c = c0; c < c1; c++)
+                for (int64_t r = width; r < padded; r++) tile[c * padded + r] = 0.0f;
         }
     }
 }
@@ -418,8 +450,8 @@ static void linear_chunk(const void* ctx, int64_t chunk, int64_t chunks) {
     balanced_rows(a->row_nnz_prefix, a->rows, (int)chunk, (int)chunks, &first, &last);
     rows_matmul_t(first, last, a->rows, a->panels, a->panel_width, a->seg_ptr, a->cols, a->values, a->q, a->scales,
                   a->bias, a->xt,
-                  a->ldx, a->x != 0, a->ncols, a->batch, a->yt, a->batch);
-    if (a->y) transpose_block(first, last, 0, a->batch, a->yt, a->batch, a->y, a->rows, 16);
+                  a->ldx, a->x != 0, a->ncols, a->x ? padded_batch(a->batch) : a->batch, a->yt, a->ldy);
+    if (a->y) transpose_block(first, last, 0, a->batch, a->yt, a->ldy, a->y, a->rows, 16);
 }
 
 /* ---- Batch 1 (matrix-vector) ------------------------------------------------------------------------------
@@ -563,9 +595,10 @@ const char* panel_csr_matvec_isa(void) {
 }
 
 /* y[batch, rows] = x W^T (+ bias). If x is given (batch x cols, row stride ldx_in) it is first transposed into
- * the scratch xt (cols x batch floats, in batch tiles; ldx is ignored); otherwise xt already holds X^T with row
- * stride ldx. Each chunk computes its rows of Y^T into the scratch yt (rows x batch) and writes them transposed
- * into y (batch x rows, contiguous), unless y is NULL (the caller wants Y^T). */
+ * the calling thread's scratch (X^T in padded batch tiles, then Y^T; xt, ldx and yt are ignored) and y must be
+ * given; otherwise xt already holds X^T with row stride ldx and Y^T goes to yt (rows x batch). Each chunk
+ * computes its rows of Y^T and writes them transposed into y (batch x rows, contiguous), unless y is NULL (the
+ * caller wants Y^T). */
 void panel_csr_linear(int64_t rows, int64_t panels, int64_t panel_width, const int64_t* seg_ptr,
                       const int64_t* row_nnz_prefix, const uint16_t* cols, const void* values,
                       const float* scales, const float* bias, const float* x, int64_t ldx_in, float* xt, int64_t ldx, int64_t batch,
@@ -574,13 +607,24 @@ void panel_csr_linear(int64_t rows, int64_t panels, int64_t panel_width, const i
                      .batch = batch, .ncols = ncols, .seg_ptr = seg_ptr, .row_nnz_prefix = row_nnz_prefix,
                      .cols = cols, .values = scales ? NULL : values, .scales = scales, .bias = bias, .x = x,
                      .q = scales ? values : NULL, .xt = xt, .yt = yt, .y = y};
+    a.ldy = batch;
+    if (x) {  /* the kernel's own scratch, padded (see padded_width); xt and yt from the caller are ignored */
+        int64_t stored = padded_batch(batch);
+        float* scratch = thread_scratch((size_t)((ncols + rows) * stored));
+        if (!scratch) abort();
+        a.xt = scratch;
+        a.yt = scratch + ncols * stored;
+        a.ldy = stored;
+    }
     int slot;
     threads = choose_threads(values, batch, threads, &slot);
     double start = now_ns();
     int64_t chunks = threads > 1 ? (int64_t)threads * CHUNKS_PER_THREAD : 1;
     if (x) {
-        int64_t col_blocks = (ncols + 31) / 32;
-        run_parallel(transpose_chunk, &a, col_blocks < chunks ? col_blocks : chunks, threads);
+        /* a small input is transposed by the caller alone: waking the pool costs more than the copy */
+        int64_t col_blocks = (ncols + 31) / 32, elements = ncols * batch;
+        run_parallel(transpose_chunk, &a, col_blocks < chunks ? col_blocks : chunks,
+                     elements < SERIAL_TRANSPOSE_ELEMENTS ? 1 : threads);
     }
     run_parallel(linear_chunk, &a, chunks, threads);
     record_time(slot, values, batch, threads > 1, now_ns() - start, (double)row_nnz_prefix[rows] * (double)batch);
