@@ -401,6 +401,7 @@ typedef struct {
     const uint8_t *xq_hi, *xq_lo;  /* matvec, int8 with bitmap: x quantised (see quantise_x16), x_scale per unit */
     float x_scale;
     int64_t ldy;  /* row stride of yt: batch, or the padded batch when the kernel transposes x itself */
+    int tiled;    /* X^T is the kernel's own padded, tiled copy of x */
 } linear_args;
 
 /* Width of a batch tile as stored in the kernel's own X^T and Y^T scratch: rounded up to whole vectors (8 floats,
@@ -450,7 +451,7 @@ static void linear_chunk(const void* ctx, int64_t chunk, int64_t chunks) {
     balanced_rows(a->row_nnz_prefix, a->rows, (int)chunk, (int)chunks, &first, &last);
     rows_matmul_t(first, last, a->rows, a->panels, a->panel_width, a->seg_ptr, a->cols, a->values, a->q, a->scales,
                   a->bias, a->xt,
-                  a->ldx, a->x != 0, a->ncols, a->x ? padded_batch(a->batch) : a->batch, a->yt, a->ldy);
+                  a->ldx, a->tiled, a->ncols, a->tiled ? padded_batch(a->batch) : a->batch, a->yt, a->ldy);
     if (a->y) transpose_block(first, last, 0, a->batch, a->yt, a->ldy, a->y, a->rows, 16);
 }
 
@@ -594,8 +595,8 @@ const char* panel_csr_matvec_isa(void) {
 #endif
 }
 
-/* y[batch, rows] = x W^T (+ bias). If x is given (batch x cols, row stride ldx_in) it is first transposed into
- * the calling thread's scratch (X^T in padded batch tiles, then Y^T; xt, ldx and yt are ignored) and y must be
+/* y[batch, rows] = x W^T (+ bias). If x is given, or xt is NULL, x (batch x cols, row stride ldx_in) is first
+ * transposed into the calling thread's scratch (X^T in padded batch tiles, then Y^T; xt, ldx and yt are ignored) and y must be
  * given; otherwise xt already holds X^T with row stride ldx and Y^T goes to yt (rows x batch). Each chunk
  * computes its rows of Y^T and writes them transposed into y (batch x rows, contiguous), unless y is NULL (the
  * caller wants Y^T). */
@@ -608,7 +609,9 @@ void panel_csr_linear(int64_t rows, int64_t panels, int64_t panel_width, const i
                      .cols = cols, .values = scales ? NULL : values, .scales = scales, .bias = bias, .x = x,
                      .q = scales ? values : NULL, .xt = xt, .yt = yt, .y = y};
     a.ldy = batch;
-    if (x) {  /* the kernel's own scratch, padded (see padded_width); xt and yt from the caller are ignored */
+    /* x may be NULL with xt NULL too when there are no columns (an empty tensor's data pointer) */
+    a.tiled = x != NULL || xt == NULL;
+    if (a.tiled) {  /* the kernel's own scratch, padded (see padded_width); xt and yt from the caller are ignored */
         int64_t stored = padded_batch(batch);
         float* scratch = thread_scratch((size_t)((ncols + rows) * stored));
         if (!scratch) abort();
@@ -620,7 +623,7 @@ void panel_csr_linear(int64_t rows, int64_t panels, int64_t panel_width, const i
     threads = choose_threads(values, batch, threads, &slot);
     double start = now_ns();
     int64_t chunks = threads > 1 ? (int64_t)threads * CHUNKS_PER_THREAD : 1;
-    if (x) {
+    if (a.tiled) {
         /* a small input is transposed by the caller alone: waking the pool costs more than the copy */
         int64_t col_blocks = (ncols + 31) / 32, elements = ncols * batch;
         run_parallel(transpose_chunk, &a, col_blocks < chunks ? col_blocks : chunks,
