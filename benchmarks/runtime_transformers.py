@@ -390,7 +390,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--model", choices=("minilm", "gpt2", "all"), default="all")
-    parser.add_argument("--settings", default=",".join(SETTINGS), help=f"comma-separated, of {', '.join(SETTINGS)}")
+    allowed = ", ".join(SETTINGS).replace("%", "%%")  # argparse %-formats help texts
+    parser.add_argument("--settings", default=",".join(SETTINGS), help=f"comma-separated, of {allowed}")
     parser.add_argument("--busy", default="", help="settings also timed next to a competing busy process")
     parser.add_argument("--quick", action="store_true", help="90%% only, shorter timing, to a separate file")
     parser.add_argument("--budget", type=float, default=3.0, help="seconds of timing per point and condition")
