@@ -456,7 +456,8 @@ typedef struct {
 
 /* Width of a batch tile as stored in the kernel's own X^T and Y^T scratch: rounded up to whole vectors (8 floats,
  * 16 from 32 on) and padded with zeros, so that a batch such as 11 or 33 runs one vector pass over a row's
- * non-zeros instead of a vector pass plus a scalar pass for the last 3 or 1 columns. */
+ * non-zeros instead of a vector pass plus a scalar pass for the last 3 or 1 columns (the scalar pass cost more than
+ * the vector one: 384x384 at 90%, 11 rows, one thread, the whole call took 88 us before, 27 us after, same run). */
 static int64_t padded_width(int64_t width) {
     return width >= 32 ? (width + 15) / 16 * 16 : (width + 7) / 8 * 8;
 }
