@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import random
 import statistics
 import time
 from collections.abc import Callable
@@ -32,7 +33,7 @@ def machine() -> dict:
 
 def interleaved_times(fns: dict[str, Callable[[], object]], min_rounds: int = 7, max_rounds: int = 40,
                       budget_s: float = 2.0) -> tuple[dict[str, float], dict[str, float]]:
-    """(median, minimum) seconds per call; one call of every function per round (in rotating order), so load
+    """(median, minimum) seconds per call; one call of every function per round (in a shuffled order), so load
     drift hits all alike.
 
     Both are reported: the median is what a user on this (shared) machine saw; the minimum is the steadiest
@@ -43,10 +44,13 @@ def interleaved_times(fns: dict[str, Callable[[], object]], min_rounds: int = 7,
     start = time.perf_counter()
     rounds = 0
     names = list(fns)
+    order = random.Random(0)
     while rounds < min_rounds or (rounds < max_rounds and time.perf_counter() - start < budget_s):
-        # the order rotates each round: a call right after another that read the same weights finds them in
-        # the cache, and a fixed order would hand that advantage to the same candidate every time
-        for name in names[rounds % len(names):] + names[: rounds % len(names)]:
+        # a fresh order each round: a call right after another finds that one's weights in the cache (or its
+        # threads still waking), and a fixed or merely rotated order would always give each candidate the same
+        # predecessor, handing that advantage or penalty to the same candidate every time
+        order.shuffle(names)
+        for name in names:
             fn = fns[name]
             t0 = time.perf_counter()
             fn()

@@ -1,7 +1,19 @@
-"""Fixtures shared by the one-shot pruning tests: a tiny GPT-2 and BERT trained on standard-library text."""
+"""Shared fixtures: one torch thread for small models, and the one-shot tests' tiny GPT-2 and BERT."""
 
 import pytest
+import torch
 from oneshot_support import make_tiny_bert, make_tiny_gpt2, stdlib_texts
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Small models on a shared 2-core machine: one intra-op thread avoids oversubscription (10x slower).
+
+    Use it per module: ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -15,13 +15,7 @@ from sparsearch.engine.sparsifier import default_sparsifiable_parameters
 from sparsearch.models import build_model
 from sparsearch.search import NodeSpace, UnitSlot, WeightSpace, find_unit_groups, node_sparsity, weight_sparsity
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ------------------------------------------------------------------------- the package's own MLP and CNN

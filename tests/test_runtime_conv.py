@@ -4,6 +4,7 @@ are not ours (residual block with BatchNorm, the package's 1-D CNN trained on MN
 import pytest
 import torch
 import torch.nn.functional as F
+from runtime_support import sparsify
 from torch import nn
 
 from sparsearch.data import load_dataset
@@ -13,13 +14,6 @@ from sparsearch.runtime import SparseConv1d, SparseConv2d, convert_with_report, 
 FORCE = {"min_speedup": 1e-9, "repeats": 1}  # sparse wherever allowed, whatever the timing
 
 
-def sparsify(model: nn.Module, sparsity: float = 0.9, seed: int = 0) -> nn.Module:
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.dim() >= 2:
-                param.mul_(torch.rand(param.shape, generator=generator) >= sparsity)
-    return model.eval()
 
 
 CONV2D_CASES = [

@@ -3,6 +3,7 @@ checked on a sample input, and files written from real users' models (attention,
 
 import pytest
 import torch
+from runtime_support import sparsify
 from safetensors.torch import save_file
 from torch import nn
 from typer.testing import CliRunner
@@ -13,13 +14,6 @@ from sparsearch.runtime import SparseConv1d, SparseLinear, convert_with_report, 
 FORCE = {"batch_sizes": (4,), "min_speedup": 1e-9, "repeats": 1}  # sparse wherever allowed, whatever the timing
 
 
-def sparsify(model: nn.Module, sparsity: float = 0.9, seed: int = 0) -> nn.Module:
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.dim() >= 2:
-                param.mul_(torch.rand(param.shape, generator=generator) >= sparsity)
-    return model.eval()
 
 
 class UserModel(nn.Module):

@@ -28,13 +28,7 @@ from sparsearch.training import TrainBudget
 SPARSITIES = [0.0, 0.3, 0.5, 0.8, 0.9, 0.95, 0.99]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small models on a shared 2-core machine: one intra-op thread avoids oversubscription (10x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _mlp(seed: int = 0) -> nn.Module:

@@ -39,13 +39,7 @@ from sparsearch.study.runner import run_study
 from sparsearch.study.store import StudyStore
 from sparsearch.training import TrainBudget
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -37,12 +37,7 @@ from sparsearch.study.store import StudyStore
 SEARCH_ARMS = ["search-weight", "sh-weight", "evolution-allocation"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _study(search_workers: object = 1, **changes) -> dict:

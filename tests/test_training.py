@@ -17,13 +17,7 @@ from sparsearch.training import EpochMetrics, TrainBudget, train
 BUDGET = TrainBudget(epochs=2, batch_size=64, lr=0.1)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small models on a shared 2-core machine: one intra-op thread avoids oversubscription (10x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
