@@ -99,18 +99,24 @@ class _CBackend:
         self.isa = lib.panel_csr_matvec_isa().decode()  # the vector code the batch-1 kernel was built with
         self._lib = lib
 
-    def linear(self, m: PanelCSRMatrix, bias: torch.Tensor | None, x2: torch.Tensor, threads: int) -> torch.Tensor:
-        """y [batch, rows] for x2 [batch, cols] with either row stride 1 (X^T layout) or column stride 1."""
-        batch = x2.shape[0]
-        y = torch.empty(batch, m.rows, dtype=torch.float32)
+    def linear(self, m: PanelCSRMatrix, bias: torch.Tensor | None, x: torch.Tensor, batch: int, threads: int,
+               out_shape: tuple[int, ...]) -> torch.Tensor:
+        """y (out_shape, contiguous) = x W^T + b for x holding `batch` rows of m.cols floats: contiguous with any
+        number of dimensions (read in place: no reshape, it costs microseconds per call), or any strides."""
+        y = torch.empty(out_shape, dtype=torch.float32)
         bias_ptr = None if bias is None else bias.data_ptr()
+        if x.is_contiguous():
+            # the kernel transposes x into its own per-thread scratch (no X^T, Y^T buffers to allocate per call)
+            self._lib.panel_csr_linear(*m.kernel_args, bias_ptr, x.data_ptr(), m.cols, None, 0, batch, m.cols,
+                                       None, y.data_ptr(), threads)
+            return y
+        x2 = x.reshape(batch, m.cols)
         if x2.stride(0) == 1 and x2.stride(1) >= batch:  # already X^T (e.g. the transpose of a contiguous tensor)
             yt = torch.empty(m.rows, batch, dtype=torch.float32)
             self._lib.panel_csr_linear(*m.kernel_args, bias_ptr, None, 0, x2.data_ptr(), x2.stride(1), batch,
                                        m.cols, yt.data_ptr(), y.data_ptr(), threads)
             return y
         x2 = x2 if x2.stride(1) == 1 else x2.contiguous()
-        # the kernel transposes x into its own per-thread scratch (no X^T, Y^T buffers to allocate per call)
         self._lib.panel_csr_linear(*m.kernel_args, bias_ptr, x2.data_ptr(), x2.stride(0), None, 0, batch, m.cols,
                                    None, y.data_ptr(), threads)
         return y
@@ -163,23 +169,24 @@ class _NumbaBackend:
         numba.set_num_threads(count)
         return count
 
-    def linear(self, m: PanelCSRMatrix, bias: torch.Tensor | None, x2: torch.Tensor, threads: int) -> torch.Tensor:
-        xt = x2.t().contiguous()
-        yt = torch.empty(m.rows, x2.shape[0], dtype=torch.float32)
+    def linear(self, m: PanelCSRMatrix, bias: torch.Tensor | None, x: torch.Tensor, batch: int, threads: int,
+               out_shape: tuple[int, ...]) -> torch.Tensor:
+        xt = x.reshape(batch, m.cols).t().contiguous()
+        yt = torch.empty(m.rows, batch, dtype=torch.float32)
         self._kernels.matmul_t(m.rows, m.panel_width, m.segment_ptr.numpy(), m.row_nnz_prefix.numpy(),
                                m.col_indices.numpy(), m.float_values.numpy(), _bias_array(bias, m.rows),
                                xt.numpy(), yt.numpy(), self._threads(threads))
-        return yt.t().contiguous()
+        return yt.t().contiguous().reshape(out_shape)
 
     def matmul_t(self, m: PanelCSRMatrix, bias: torch.Tensor | None, xt: torch.Tensor,
                  threads: int) -> torch.Tensor:
-        return self.linear(m, bias, xt.t(), threads).t().contiguous()
+        return self.linear(m, bias, xt.t(), xt.shape[1], threads, (xt.shape[1], m.rows)).t().contiguous()
 
     def matvec(self, m: PanelCSRMatrix, bias: torch.Tensor | None, x: torch.Tensor, y: torch.Tensor,
                threads: int) -> None:
         self._kernels.matvec(m.rows, m.panel_width, m.segment_ptr.numpy(), m.row_nnz_prefix.numpy(),
-                             m.col_indices.numpy(), m.float_values.numpy(), _bias_array(bias, m.rows), x.numpy(),
-                             y.numpy(), self._threads(threads))
+                             m.col_indices.numpy(), m.float_values.numpy(), _bias_array(bias, m.rows),
+                             x.reshape(-1).numpy(), y.reshape(-1).numpy(), self._threads(threads))
 
 
 def _bias_array(bias: torch.Tensor | None, rows: int) -> np.ndarray:
@@ -215,33 +222,33 @@ def sparse_linear(x: torch.Tensor, matrix: PanelCSRMatrix, bias: torch.Tensor | 
 
     `threads` caps the threads (default: `torch.get_num_threads()`); the C kernels still run a layer on one
     thread when they measure that to be faster (a busy machine)."""
+    # the checks and the call stay lean: for a transformer's small layers at one sentence, Python costs per call
+    # (about 40 us before reshapes and .detach() were removed from this path) were a tenth of the model's time
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype != torch.float32:
         raise TypeError(f"sparse kernels compute in float32; got input dtype {x.dtype} (convert with .float())")
-    if x.device.type != "cpu":
+    if not x.is_cpu:
         raise ValueError(f"sparse kernels run on the CPU; got an input on {x.device}")
-    if x.dim() == 0 or x.shape[-1] != matrix.cols:
-        raise ValueError(f"input's last dimension must be in_features={matrix.cols}, got shape {tuple(x.shape)}")
+    shape = x.shape
+    cols = matrix.cols
+    if not shape or shape[-1] != cols:
+        raise ValueError(f"input's last dimension must be in_features={cols}, got shape {tuple(shape)}")
     if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous() or bias.requires_grad):
         bias = bias.detach().to(torch.float32).contiguous()
-    lead = x.shape[:-1]
-    batch = math.prod(lead)
+    batch = x.numel() // cols if cols else math.prod(shape[:-1])
+    out_shape = (*shape[:-1], matrix.rows)
     if batch == 0 or matrix.rows == 0:
-        return x.new_zeros(*lead, matrix.rows) + (0 if bias is None else bias)
+        return x.new_zeros(out_shape) + (0 if bias is None else bias)
     if threads is not None and (not isinstance(threads, int) or threads < 1):
         raise ValueError(f"threads must be a positive int or None, got {threads!r}")
     kernels = get_backend(backend)
     threads = min(_threads_for(matrix.nnz * batch), threads or torch.get_num_threads())
-    x2 = x.detach()
-    if x2.dim() != 2:  # views and reshapes cost about a microsecond each: skipped for the usual 2-D input
-        x2 = x2.reshape(batch, matrix.cols)
     if batch == 1:
-        y = torch.empty(matrix.rows, dtype=torch.float32)
-        kernels.matvec(matrix, bias, x2[0].contiguous(), y, threads)
-        return y.reshape(*lead, matrix.rows)
-    y = kernels.linear(matrix, bias, x2, threads)
-    return y if len(lead) == 1 else y.reshape(*lead, matrix.rows)
+        y = torch.empty(out_shape, dtype=torch.float32)
+        kernels.matvec(matrix, bias, x if x.is_contiguous() else x.contiguous(), y, threads)
+        return y
+    return kernels.linear(matrix, bias, x, batch, threads, out_shape)
 
 
 def sparse_matmul_t(matrix: PanelCSRMatrix, xt: torch.Tensor, bias: torch.Tensor | None = None,
