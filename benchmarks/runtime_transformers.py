@@ -68,12 +68,14 @@ def pruned_copy(model: torch.nn.Module, setting: dict, vocab: int) -> torch.nn.M
     return pruned
 
 
-def summary(report) -> dict:
+def summary(report, min_speedup: float = 1.05) -> dict:
     """The conversion in numbers, with the per-layer timings summed at the smallest token count timed: what the
-    layers alone predict for the model, to set against the whole model's measured speed."""
+    layers alone predict for the model, to set against the whole model's measured speed. `min_speedup`: the one
+    `convert_transformers` used (its default here)."""
     timed_layers = [d for d in report.layers if d.dense_ms and d.sparse_ms]
     tokens = min((min(d.dense_ms) for d in timed_layers), default=None)
-    faster_alone = [d for d in timed_layers if d.sparse or d.reason.startswith("reverted")]
+    faster_alone = [d for d in timed_layers if min(d.speedup.values()) >= min_speedup]
+    promoted = [d for d in timed_layers if d.sparse and d not in faster_alone]
     by_shape: dict[str, dict[int, list[float]]] = {}
     for d in timed_layers:
         for tokens_timed, speedup in d.speedup.items():
@@ -81,6 +83,7 @@ def summary(report) -> dict:
     return {"sparse_layers": len(report.sparse_layers),
             "linear_layers": sum(d.layer_type in ("Linear", "Conv1D") for d in report.layers),
             "layers_faster_alone": len(faster_alone),
+            "layers_sparse_by_whole_model": len(promoted),
             "output_check": report.output_check,
             "model_speedup_at_convert": None if report.model_timing is None else report.model_timing.speedup,
             "layer_ms_at_tokens": None if tokens is None else {
@@ -327,12 +330,15 @@ def to_markdown(payload: dict) -> str:
     lines += ["", "## What `convert_transformers` decided\n",
               "'layer speed-up': median over the layers of each shape (out x in) of sparse/dense speed-up at each "
               "token count timed; 'faster alone': layers whose own dense-vs-sparse timing favoured sparse; their "
-              "summed times at the smallest token count timed are what the layers alone predict; 'whole model': the "
+              "summed times at the smallest token count timed are what the layers alone predict; 'by the whole "
+              "model': layers slower alone (within 0.75x) that `convert` made sparse because the model measured "
+              "faster with them (rows from before that second look show '-'); 'whole model': the "
               "converted model "
               "against the original on the sample input, timed by `convert` (below 1.00x every layer goes back "
               "to dense, so 'kept' is 0).\n",
-              "| model | setting | converted for | layer speed-up by shape, at N tokens | faster alone | kept sparse | "
-              "those layers alone, dense -> sparse ms | whole model at convert |", "|" + "---|" * 8]
+              "| model | setting | converted for | layer speed-up by shape, at N tokens | faster alone | "
+              "by the whole model | kept sparse | those layers alone, dense -> sparse ms | whole model at convert |",
+              "|" + "---|" * 9]
     for r in sorted(payload["rows"], key=lambda r: (r["model"] != "MiniLM", list(SETTINGS).index(r["setting"]))):
         conversions = r.get("conversions") or {"batch 1 and 8": r}
         for use, c in conversions.items():
@@ -341,7 +347,8 @@ def to_markdown(payload: dict) -> str:
             shapes = "; ".join(f"{shape}: " + ", ".join(f"{float(v):.2f}x at {t}" for t, v in per_tokens.items())
                                for shape, per_tokens in c.get("layer_speedup_by_shape", {}).items())
             lines.append(f"| {r['model']} | {r['setting']} | {use} | {shapes or '-'} | "
-                         f"{c.get('layers_faster_alone', '-')} | {c['sparse_layers']}/{c['linear_layers']} | "
+                         f"{c.get('layers_faster_alone', '-')} | {c.get('layers_sparse_by_whole_model', '-')} | "
+                         f"{c['sparse_layers']}/{c['linear_layers']} | "
                          + (f"{alone['dense']:.2f} -> {alone['sparse']:.2f} at {alone['tokens']} token(s)"
                             if alone and c.get("layers_faster_alone") else "-")
                          + f" | {'-' if whole is None else f'{whole:.2f}x'} |")

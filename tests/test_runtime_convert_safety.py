@@ -1,6 +1,8 @@
 """`convert` never breaks a model: layers whose weight a parent reads or that are tied stay dense, outputs are
 checked on a sample input, and files written from real users' models (attention, tied heads, BatchNorm) load."""
 
+import importlib
+
 import pytest
 import torch
 from runtime_support import sparsify
@@ -10,6 +12,7 @@ from typer.testing import CliRunner
 
 from sparsearch.cli import app
 from sparsearch.runtime import SparseConv1d, SparseLinear, convert_with_report, load_sparse, save_sparse
+from sparsearch.runtime.timing import PairedTiming
 
 FORCE = {"batch_sizes": (4,), "min_speedup": 1e-9, "repeats": 1}  # sparse wherever allowed, whatever the timing
 
@@ -151,6 +154,42 @@ def test_a_layer_whose_replacement_breaks_the_model_goes_back_to_dense():
     by_name = decisions(report)
     assert by_name["first"].sparse
     assert not by_name["tied_use"].sparse and "AttributeError" in by_name["tied_use"].reason
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def scripted_timings(speedups):
+    """A stand-in for `paired_speedup` that runs both sides once and reports the next scripted speed-up: the
+    decision logic under test, without depending on this machine's timings."""
+    queue = iter(speedups)
+
+    def timing(baseline, candidate, *, threshold, rounds=5, **_):
+        baseline()
+        candidate()
+        speedup = next(queue)
+        return PairedTiming(1.0, 1.0 / speedup, speedup, 1.0, rounds, False)
+
+    return timing
+
+
+@pytest.mark.parametrize("together", [1.3, 0.8])
+def test_layers_close_alone_are_tried_together_in_the_whole_model(monkeypatch, together):
+    model = sparsify(nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4)))
+    x = torch.randn(5, 32)
+    # alone: layer 0 0.9x and layer 2 0.8x (within NEAR_SPEEDUP of dense), layer 4 0.5x (not); then the two
+    # together in the model; then the whole converted model against the original
+    convert_module = importlib.import_module("sparsearch.runtime.convert")  # the package exports a function too
+    monkeypatch.setattr(convert_module, "paired_speedup", scripted_timings([0.9, 0.8, 0.5, together, 1.1]))
+    fast, report = convert_with_report(model, x, batch_sizes=(5,), repeats=1)
+    by_name = decisions(report)
+    promoted = together >= 1.0
+    for name in ("0", "2"):
+        assert by_name[name].sparse == promoted
+        assert isinstance(fast.get_submodule(name), SparseLinear) == promoted
+        assert f"whole model ran {together:.2f}x" in by_name[name].reason
+        assert by_name[name].reason.endswith(": sparse" if promoted else ": kept dense")
+    assert not by_name["4"].sparse and "tried" not in by_name["4"].reason
+    assert (report.model_timing is not None) == promoted
     with torch.no_grad():
         torch.testing.assert_close(fast(x), model(x), rtol=1e-4, atol=1e-5)
 
