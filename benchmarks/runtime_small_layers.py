@@ -1,5 +1,6 @@
 """Small layers at 90% sparsity (MiniLM's 384x384, 384x1536, 1536x384; GPT-2's 768x768) at the batch sizes of
-sentence inputs (11, 33 and 128 tokens): sparse_linear against dense F.linear, on 1 and 2 threads.
+sentence inputs (8 to 128 tokens: one or more vectors of 8 or 16 per batch tile): sparse_linear against dense
+F.linear, on 1 and 2 threads.
 
 With --baseline REF the sparse kernels of git revision REF (its runtime/kernels.py and C source, loaded next to
 this checkout's under another module name, so both run in the same process, interleaved) are timed as well:
@@ -29,7 +30,7 @@ from sparsearch.runtime import kernels
 from sparsearch.runtime.format import PanelCSRMatrix
 
 SHAPES = ((384, 384), (1536, 384), (384, 1536), (768, 768))  # (out_features, in_features)
-TOKENS = (11, 33, 128)
+TOKENS = (8, 11, 16, 32, 33, 128)
 THREADS = (1, 2)
 SPARSITY = 0.9
 REPO = Path(__file__).resolve().parent.parent

@@ -10,7 +10,8 @@ matrices on one core, `runtime_contention.BusyProcess`):
   sentences), the largest difference of the last hidden state from the pruned dense model, and the pruned
   model exported to ONNX (torch.onnx, dynamo exporter) run by ONNX Runtime on the same threads, when
   `onnxruntime`, `onnx` and `onnxscript` are installed (`pip install sparsearch[bench]`; skipped with a printed
-  reason otherwise).
+  reason otherwise); and the model with every Linear replaced by a stub returning zeros ("Linear free"), whose
+  speed bounds what any kernel for the Linear layers could give.
 - Decoder: GPT-2 architecture, 6 layers x 768 (distilgpt2's blocks) with an 8192-token vocabulary (the tied
   output layer stays dense, so a 50k vocabulary would cap any gain of the blocks; seeded random weights: speed
   does not depend on training), greedy `generate` of 16 tokens after an 8-token prompt, batch 1 and 8; the
@@ -98,6 +99,27 @@ def all_sparse(pruned: torch.nn.Module, sample: dict[str, torch.Tensor]) -> torc
     forces them, the documented way): what the kernels give end to end, and the outputs to check."""
     return convert_transformers(pruned, sample_input=sample, batch_sizes=(int(sample["input_ids"].numel()),),
                                 min_speedup=1e-3, repeats=1)[0]
+
+
+class FreeLinear(torch.nn.Module):
+    """A Linear that costs (almost) nothing: zeros of the output's shape. A model with every Linear replaced by it
+    runs everything else, so dense / (that model) bounds what any kernel for the Linear layers can give."""
+
+    def __init__(self, out_features: int):
+        super().__init__()
+        self.out_features = out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.new_zeros(*x.shape[:-1], self.out_features)
+
+
+def linear_layers_free(model: torch.nn.Module) -> torch.nn.Module:
+    free = copy.deepcopy(model)
+    for parent in list(free.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, torch.nn.Linear):
+                setattr(parent, name, FreeLinear(child.out_features))
+    return free
 
 
 def conditions(busy: bool) -> list[str]:
@@ -199,6 +221,7 @@ def minilm(budget: float, settings: list[str], busy: set[str], threads: int) -> 
         with tempfile.TemporaryDirectory() as directory, torch.no_grad():
             onnx = None if onnx_skip else OnnxEncoder(pruned, uses["batch 1"][0], threads, Path(directory))
             forced = all_sparse(pruned, uses["batch 1"][0])
+            free = linear_layers_free(pruned)
             for use, batches in uses.items():
                 start = time.perf_counter()
                 fast, _, report = convert_transformers(pruned, sample_input=batches[0],
@@ -211,6 +234,7 @@ def minilm(budget: float, settings: list[str], busy: set[str], threads: int) -> 
                     candidates["onnxruntime"] = onnx
                 differences = {k: max(float((fn(b) - pruned(**b).last_hidden_state).abs().max()) for b in batches)
                                for k, fn in candidates.items() if k != "dense"}
+                candidates["Linear free"] = lambda b, m=free: m(**b).last_hidden_state  # a bound: wrong outputs
                 largest = max(float(pruned(**b).last_hidden_state.abs().max()) for b in batches)
                 row["conversions"][use] = {"convert_seconds": time.perf_counter() - start, **summary(report),
                                            "max_abs_difference": differences, "largest_output": largest}
@@ -305,14 +329,17 @@ def to_markdown(payload: dict) -> str:
              "`convert_transformers` converted it (layers sparse only where measured faster, and all back to dense "
              "if the whole model was not faster); 'all sparse' every Linear/Conv1D on the sparse kernels whatever "
              "the timings; 'ORT' the pruned model exported to ONNX and run by ONNX Runtime on the same number of "
-             "threads. Rate (ratio to dense, median / median of interleaved calls). 'busy': next to one competing "
+             "threads; 'Linear free' (MiniLM, rows from 2026-11-30 on) the model with every Linear replaced by a "
+             "stub that returns zeros: everything but the Linear layers, so its ratio bounds what any Linear kernel "
+             "could give the PyTorch model. Rate (ratio to dense, median / median of interleaved calls). 'busy': "
+             "next to one competing "
              "process multiplying 512x512 matrices on one core. Each row's date and load average are its own (the "
              "grid is measured in several short runs; other users' processes that do not take the benchmark lock "
              "may run during any of them).\n",
              "## all-MiniLM-L6-v2: sentences per second\n",
              "Converted once per use: `convert_transformers(batch_sizes=...)` at the token counts of that use "
              "(batch 1: the shortest and longest single sentence; batch 32: the padded batch).\n",
-             *speed_table(minilm_rows, "batch", ["dense", "sparse", "all sparse", "onnxruntime"])]
+             *speed_table(minilm_rows, "batch", ["dense", "sparse", "all sparse", "onnxruntime", "Linear free"])]
     skipped = {r["onnxruntime_skipped"] for r in minilm_rows if r.get("onnxruntime_skipped")}
     lines += [f"\nONNX Runtime skipped: {reason}" for reason in sorted(skipped)]
     lines += ["", "Largest difference of the last hidden state from the pruned dense model over the timed inputs "

@@ -320,9 +320,11 @@ def _decision(decisions: list[LayerDecision], name: str) -> LayerDecision:
 
 def _second_look(reference: Any, converted: nn.Module, sample_input: Any,
                  near_misses: list[tuple[str, nn.Module, nn.Module]], timed_alone: dict[str, str],
-                 difference: float, tolerance: float, repeats: int) -> tuple[dict[str, tuple[bool, str]], float]:
+                 difference: float, tolerance: float, repeats: int, min_speedup: float
+                 ) -> tuple[dict[str, tuple[bool, str]], float]:
     """Layers that were slower alone but close (>= NEAR_SPEEDUP): tried together in the whole model, kept sparse if
-    the model with them is faster than without them (-> {name: (sparse, reason)}, and the output difference).
+    the model with them is at least `min_speedup` times as fast as without them, the bar each layer failed alone
+    (-> {name: (sparse, reason)}, and the output difference).
 
     A layer timed alone has its dense weights hot in the cache, call after call; inside a model the other layers
     evict them, so the dense layer is slower there than its own timing says and the sparse one (a tenth of the
@@ -341,15 +343,15 @@ def _second_look(reference: Any, converted: nn.Module, sample_input: Any,
         return run
 
     if with_them <= tolerance:
-        timing = paired_speedup(use(1), use(2), threshold=1.0, rounds=max(repeats, 5))
-        if timing.speedup >= 1.0:
+        timing = paired_speedup(use(1), use(2), threshold=min_speedup, rounds=max(repeats, 5))
+        if timing.speedup >= min_speedup:
             for name, _, sparse in near_misses:
                 _replace_module(converted, name, sparse)
             return {name: (True, f"{timed_alone[name]}, but the whole model ran {timing.speedup:.2f}x faster "
                                  f"with the {len(near_misses)} layers within {NEAR_SPEEDUP}x of dense sparse than "
                                  f"dense ({timing.confidence:.0%} of {timing.rounds} rounds agree): sparse")
                     for name, _, _ in near_misses}, with_them
-        why = f"the whole model ran {timing.speedup:.2f}x as fast with them"
+        why = f"the whole model ran {timing.speedup:.2f}x as fast with them (< min_speedup {min_speedup})"
     else:
         why = failure or f"outputs differ by {with_them:.2e} > tolerance {tolerance}"
     for name, original, _ in near_misses:
@@ -437,7 +439,7 @@ def convert_with_report(model: nn.Module, sample_input: Any = None, *, batch_siz
         if near_misses:
             second, difference = _second_look(reference, converted, sample_input, near_misses,
                                               {r[0]: _decision(decisions, r[0]).reason for r in near_misses},
-                                              difference, tolerance, repeats)
+                                              difference, tolerance, repeats, min_speedup)
             promoted = {name for name, (sparse, _) in second.items() if sparse}
             replacements += [r for r in near_misses if r[0] in promoted]
             reasons.update({name: why for name, (_, why) in second.items()})
