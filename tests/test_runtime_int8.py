@@ -162,6 +162,27 @@ def test_bitmap_marks_exactly_the_non_zeros():
     assert torch.equal(by_panel, weight != 0)
 
 
+def test_lane_sums_add_each_windows_values_by_lane():
+    """lane_sums[segment, window, lane]: the int8 values of the segment's columns 64 w + 4 lane .. + 3 over the words
+    w of the window (16 words; a panel of 2000 columns has two windows)."""
+    weight = sparse_weight(5, 2500, 0.7)
+    q = PanelCSRMatrix.from_dense(weight, panel_width=2000).quantize()
+    windows = 2  # 2000 columns: 32 words
+    sums = q.lane_sums.view(5, q.panels, windows, 16)
+    values = q.values.to(torch.int64)
+    start = 0
+    for panel in range(q.panels):
+        for row in range(5):
+            count = int(q.segment_nnz[panel, row])
+            columns = q.col_indices[start:start + count].to(torch.int64)
+            expected = torch.zeros(windows, 16, dtype=torch.int64)
+            expected.index_put_((columns // 64 // 16, columns % 64 // 4), values[start:start + count], accumulate=True)
+            assert torch.equal(sums[row, panel].to(torch.int64), expected)
+            start += count
+    with pytest.raises(ValueError, match="int8"):
+        _ = PanelCSRMatrix.from_dense(weight).lane_sums
+
+
 @pytest.mark.parametrize(("cflags", "isa"), [("-mno-avx512f", "scalar"), ("-mno-avx512f -mno-avx2", "scalar")])
 def test_kernels_built_without_avx512_compute_the_same(tmp_path, cflags, isa):
     """The C kernels compile and agree without AVX-512 (the bitmap kernel needs AVX-512 VBMI2 + VNNI)."""

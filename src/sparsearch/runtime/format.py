@@ -24,6 +24,7 @@ import torch
 DEFAULT_MAX_PANEL_WIDTH = 1024
 MAX_PANEL_WIDTH = 65535
 INT8_SCALES = "segment"  # what one int8 scale covers; recorded in files (storage.py)
+INT8_WINDOW_WORDS = 16  # bitmap words per lane_sums window: INT8_FLUSH_WORDS in csrc/sparse_kernels.c
 
 
 def default_panel_width(cols: int) -> int:
@@ -101,6 +102,24 @@ class PanelCSRMatrix:
         # distinct powers of two: their sum is their bitwise or (bit 63 wraps to the sign bit, as intended)
         bitmap.index_add_(0, row_major * words + columns // 64, torch.ones_like(columns) << (columns % 64))
         return bitmap
+
+    @cached_property
+    def lane_sums(self) -> torch.Tensor:
+        """Sums of the int8 values per segment, window of INT8_WINDOW_WORDS bitmap words and 16-lane group (the 4
+        columns 4 l .. 4 l + 3 of every 64-column word), int32 [rows * panels * windows * 16], row-major like
+        `bitmap`. The int8 batch-1 kernel subtracts 32768 times these to undo the offset of its unsigned input
+        bytes; they depend on the weights only, so they are derived once instead of summed in every call."""
+        if self.scales is None:
+            raise ValueError("lane_sums are defined for int8 values only (call quantize() first)")
+        words = -(-self.panel_width // 64)
+        windows = -(-words // INT8_WINDOW_WORDS)
+        segment = self._segment_of_entry
+        row_major = (segment % max(self.rows, 1)) * self.panels + segment // max(self.rows, 1)
+        columns = self.col_indices.to(torch.int64)
+        slot = (row_major * windows + columns // 64 // INT8_WINDOW_WORDS) * 16 + columns % 64 // 4
+        sums = torch.zeros(self.segment_nnz.numel() * windows * 16, dtype=torch.int64)
+        sums.index_add_(0, slot, self.values.to(torch.int64))
+        return sums.to(torch.int32)
 
     @property
     def rows(self) -> int:

@@ -96,7 +96,8 @@ class _CBackend:
         i64, ptr, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
         lib.panel_csr_linear.argtypes = [i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, ptr, i64, i64, i64,
                                          ptr, ptr, c_int]
-        lib.panel_csr_matvec.argtypes = [i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, c_int, ptr, i64]
+        lib.panel_csr_matvec.argtypes = [i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, c_int, ptr, ptr,
+                                         i64]
         for fn in (lib.panel_csr_linear, lib.panel_csr_matvec):
             fn.restype = None
         lib.panel_csr_matvec_isa.restype = ctypes.c_char_p
@@ -153,9 +154,10 @@ class _CBackend:
                threads: int) -> None:
         use_bitmap = m.is_int8 and self.isa == "avx512-vnni-bitmap" and m.density >= BITMAP_MIN_DENSITY
         bitmap = m.bitmap.data_ptr() if use_bitmap else None
+        lane_sums = m.lane_sums.data_ptr() if use_bitmap else None
         self._lib.panel_csr_matvec(
             *m.kernel_args, None if bias is None else bias.data_ptr(),
-            x.data_ptr(), y.data_ptr(), threads, bitmap, m.cols)
+            x.data_ptr(), y.data_ptr(), threads, bitmap, lane_sums, m.cols)
 
 
 class _NumbaBackend:

