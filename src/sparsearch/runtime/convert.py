@@ -314,6 +314,19 @@ def _check_replacements(reference: Any, converted: nn.Module, sample_input: Any,
     return broken, difference
 
 
+def _sort_timed(decision: LayerDecision, entry: tuple[str, nn.Module, nn.Module | None],
+                replacements: list[tuple[str, nn.Module, nn.Module]],
+                near_misses: list[tuple[str, nn.Module, nn.Module]], second_look: bool) -> None:
+    """A timed layer's sparse module goes to the replacements, to the near misses (only those within NEAR_SPEEDUP:
+    the others are dropped at once, so a large model does not hold a sparse copy of every layer), or nowhere."""
+    if entry[2] is None:
+        return
+    if decision.sparse:
+        replacements.append(entry)
+    elif second_look and min(decision.speedup.values(), default=0.0) >= NEAR_SPEEDUP:
+        near_misses.append(entry)
+
+
 def _decision(decisions: list[LayerDecision], name: str) -> LayerDecision:
     return next(d for d in decisions if d.name == name)
 
@@ -409,8 +422,7 @@ def convert_with_report(model: nn.Module, sample_input: Any = None, *, batch_siz
             decision, sparse = _decide_weight(name, layer_type, weight, bias, batch_sizes, min_speedup,
                                               max_density, repeats, int8)
             decisions.append(decision)
-            if sparse is not None:
-                (replacements if decision.sparse else near_misses).append((name, module, sparse))
+            _sort_timed(decision, (name, module, sparse), replacements, near_misses, sample_input is not None)
         elif sparse_conv_for(module) is not None:
             reason = reason_to_keep_dense(converted, name, owners) or _conv_reason_to_keep_dense(name, called, int8)
             if reason is not None:
@@ -420,8 +432,7 @@ def convert_with_report(model: nn.Module, sample_input: Any = None, *, batch_siz
             decision, sparse = _decide_conv(name, module, called[name], batch_sizes, min_speedup, max_density,
                                             repeats)
             decisions.append(decision)
-            if sparse is not None:
-                (replacements if decision.sparse else near_misses).append((name, module, sparse))
+            _sort_timed(decision, (name, module, sparse), replacements, near_misses, sample_input is not None)
         elif isinstance(module, SparseLinear | SparseConv1d | SparseConv2d):
             decisions.append(LayerDecision(name, type(module).__name__, tuple(module.weight_shape),
                                            module.matrix.density, True, "already sparse"))
@@ -435,7 +446,6 @@ def convert_with_report(model: nn.Module, sample_input: Any = None, *, batch_siz
         promoted: set[str] = set()  # near misses that the whole model made sparse
         broken = set(reasons)
         replacements = [r for r in replacements if r[0] not in broken]
-        near_misses = [r for r in near_misses if min(_decision(decisions, r[0]).speedup.values()) >= NEAR_SPEEDUP]
         if near_misses:
             second, difference = _second_look(reference, converted, sample_input, near_misses,
                                               {r[0]: _decision(decisions, r[0]).reason for r in near_misses},

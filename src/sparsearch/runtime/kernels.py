@@ -35,9 +35,9 @@ _BACKENDS = ("c", "numba")
 # Multiply-adds (or copied elements) per extra thread: below this, waking a second thread costs more than
 # it saves, and on a busy machine a parallel region can wait milliseconds for a descheduled thread. Inside a
 # PyTorch model the cost is also indirect: a woken helper takes the core of PyTorch's own (spinning) OpenMP
-# worker, and the model's next parallel op waits for it. All-MiniLM-L6-v2 at 90%, one sentence, interleaved in one
-# run: the model 5-10% faster with this grain (its 36 layers then run on one thread up to about 33 tokens) than
-# with 1 << 16, which parallelised calls whose kernels alone were faster on two threads.
+# worker, and the model's next parallel op waits for it. All-MiniLM-L6-v2 at 90%, one sentence per call: 1.54x the
+# dense model with this grain (its layers then run on one thread up to about 33 tokens) against 1.47x with 1 << 16,
+# which parallelised calls whose kernels alone were faster on two threads (benchmarks/runtime_parallel_grain.py).
 PARALLEL_GRAIN = 1 << 19
 # int8 at batch 1 reads column bitmaps (a cost per 64 columns) instead of indices (a cost per non-zero) from this
 # density on. Measured on 4096x4096, one thread (bitmap int8 against the index loop, float32): 1.24x faster at 90%
