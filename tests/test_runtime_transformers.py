@@ -7,7 +7,7 @@ from typer.testing import CliRunner
 
 from sparsearch.cli import app
 from sparsearch.runtime import SparseLinear
-from sparsearch.runtime.hf import convert_transformers, load_transformers, save_transformers
+from sparsearch.runtime.hf import convert_transformers, load_transformers, sample_inputs, save_transformers
 
 transformers = pytest.importorskip("transformers")
 FORCE = {"batch_sizes": (4,), "min_speedup": 1e-9, "repeats": 1}
@@ -56,6 +56,11 @@ def test_gpt2_conv1d_and_attention_go_sparse_and_generate_the_same_tokens(tmp_pa
     assert loaded.lm_head.weight is loaded.transformer.wte.weight
     with torch.no_grad():
         assert torch.equal(loaded.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0), expected)
+
+
+def test_default_sample_is_one_generation_step_for_a_decoder_and_a_sentence_for_an_encoder():
+    assert tuple(sample_inputs(tiny_gpt2())["input_ids"].shape) == (1, 1)
+    assert tuple(sample_inputs(tiny_bert())["input_ids"].shape) == (1, 16)
 
 
 def test_bert_attention_projections_go_sparse_with_outputs_checked():
