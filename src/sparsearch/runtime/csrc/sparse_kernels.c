@@ -178,9 +178,10 @@ static void balanced_rows(const int64_t* row_nnz_prefix, int64_t rows, int t, in
 /* A row's non-zeros as broadcast FMAs over NV vectors (of LANES floats) of the batch tile, with U independent sets of
  * accumulators (non-zeros k, k+1, ..., k+U-1 go to different sets, summed at the end): with one set every FMA waits
  * for the previous one (4 cycles), and a tile of one or two vectors, the sentence-sized batches of a transformer, was
- * bound by that latency. Measured against one set, same run (benchmark machine, 90%, one thread, MiniLM and GPT-2
- * shapes): 1.1-1.35x faster at 8 to 16 rows (one 16-float vector, 4 sets; it replaced two 8-float vectors) and
- * at 32 rows (2 sets); at 24 rows (3 vectors of 8) and 64 (4 of 16) two sets were 5-20% slower, so those keep one. */
+ * bound by that latency. Against one set, old and new kernels in one run (benchmarks/results/runtime_small_layers.md,
+ * 90%, MiniLM and GPT-2 shapes): 1.13-1.37x faster at 8 to 16 rows (one 16-float vector, 4 sets; it replaced two
+ * 8-float vectors), within +-6% at 32 rows (2 sets); at 24 rows (3 vectors of 8) and 64 (4 of 16) two sets were
+ * 5-20% slower in a side-by-side build, so those keep one. */
 #define DEFINE_TILE(NAME, VT, LANES, NV, U)                                                             \
     static inline void NAME(const float* values, const int8_t* q, float scale, const uint16_t* cols, int64_t k0,     \
                             int64_t k1, const float* xt, int64_t ldx, float* y, int accumulate, float init) { \
