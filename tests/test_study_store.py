@@ -9,10 +9,12 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
 
+from sparsearch.study import store as store_module
 from sparsearch.study.store import EpochRow, StudyStore, TrialOutcome, TrialSpec, owner_id
 
 TRIALS = [TrialSpec("dense", 0.0, 0), TrialSpec("random-node", 0.9, 0), TrialSpec("search-node", 0.9, 0)]
@@ -152,3 +154,34 @@ def test_reading_a_missing_or_foreign_store_is_a_clear_error(tmp_path):
         StudyStore(foreign, create=False)
     with StudyStore(tmp_path / "s.sqlite") as store, pytest.raises(ValueError, match="no study named 'b'"):
         store.study_config("b")
+
+
+
+def test_a_store_brought_up_to_date_by_another_process_meanwhile_is_not_altered_twice(tmp_path):
+    """Two study processes started together on a store written by an older sparsearch both find columns missing;
+    the one that adds them second must see that the other did (one once failed with 'duplicate column name')."""
+    path = tmp_path / "old.sqlite"
+    other = sqlite3.connect(path, isolation_level=None, timeout=30)
+    other.execute("PRAGMA journal_mode = WAL")
+    other.executescript(store_module._SCHEMA)  # this version's tables, the trial table without the added columns
+    other.execute("BEGIN IMMEDIATE")
+    other.execute("ALTER TABLE trial ADD COLUMN owner TEXT")  # the other process, halfway through adding them
+    outcome_of_open: dict[str, object] = {}
+
+    def open_store() -> None:
+        try:
+            StudyStore(path).close()
+            outcome_of_open["ok"] = True
+        except Exception as error:  # reported by the assertion below
+            outcome_of_open["error"] = error
+
+    opener = threading.Thread(target=open_store)
+    opener.start()
+    time.sleep(1.0)  # the opener has read the columns (or waits for the lock) while the other's change is pending
+    other.execute("COMMIT")
+    opener.join(timeout=60)
+    other.close()
+    assert outcome_of_open == {"ok": True}, outcome_of_open
+    with StudyStore(path) as store:
+        columns = {row["name"] for row in store.connection.execute("PRAGMA table_info(trial)")}
+    assert {"notes_json", "owner", "heartbeat"} <= columns

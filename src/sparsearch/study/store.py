@@ -234,11 +234,26 @@ class StudyStore:
             raise ValueError(f"{str(self.path)!r} is not a sparsearch results store (SQLite said: {error})") from None
 
     def _add_missing_columns(self) -> None:
-        """Bring a store written by an older sparsearch up to this schema (columns are only ever added)."""
-        columns = {row["name"] for row in self.connection.execute("PRAGMA table_info(trial)")}
-        for name, declaration in _ADDED_TRIAL_COLUMNS.items():
-            if name not in columns:
-                self.connection.execute(f"ALTER TABLE trial ADD COLUMN {name} {declaration}")
+        """Bring a store written by an older sparsearch up to this schema (columns are only ever added).
+
+        The columns are read again inside a write transaction: processes that open the same store at once (a
+        shared study starting on several machines) would otherwise all see a column missing, and all but the
+        first would fail adding it ("duplicate column name")."""
+        if _ADDED_TRIAL_COLUMNS.keys() <= self._trial_columns():
+            return
+        self.connection.execute("BEGIN IMMEDIATE")
+        try:
+            columns = self._trial_columns()
+            for name, declaration in _ADDED_TRIAL_COLUMNS.items():
+                if name not in columns:
+                    self.connection.execute(f"ALTER TABLE trial ADD COLUMN {name} {declaration}")
+        except BaseException:
+            self.connection.execute("ROLLBACK")
+            raise
+        self.connection.execute("COMMIT")
+
+    def _trial_columns(self) -> set[str]:
+        return {row["name"] for row in self.connection.execute("PRAGMA table_info(trial)")}
 
     def close(self) -> None:
         """Close the connection."""
