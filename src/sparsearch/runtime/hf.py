@@ -52,15 +52,12 @@ def sample_inputs(model: nn.Module, tokenizer: Any = None, batch: int = 1) -> di
     else 16 token ids; for a decoder-only model that generates, only the first token of each sequence, since
     generation runs one token per step and the timings must represent that (on a 6 x 768 GPT-2 at 70%, the
     16-token sample kept 5 layers sparse that lose at one token, and the model generated at 0.93x of dense)."""
+    encoded = None
     if tokenizer is not None:
         if getattr(tokenizer, "pad_token", None) is None and getattr(tokenizer, "eos_token", None) is not None:
             tokenizer.pad_token = tokenizer.eos_token
         encoded = dict(tokenizer([SAMPLE_TEXT] * batch, return_tensors="pt", padding=True))
-        if not encoded["input_ids"].numel():
-            encoded = None
-    else:
-        encoded = None
-    if encoded is None:
+    if encoded is None or not encoded["input_ids"].numel():
         vocab = int(getattr(getattr(model, "config", None), "vocab_size", 0) or 100)
         encoded = {"input_ids": (torch.arange(16 * batch) % vocab).reshape(batch, 16)}
     if _generates_token_by_token(model):

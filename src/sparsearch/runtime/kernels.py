@@ -249,7 +249,7 @@ def sparse_linear(x: torch.Tensor, matrix: PanelCSRMatrix, bias: torch.Tensor | 
     if threads is not None and (not isinstance(threads, int) or threads < 1):
         raise ValueError(f"threads must be a positive int or None, got {threads!r}")
     kernels = get_backend(backend)
-    threads = min(_threads_for(matrix.nnz * batch), threads or torch.get_num_threads())
+    threads = min(_threads_for(matrix.nnz * batch), threads) if threads else _threads_for(matrix.nnz * batch)
     if batch == 1:
         y = torch.empty(out_shape, dtype=torch.float32)
         kernels.matvec(matrix, bias, x if x.is_contiguous() else x.contiguous(), y, threads)
