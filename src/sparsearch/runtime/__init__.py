@@ -19,7 +19,7 @@ from sparsearch.runtime.convert import (
 )
 from sparsearch.runtime.format import PanelCSRMatrix
 from sparsearch.runtime.hf import convert_transformers, load_transformers, save_transformers
-from sparsearch.runtime.kernels import get_backend, sparse_linear, sparse_matmul_t
+from sparsearch.runtime.kernels import get_backend, sparse_linear, sparse_linear_values_grad, sparse_matmul_t
 from sparsearch.runtime.modules import SparseLinear
 from sparsearch.runtime.storage import load_sparse, read_sparse_file, save_sparse
 
@@ -41,6 +41,7 @@ __all__ = [
     "save_sparse",
     "save_transformers",
     "sparse_linear",
+    "sparse_linear_values_grad",
     "sparse_matmul_t",
     "to_int8",
 ]

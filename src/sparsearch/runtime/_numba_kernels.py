@@ -51,3 +51,22 @@ def matvec(rows: int, panel_width: int, segment_ptr: np.ndarray, row_nnz_prefix:
                 for k in range(segment_ptr[p * rows + i], segment_ptr[p * rows + i + 1]):
                     total += values[k] * x[base + np.int64(col_indices[k])]
             y[i] = total + bias[i]
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def sddmm(rows: int, panel_width: int, segment_ptr: np.ndarray, row_nnz_prefix: np.ndarray,
+          col_indices: np.ndarray, xt: np.ndarray, gt: np.ndarray, grad: np.ndarray, threads: int) -> None:
+    """grad[k] = gt[i] . xt[j] for every stored non-zero k = (i, j) (xt: [cols, batch], gt: [rows, batch])."""
+    panels = (segment_ptr.shape[0] - 1) // max(rows, 1)
+    batch = xt.shape[1]
+    for t in prange(threads):
+        first, last = _balanced_rows(row_nnz_prefix, rows, t, threads)
+        for p in range(panels):
+            base = p * panel_width
+            for i in range(first, last):
+                for k in range(segment_ptr[p * rows + i], segment_ptr[p * rows + i + 1]):
+                    c = base + np.int64(col_indices[k])
+                    total = np.float32(0.0)
+                    for b in range(batch):
+                        total += gt[i, b] * xt[c, b]
+                    grad[k] = total

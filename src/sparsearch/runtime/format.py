@@ -127,6 +127,35 @@ class PanelCSRMatrix:
         sums.index_add_(0, slot, self.values.to(torch.int64))
         return sums.to(torch.int32)
 
+    @cached_property
+    def _transpose_plan(self) -> tuple[PanelCSRMatrix, torch.Tensor]:
+        """W^T's structure (its own values array) and `order`, with W^T.values == W.values[order]."""
+        if self.is_int8:
+            raise ValueError("an int8 matrix has one scale per row segment and cannot be transposed; "
+                             "transpose the float32 matrix")
+        rows, cols = self.shape
+        segment = self._segment_of_entry
+        row = segment % max(rows, 1)
+        col = (segment // max(rows, 1)) * self.panel_width + self.col_indices.to(torch.int64)
+        width = default_panel_width(rows)  # W^T's rows are W's columns and its columns W's rows
+        panels = max(-(-rows // width), 1)
+        # W^T's storage order: by its panel (a block of W's rows), then its row (W's column), then W's row
+        order = torch.argsort(((row // width) * cols + col) * width + row % width)
+        segment_nnz = torch.bincount((row // width) * cols + col, minlength=panels * cols).reshape(panels, cols)
+        transposed = PanelCSRMatrix.from_arrays((cols, rows), width, self.values[order],
+                                                (row % width)[order].to(torch.int32).to(torch.uint16),
+                                                segment_nnz.to(torch.int32).to(torch.uint16))
+        return transposed, order
+
+    def transposed(self) -> PanelCSRMatrix:
+        """W^T with W's current values: what the gradient of the input of y = x W^T is computed with.
+
+        The structure and the permutation of the values are derived once; the values are gathered again on every
+        call into the same array (a training step changes them in place), so keep the result only until W changes."""
+        transposed, order = self._transpose_plan
+        torch.index_select(self.values, 0, order, out=transposed.values)
+        return transposed
+
     @property
     def rows(self) -> int:
         return self.shape[0]

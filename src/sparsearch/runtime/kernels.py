@@ -98,7 +98,8 @@ class _CBackend:
                                          ptr, ptr, c_int]
         lib.panel_csr_matvec.argtypes = [i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, c_int, ptr, ptr,
                                          i64]
-        for fn in (lib.panel_csr_linear, lib.panel_csr_matvec):
+        lib.panel_csr_sddmm.argtypes = [i64, i64, i64, ptr, ptr, ptr, ptr, i64, ptr, i64, i64, i64, ptr, c_int]
+        for fn in (lib.panel_csr_linear, lib.panel_csr_matvec, lib.panel_csr_sddmm):
             fn.restype = None
         lib.panel_csr_matvec_isa.restype = ctypes.c_char_p
         self.isa = lib.panel_csr_matvec_isa().decode()  # the vector code the batch-1 kernel was built with
@@ -160,6 +161,15 @@ class _CBackend:
             x.data_ptr(), y.data_ptr(), threads, bitmap, lane_sums, m.cols)
 
 
+    def sddmm(self, m: PanelCSRMatrix, x: torch.Tensor, g: torch.Tensor, threads: int) -> torch.Tensor:
+        """For every stored non-zero (i, j), in storage order: sum over the rows b of g[b, i] x[b, j] (x: [batch,
+        cols], g: [batch, rows], both with unit column stride)."""
+        grad = torch.empty(m.nnz, dtype=torch.float32)
+        self._lib.panel_csr_sddmm(*m.kernel_args[:6], x.data_ptr(), x.stride(0), g.data_ptr(), g.stride(0),
+                                  x.shape[0], m.cols, grad.data_ptr(), threads)
+        return grad
+
+
 class _NumbaBackend:
     name = "numba"
 
@@ -193,6 +203,14 @@ class _NumbaBackend:
         self._kernels.matvec(m.rows, m.panel_width, m.segment_ptr.numpy(), m.row_nnz_prefix.numpy(),
                              m.col_indices.numpy(), m.float_values.numpy(), _bias_array(bias, m.rows),
                              x.reshape(-1).numpy(), y.reshape(-1).numpy(), self._threads(threads))
+
+
+    def sddmm(self, m: PanelCSRMatrix, x: torch.Tensor, g: torch.Tensor, threads: int) -> torch.Tensor:
+        grad = torch.empty(m.nnz, dtype=torch.float32)
+        self._kernels.sddmm(m.rows, m.panel_width, m.segment_ptr.numpy(), m.row_nnz_prefix.numpy(),
+                            m.col_indices.numpy(), x.t().contiguous().numpy(), g.t().contiguous().numpy(),
+                            grad.numpy(), self._threads(threads))
+        return grad
 
 
 def _bias_array(bias: torch.Tensor | None, rows: int) -> np.ndarray:
@@ -283,3 +301,24 @@ def sparse_matmul_t(matrix: PanelCSRMatrix, xt: torch.Tensor, bias: torch.Tensor
     if xt.stride(1) != 1:
         xt = xt.contiguous()
     return kernels.matmul_t(matrix, bias, xt.detach(), threads)
+
+
+def sparse_linear_values_grad(x: torch.Tensor, grad_output: torch.Tensor, matrix: PanelCSRMatrix,
+                              backend: str | None = None) -> torch.Tensor:
+    """The gradient of a loss with respect to `matrix.values` (float32, in their storage order) given x and
+    grad_output = dL/dy of y = sparse_linear(x, matrix, bias): for each stored non-zero (i, j), the sum over every
+    leading index of grad_output[..., i] * x[..., j]. Costs nnz x batch multiply-adds (the dense weight gradient:
+    rows x cols x batch)."""
+    if matrix.is_int8:
+        raise ValueError("int8 values have no gradient here: train the float32 matrix and quantize afterwards")
+    if x.shape[-1:] != (matrix.cols,) or grad_output.shape[-1:] != (matrix.rows,) \
+            or x.shape[:-1] != grad_output.shape[:-1]:
+        raise ValueError(f"x [..., {matrix.cols}] and grad_output [..., {matrix.rows}] must share their leading "
+                         f"shape, got {tuple(x.shape)} and {tuple(grad_output.shape)}")
+    x2 = x.detach().reshape(-1, matrix.cols).to(torch.float32)
+    g2 = grad_output.detach().reshape(-1, matrix.rows).to(torch.float32)
+    x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
+    g2 = g2 if g2.stride(-1) == 1 else g2.contiguous()
+    if x2.shape[0] == 0 or matrix.nnz == 0:
+        return torch.zeros(matrix.nnz, dtype=torch.float32)
+    return get_backend(backend).sddmm(matrix, x2, g2, _threads_for(matrix.nnz * x2.shape[0]))

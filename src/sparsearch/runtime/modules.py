@@ -1,4 +1,5 @@
-"""`SparseLinear`: an inference-only drop-in for `nn.Linear` whose weight lives in `PanelCSRMatrix` form."""
+"""`SparseLinear`: a drop-in for `nn.Linear` whose weight lives in `PanelCSRMatrix` form, for inference and for
+training with a fixed sparsity pattern (forward and backward on the sparse kernels)."""
 
 from __future__ import annotations
 
@@ -6,38 +7,79 @@ import torch
 from torch import nn
 
 from sparsearch.runtime.format import PanelCSRMatrix
-from sparsearch.runtime.kernels import sparse_linear
+from sparsearch.runtime.kernels import sparse_linear, sparse_linear_values_grad
+
+
+class _SparseLinearFunction(torch.autograd.Function):
+    """y = x W^T + b with W's stored values as an input, so autograd reaches them: every product on the kernels
+    (input gradient: G W through W^T; values' gradient: the sampled product of G^T and x at W's non-zeros)."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor,  # type: ignore[override]
+                values: torch.Tensor, bias: torch.Tensor | None, matrix: PanelCSRMatrix) -> torch.Tensor:
+        ctx.matrix = matrix
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(x)
+        return sparse_linear(x.detach(), matrix, None if bias is None else bias.detach())
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad_output: torch.Tensor  # type: ignore[override]
+                 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, None]:
+        (x,) = ctx.saved_tensors
+        matrix: PanelCSRMatrix = ctx.matrix
+        grad_output = grad_output.to(torch.float32)
+        grad_x = sparse_linear(grad_output, matrix.transposed()) if ctx.needs_input_grad[0] else None
+        grad_values = sparse_linear_values_grad(x, grad_output, matrix) if ctx.needs_input_grad[1] else None
+        grad_bias = None
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = grad_output.reshape(-1, matrix.rows).sum(0)
+        return grad_x, grad_values, grad_bias, None
 
 
 class SparseLinear(nn.Module):
     """y = x W^T + b computed from the non-zeros of W only; holds no dense weight.
 
-    The sparse arrays are registered as buffers, so `.state_dict()` carries them; gradients do not flow
-    through the kernels (inference only).
+    The sparse arrays are registered as buffers (`trainable=False`, for inference) or, for `values` and `bias`, as
+    parameters (`trainable=True`: any optimizer trains the stored non-zeros, the pattern stays fixed); either way
+    `.state_dict()` carries them. Gradients flow through the kernels to the input (and to the values and bias when
+    trainable). The kernels read the values array in place, so optimizers must update parameters in place (all of
+    torch.optim's do); int8 layers are inference-only.
     """
 
-    def __init__(self, matrix: PanelCSRMatrix, bias: torch.Tensor | None = None) -> None:
+    def __init__(self, matrix: PanelCSRMatrix, bias: torch.Tensor | None = None, trainable: bool = False) -> None:
         super().__init__()
         matrix.validate()
         if bias is not None and tuple(bias.shape) != (matrix.rows,):
             raise ValueError(f"bias must have shape ({matrix.rows},), got {tuple(bias.shape)}")
+        if trainable and matrix.is_int8:
+            raise ValueError("an int8 SparseLinear cannot be trainable: train the float32 layer, then quantize")
         self.in_features = matrix.cols
         self.out_features = matrix.rows
         self.panel_width = matrix.panel_width
-        self.register_buffer("values", matrix.values)
+        bias = None if bias is None else bias.detach().to(torch.float32).contiguous()
+        if trainable:  # values share the matrix's storage: an in-place update is what the kernels read
+            self.values = nn.Parameter(matrix.values)
+            self.bias = None if bias is None else nn.Parameter(bias.clone())  # not the source layer's storage
+        else:
+            self.register_buffer("values", matrix.values)
+            self.register_buffer("bias", bias)
         self.register_buffer("col_indices", matrix.col_indices)
         self.register_buffer("segment_nnz", matrix.segment_nnz)
         self.register_buffer("scales", matrix.scales)  # None (not in the state dict) unless the values are int8
-        self.register_buffer("bias", None if bias is None else bias.detach().to(torch.float32).contiguous())
         self._matrix = matrix
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, panel_width: int | None = None) -> SparseLinear:
-        """Keep the exact non-zeros of `linear.weight` (a masked or pruned layer)."""
+    def from_linear(cls, linear: nn.Linear, panel_width: int | None = None, trainable: bool = False
+                    ) -> SparseLinear:
+        """Keep the exact non-zeros of `linear.weight` (a masked or pruned layer); `trainable`: see the class."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"expected an nn.Linear, got {type(linear).__name__}")
         matrix = PanelCSRMatrix.from_dense(linear.weight, panel_width)
-        return cls(matrix, linear.bias)
+        return cls(matrix, linear.bias, trainable=trainable)
+
+    @property
+    def trainable(self) -> bool:
+        return isinstance(self.values, nn.Parameter)
 
     def __getattr__(self, name: str) -> torch.Tensor | nn.Module:
         if name == "weight":  # a parent that reads .weight itself (nn.MultiheadAttention) cannot use this layer
@@ -59,10 +101,17 @@ class SparseLinear(nn.Module):
         return (self.out_features, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled() and x.requires_grad:
-            raise RuntimeError("SparseLinear is inference-only: gradients do not flow through the sparse "
-                               "kernels; call it under torch.no_grad() or on an input without requires_grad")
-        return sparse_linear(x, self._matrix, self.bias)
+        bias = self.bias
+        if torch.is_grad_enabled() and (x.requires_grad or self.values.requires_grad
+                                        or (bias is not None and bias.requires_grad)):
+            if self._matrix.is_int8:
+                raise RuntimeError("an int8 SparseLinear is inference-only: gradients do not flow through the int8 "
+                                   "kernels; call it under torch.no_grad() or on an input without requires_grad")
+            if self.values.data_ptr() != self._matrix.values.data_ptr():
+                raise RuntimeError("SparseLinear.values was replaced rather than updated in place; the kernels "
+                                   "read the original array (update parameters in place, e.g. with torch.optim)")
+            return _SparseLinearFunction.apply(x, self.values, bias, self._matrix)
+        return sparse_linear(x, self._matrix, bias)
 
     def to_dense_linear(self) -> nn.Linear:
         """The equivalent dense `nn.Linear` (for comparisons and for exporting to tools without sparse support)."""

@@ -696,6 +696,103 @@ void panel_csr_linear(int64_t rows, int64_t panels, int64_t panel_width, const i
     record_time(slot, values, batch, threads > 1, now_ns() - start, (double)row_nnz_prefix[rows] * (double)batch);
 }
 
+/* ---- Gradient of the stored values (training through the kernels) ---------------------------------------
+ * For y = x W^T, dL/dW at a stored non-zero (i, j) is the sum over the batch of G[b, i] X[b, j] with G = dL/dy: a
+ * sampled dense-dense product (SDDMM) costing nnz x batch multiply-adds, as the forward does, where the dense
+ * gradient costs rows x cols x batch. x and G are transposed into the calling thread's scratch in the forward's
+ * tiled layout (batch tiles of BATCH_TILE, zero-padded), so that each non-zero is one contiguous dot product of a row
+ * of G^T with a row of X^T; X^T's panel slice stays in L2 as in the forward. Threads take nnz-balanced row chunks,
+ * so every thread writes its own non-zeros' gradients (no atomics). */
+static inline float sum8(vec8 v) {
+#if defined(HAVE_SHUFFLEVECTOR)
+    vec8 h = v + __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3);
+    h += __builtin_shufflevector(h, h, 2, 3, 0, 1, 6, 7, 4, 5);
+    return h[0] + h[1];
+#else
+    float total = 0.0f;
+    for (int e = 0; e < 8; e++) total += v[e];
+    return total;
+#endif
+}
+
+static inline float sum16(vec16 v) {
+#if defined(HAVE_SHUFFLEVECTOR)
+    return sum8(__builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+                __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15));
+#else
+    float total = 0.0f;
+    for (int e = 0; e < 16; e++) total += v[e];
+    return total;
+#endif
+}
+
+/* a . b over n floats, n a multiple of 8 (the padded tile width); two sums for instruction-level parallelism */
+static inline float dot_padded(const float* a, const float* b, int64_t n) {
+    vec8 s0 = {0}, s1 = {0};
+    int64_t v = 0;
+    for (; v + 16 <= n; v += 16) {
+        s0 += *(const vec8*)(a + v) * *(const vec8*)(b + v);
+        s1 += *(const vec8*)(a + v + 8) * *(const vec8*)(b + v + 8);
+    }
+    if (v < n) s0 += *(const vec8*)(a + v) * *(const vec8*)(b + v);
+    return sum8(s0 + s1);
+}
+
+static void sddmm_chunk(const void* ctx, int64_t chunk, int64_t chunks) {
+    const linear_args* a = ctx;  /* xt: tiled X^T (ncols rows), yt: tiled G^T (rows rows), y: the gradient */
+    int64_t first, last;
+    balanced_rows(a->row_nnz_prefix, a->rows, (int)chunk, (int)chunks, &first, &last);
+    for (int64_t b0 = 0; b0 < a->batch; b0 += BATCH_TILE) {
+        int64_t width = a->batch - b0 < BATCH_TILE ? a->batch - b0 : BATCH_TILE, padded = padded_width(width);
+        const float *x_tile = a->xt + b0 * a->ncols, *g_tile = a->yt + b0 * a->rows;
+        for (int64_t p = 0; p < a->panels; p++) {
+            const int64_t* seg = a->seg_ptr + p * a->rows;
+            const float* x_panel = x_tile + p * a->panel_width * padded;
+            for (int64_t i = first; i < last; i++) {
+                const float* g = g_tile + i * padded;
+                if (padded == BATCH_TILE) {  /* a whole tile: G^T's row stays in registers across the non-zeros */
+                    vec16 g0 = *(const vec16*)g, g1 = *(const vec16*)(g + 16), g2 = *(const vec16*)(g + 32),
+                          g3 = *(const vec16*)(g + 48);
+                    for (int64_t k = seg[i]; k < seg[i + 1]; k++) {
+                        const float* xr = x_panel + (int64_t)a->cols[k] * BATCH_TILE;
+                        vec16 s = g0 * *(const vec16*)xr + g1 * *(const vec16*)(xr + 16);
+                        s += g2 * *(const vec16*)(xr + 32) + g3 * *(const vec16*)(xr + 48);
+                        float d = sum16(s);
+                        a->y[k] = b0 ? a->y[k] + d : d;
+                    }
+                    continue;
+                }
+                for (int64_t k = seg[i]; k < seg[i + 1]; k++) {
+                    float d = dot_padded(g, x_panel + (int64_t)a->cols[k] * padded, padded);
+                    a->y[k] = b0 ? a->y[k] + d : d;
+                }
+            }
+        }
+    }
+}
+
+/* grad[k] = sum over b of g[b, i] x[b, j] for every stored non-zero k = (i, j), in storage order; x: batch x ncols
+ * (row stride ldx), g: batch x rows (row stride ldg), both float32. */
+void panel_csr_sddmm(int64_t rows, int64_t panels, int64_t panel_width, const int64_t* seg_ptr,
+                     const int64_t* row_nnz_prefix, const uint16_t* cols, const float* x, int64_t ldx, const float* g,
+                     int64_t ldg, int64_t batch, int64_t ncols, float* grad, int threads) {
+    int64_t stored = padded_batch(batch);
+    float* scratch = thread_scratch((size_t)((ncols + rows) * stored));
+    if (!scratch) abort();
+    linear_args a = {.rows = rows, .panels = panels, .panel_width = panel_width, .batch = batch, .ncols = ncols,
+                     .seg_ptr = seg_ptr, .row_nnz_prefix = row_nnz_prefix, .cols = cols, .x = x, .ldx_in = ldx,
+                     .xt = scratch, .yt = scratch + ncols * stored, .y = grad};
+    linear_args gt = {.batch = batch, .ncols = rows, .x = g, .ldx_in = ldg, .xt = a.yt};
+    int64_t chunks = threads > 1 ? (int64_t)threads * CHUNKS_PER_THREAD : 1;
+    for (int side = 0; side < 2; side++) {
+        const linear_args* t = side ? &gt : &a;
+        int64_t col_blocks = (t->ncols + 31) / 32, elements = t->ncols * batch;
+        run_parallel(transpose_chunk, t, col_blocks < chunks ? col_blocks : chunks,
+                     elements < SERIAL_TRANSPOSE_ELEMENTS ? 1 : threads);
+    }
+    run_parallel(sddmm_chunk, &a, chunks, threads);
+}
+
 /* y[rows] = W x (+ bias) for a single contiguous input vector (memory-bound: bytes per non-zero matter). */
 void panel_csr_matvec(int64_t rows, int64_t panels, int64_t panel_width, const int64_t* seg_ptr,
                       const int64_t* row_nnz_prefix, const uint16_t* cols, const void* values,

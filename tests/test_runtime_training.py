@@ -1,0 +1,143 @@
+"""Training through the sparse kernels: gradients equal those of the masked dense layer, and training a trainable
+`SparseLinear` follows masked dense training step for step."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from sparsearch.runtime import PanelCSRMatrix, SparseLinear, sparse_linear, sparse_linear_values_grad
+
+BACKENDS = ["c", "numba"]
+
+
+def masked_weight(rows: int, cols: int, sparsity: float, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn(rows, cols, generator=generator)
+    return weight * (torch.rand(rows, cols, generator=generator) >= sparsity)
+
+
+def values_at_pattern(matrix: PanelCSRMatrix, dense: torch.Tensor) -> torch.Tensor:
+    """The entries of a dense [rows, cols] tensor at the matrix's non-zeros, in its storage order."""
+    positions = PanelCSRMatrix.from_arrays(matrix.shape, matrix.panel_width,
+                                           torch.arange(1, matrix.nnz + 1, dtype=torch.float32),
+                                           matrix.col_indices, matrix.segment_nnz).to_dense()
+    order = positions[positions > 0].to(torch.int64) - 1  # storage index of each non-zero, in row-major order
+    picked = torch.empty(matrix.nnz)
+    picked[order] = dense[positions > 0]
+    return picked
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@settings(max_examples=30, deadline=None)
+@given(rows=st.integers(1, 40), cols=st.integers(1, 300), batch=st.integers(1, 140),
+       sparsity=st.sampled_from([0.0, 0.5, 0.9, 1.0]), panel_width=st.sampled_from([None, 1, 7, 64]),
+       seed=st.integers(0, 10_000))
+def test_values_gradient_and_transposed_product_match_dense(backend, rows, cols, batch, sparsity, panel_width, seed):
+    weight = masked_weight(rows, cols, sparsity, seed)
+    matrix = PanelCSRMatrix.from_dense(weight, panel_width)
+    generator = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(batch, cols, generator=generator)
+    grad_output = torch.randn(batch, rows, generator=generator)
+    dense_grad = grad_output.t() @ x  # dL/dW of y = x W^T
+    torch.testing.assert_close(sparse_linear_values_grad(x, grad_output, matrix, backend=backend),
+                               values_at_pattern(matrix, dense_grad), rtol=1e-4, atol=1e-4)
+    transposed = matrix.transposed()
+    transposed.validate()
+    assert torch.equal(transposed.to_dense(), weight.t())
+    torch.testing.assert_close(sparse_linear(grad_output, transposed, backend=backend), grad_output @ weight,
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_transposed_follows_values_changed_in_place():
+    matrix = PanelCSRMatrix.from_dense(masked_weight(30, 2100, 0.8, 0))  # several panels
+    first = matrix.transposed()
+    matrix.values.mul_(-2)
+    again = matrix.transposed()
+    assert again is first  # the structure is derived once
+    assert torch.equal(again.to_dense(), matrix.to_dense().t())
+
+
+@pytest.mark.parametrize("shape", [(5, 53), (2, 70, 53), (1, 53)])
+def test_trainable_sparse_linear_gradients_match_masked_dense(shape):
+    torch.manual_seed(0)
+    dense = nn.Linear(53, 37)
+    with torch.no_grad():
+        dense.weight.mul_(torch.rand(37, 53) < 0.3)
+    layer = SparseLinear.from_linear(dense, trainable=True)
+    assert layer.trainable and isinstance(layer.values, nn.Parameter)
+    x = torch.randn(*shape, requires_grad=True)
+    x_sparse = x.detach().clone().requires_grad_()
+    grad_output = torch.randn(*shape[:-1], 37)
+    (dense(x) * grad_output).sum().backward()
+    (layer(x_sparse) * grad_output).sum().backward()
+    torch.testing.assert_close(x_sparse.grad, x.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer.values.grad, values_at_pattern(layer.matrix, dense.weight.grad),
+                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer.bias.grad, dense.bias.grad)
+
+
+def test_training_follows_masked_dense_training_step_for_step():
+    """Adam on a two-layer network, the pattern fixed: the sparse kernels' run and the masked dense run (mask applied
+    to the gradients) reach the same weights and losses; the sparse layers keep their pattern."""
+    torch.manual_seed(0)
+    masks = [torch.rand(256, 1100) < 0.1, torch.rand(10, 256) < 0.5]
+    dense = nn.Sequential(nn.Linear(1100, 256), nn.ReLU(), nn.Linear(256, 10))
+    with torch.no_grad():
+        for layer, mask in zip((dense[0], dense[2]), masks, strict=True):
+            layer.weight.mul_(mask)
+    sparse = nn.Sequential(SparseLinear.from_linear(dense[0], trainable=True), nn.ReLU(),
+                           SparseLinear.from_linear(dense[2], trainable=True))
+    pattern = [layer.matrix.col_indices.clone() for layer in (sparse[0], sparse[2])]
+    dense_opt = torch.optim.Adam(dense.parameters(), lr=1e-2)
+    sparse_opt = torch.optim.Adam(sparse.parameters(), lr=1e-2)
+    data = torch.Generator().manual_seed(1)
+    for _ in range(5):
+        x = torch.randn(96, 1100, generator=data)
+        target = torch.randint(0, 10, (96,), generator=data)
+        losses = []
+        for model, opt in ((dense, dense_opt), (sparse, sparse_opt)):
+            opt.zero_grad()
+            loss = F.cross_entropy(model(x), target)
+            loss.backward()
+            if model is dense:
+                for layer, mask in zip((dense[0], dense[2]), masks, strict=True):
+                    layer.weight.grad.mul_(mask)
+            opt.step()
+            losses.append(loss.item())
+        assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    layers = zip((dense[0], dense[2]), (sparse[0], sparse[2]), masks, pattern, strict=True)
+    for layer, sparse_layer, mask, cols in layers:
+        torch.testing.assert_close(sparse_layer.matrix.to_dense(), layer.weight.detach(), rtol=1e-4, atol=1e-5)
+        assert torch.equal(sparse_layer.matrix.col_indices, cols)
+        assert bool((sparse_layer.matrix.to_dense()[~mask] == 0).all())
+
+
+def test_inference_layer_passes_gradients_to_its_input_only():
+    layer = SparseLinear.from_linear(nn.Linear(20, 8))
+    assert not layer.trainable and not layer.values.requires_grad
+    x = torch.randn(3, 20, requires_grad=True)
+    layer(x).sum().backward()
+    torch.testing.assert_close(x.grad, layer.matrix.to_dense().sum(0).expand(3, 20))
+    assert layer.values.grad is None
+
+
+def test_training_bad_input_is_refused():
+    int8 = PanelCSRMatrix.from_dense(masked_weight(8, 20, 0.5, 0)).quantize()
+    with pytest.raises(ValueError, match="int8 SparseLinear cannot be trainable"):
+        SparseLinear(int8, trainable=True)
+    with pytest.raises(RuntimeError, match="inference-only"):
+        SparseLinear(int8)(torch.randn(2, 20, requires_grad=True))
+    with pytest.raises(ValueError, match="int8 values have no gradient"):
+        sparse_linear_values_grad(torch.randn(2, 20), torch.randn(2, 8), int8)
+    with pytest.raises(ValueError, match="cannot be transposed"):
+        int8.transposed()
+    matrix = PanelCSRMatrix.from_dense(masked_weight(8, 20, 0.5, 0))
+    with pytest.raises(ValueError, match="leading shape"):
+        sparse_linear_values_grad(torch.randn(2, 20), torch.randn(3, 8), matrix)
+    layer = SparseLinear(matrix, trainable=True)
+    layer.values.data = layer.values.data.clone()  # replaced, not updated in place: the kernels would not see it
+    with pytest.raises(RuntimeError, match="in place"):
+        layer(torch.randn(2, 20))
