@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from sparsearch.runtime import PanelCSRMatrix, SparseLinear, sparse_linear, sparse_linear_values_grad
+from sparsearch.runtime import PanelCSRMatrix, SparseLinear, for_training, sparse_linear, sparse_linear_values_grad
 
 BACKENDS = ["c", "numba"]
 
@@ -141,3 +141,67 @@ def test_training_bad_input_is_refused():
     layer.values.data = layer.values.data.clone()  # replaced, not updated in place: the kernels would not see it
     with pytest.raises(RuntimeError, match="in place"):
         layer(torch.randn(2, 20))
+
+
+class TiedAttentionModel(nn.Module):
+    """Not one of ours: a head tied to the embedding, nn.MultiheadAttention, a residual MLP with BatchNorm."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(50, 64)
+        self.attn = nn.MultiheadAttention(64, 4, batch_first=True)
+        self.mlp = nn.Sequential(nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 64))
+        self.norm = nn.BatchNorm1d(64)
+        self.head = nn.Linear(64, 50, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        h = self.embed(tokens)
+        h = h + self.attn(h, h, h, need_weights=False)[0]
+        h = h + self.mlp(h)
+        return self.head(self.norm(h.transpose(1, 2)).transpose(1, 2))
+
+
+def test_for_training_trains_a_model_not_ours_like_its_masked_dense_twin():
+    torch.manual_seed(0)
+    model = TiedAttentionModel()
+    masks = {}
+    with torch.no_grad():
+        for name in ("mlp.0", "mlp.2", "attn.out_proj"):
+            layer = model.get_submodule(name)
+            masks[name] = torch.rand(layer.weight.shape) < 0.2
+            layer.weight.mul_(masks[name])
+    trainable, report = for_training(model)
+    kept = {d.name: d for d in report.layers}
+    assert isinstance(trainable.mlp[0], SparseLinear) and isinstance(trainable.mlp[2], SparseLinear)
+    assert not kept["head"].sparse and "tied" in kept["head"].reason
+    assert not kept["attn.out_proj"].sparse and "MultiheadAttention" in kept["attn.out_proj"].reason
+    assert trainable.head.weight is trainable.embed.weight  # the tie holds in the copy
+    assert isinstance(model.mlp[0], nn.Linear)  # the original is untouched
+    dense_opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    sparse_opt = torch.optim.SGD(trainable.parameters(), lr=0.1, momentum=0.9)
+    data = torch.Generator().manual_seed(1)
+    for _ in range(4):
+        tokens = torch.randint(0, 50, (8, 12), generator=data)
+        losses = []
+        for net, opt in ((model, dense_opt), (trainable, sparse_opt)):
+            opt.zero_grad()
+            loss = F.cross_entropy(net(tokens).reshape(-1, 50), tokens.roll(1, 1).reshape(-1))
+            loss.backward()
+            if net is model:
+                for name in ("mlp.0", "mlp.2"):
+                    model.get_submodule(name).weight.grad.mul_(masks[name])
+            opt.step()
+            losses.append(loss.item())
+        assert losses[0] == pytest.approx(losses[1], rel=1e-4)
+    torch.testing.assert_close(trainable.mlp[2].matrix.to_dense(), model.mlp[2].weight.detach(), rtol=1e-4,
+                               atol=1e-5)
+
+
+def test_for_training_refuses_bad_arguments():
+    with pytest.raises(TypeError, match=r"nn\.Module"):
+        for_training("model")
+    with pytest.raises(ValueError, match="max_density"):
+        for_training(nn.Linear(3, 3), max_density=1.5)
+    _, report = for_training(nn.Sequential(nn.Linear(8, 8)))  # no zeros: stays dense, and says why
+    assert not report.layers[0].sparse and "max_density" in report.layers[0].reason

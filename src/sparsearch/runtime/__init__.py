@@ -6,6 +6,7 @@ and sparse files.
     again = sparsearch.runtime.load_sparse("m.safetensors", build_model())
 
     model, tokenizer, report = sparsearch.runtime.convert_transformers("pruned-model-dir")   # transformers models
+    trainable, report = sparsearch.runtime.for_training(masked_model)  # train the pattern on the kernels
 """
 
 from sparsearch.runtime.conv import SparseConv1d, SparseConv2d
@@ -15,6 +16,7 @@ from sparsearch.runtime.convert import (
     convert,
     convert_file,
     convert_with_report,
+    for_training,
     to_int8,
 )
 from sparsearch.runtime.format import PanelCSRMatrix
@@ -34,6 +36,7 @@ __all__ = [
     "convert_file",
     "convert_transformers",
     "convert_with_report",
+    "for_training",
     "get_backend",
     "load_sparse",
     "load_transformers",
