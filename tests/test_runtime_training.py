@@ -205,3 +205,20 @@ def test_for_training_refuses_bad_arguments():
         for_training(nn.Linear(3, 3), max_density=1.5)
     _, report = for_training(nn.Sequential(nn.Linear(8, 8)))  # no zeros: stays dense, and says why
     assert not report.layers[0].sparse and "max_density" in report.layers[0].reason
+
+
+def test_a_bare_layer_is_returned_as_its_replacement():
+    """A bare nn.Linear used to be reported sparse by convert and returned unchanged (it has no parent to be
+    replaced in); convert and for_training now return the replacement, named "" in the report."""
+    from sparsearch.runtime import convert_with_report
+
+    layer = nn.Linear(512, 512)
+    with torch.no_grad():
+        layer.weight.mul_(torch.rand(512, 512) < 0.05)
+    trainable, report = for_training(layer)
+    assert isinstance(trainable, SparseLinear) and trainable.trainable and report.sparse_layers == [""]
+    x = torch.randn(3, 512)
+    converted, report = convert_with_report(layer, x, batch_sizes=(3,), min_speedup=1e-9, repeats=1)
+    assert isinstance(converted, SparseLinear) and report.sparse_layers == [""]
+    torch.testing.assert_close(converted(x), layer(x).detach(), rtol=1e-4, atol=1e-5)
+    assert isinstance(layer, nn.Linear)  # the original stays as it was

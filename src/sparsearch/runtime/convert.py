@@ -195,7 +195,20 @@ def _decide_conv(name: str, conv: nn.Module, input_shape: tuple[int, ...], batch
     return decision, sparse
 
 
+def _holder_of_bare_layer(model: nn.Module) -> nn.Module | None:
+    """A container holding `model` as its child "0" when `model` is itself a layer the runtime replaces (a module
+    cannot replace itself inside its parent: it has none); None otherwise."""
+    return nn.Sequential(model) if linear_like(model) is not None or sparse_conv_for(model) is not None else None
+
+
+def _unheld(decisions: list[LayerDecision]) -> list[LayerDecision]:
+    """Decisions made inside `_holder_of_bare_layer`'s container, named as in the bare layer ("" for itself)."""
+    return [dataclasses.replace(d, name=d.name.partition(".")[2]) for d in decisions]
+
+
 def _replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
+    if not name:
+        raise ValueError("a module cannot replace itself in place (it has no parent); wrap it first")
     parent_name, _, child = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
     setattr(parent, child, new)
@@ -389,6 +402,9 @@ def convert_with_report(model: nn.Module, sample_input: Any = None, *, batch_siz
         raise ValueError(f"tolerance must be >= 0, got {tolerance}")
     converted = model if inplace else copy.deepcopy(model)
     converted.eval()
+    holder = _holder_of_bare_layer(converted)  # a bare Linear or Conv: its replacement is returned
+    if holder is not None:
+        model, converted = nn.Sequential(model), holder
     candidates = {name: module for name, module in converted.named_modules()
                   if linear_like(module) or sparse_conv_for(module)}
     reference = None
@@ -476,6 +492,8 @@ def convert_with_report(model: nn.Module, sample_input: Any = None, *, batch_siz
         decisions = [dataclasses.replace(d, sparse=d.name in promoted, reason=reasons[d.name])
                      if d.name in reasons else d for d in decisions]
     converted.requires_grad_(False)
+    if holder is not None:
+        converted, decisions = converted[0], _unheld(decisions)
     report = ConversionReport(decisions, output_check, model_timing)
     unsupported = [d for d in decisions if d.layer_type not in SUPPORTED_TYPES
                    and not d.reason.startswith("embedding table")]
@@ -508,7 +526,8 @@ def convert(model: nn.Module, sample_input: Any = None, *, batch_sizes: Sequence
     of the size they see in it). `int8=True` stores the sparse layers' values as
     int8 with one float32 scale per segment, a row within a panel (timed as such; default tolerance 5e-2 instead
     of 1e-4). Masked models need nothing special: the exact zeros in the weights are the mask. The result is in
-    eval mode with gradients off.
+    eval mode with gradients off. A bare layer (an `nn.Linear` or convolution as the model itself) is returned as
+    its replacement, even with `inplace=True` (a module cannot replace itself).
     """
     converted, _ = convert_with_report(model, sample_input, batch_sizes=batch_sizes, min_speedup=min_speedup,
                                        max_density=max_density, repeats=repeats, tolerance=tolerance, int8=int8,
@@ -539,6 +558,8 @@ def for_training(model: nn.Module, *, max_density: float = 0.3) -> tuple[nn.Modu
     if not 0.0 <= max_density <= 1.0:
         raise ValueError(f"max_density must be in [0, 1], got {max_density}")
     trainable = copy.deepcopy(model)
+    holder = _holder_of_bare_layer(trainable)
+    trainable = trainable if holder is None else holder
     owners = shared_parameters(trainable)
     decisions, replacements = [], []
     for name, module in trainable.named_modules():
@@ -557,6 +578,8 @@ def for_training(model: nn.Module, *, max_density: float = 0.3) -> tuple[nn.Modu
             replacements.append((name, SparseLinear(PanelCSRMatrix.from_dense(weight), bias, trainable=True)))
     for name, layer in replacements:
         _replace_module(trainable, name, layer)
+    if holder is not None:
+        trainable, decisions = trainable[0], _unheld(decisions)
     return trainable, ConversionReport(decisions, output_check="not checked: for_training copies the weights exactly")
 
 

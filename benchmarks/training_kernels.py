@@ -1,0 +1,175 @@
+"""Training through the sparse kernels: is a training step with a fixed sparsity pattern faster than masked dense?
+
+1. One 4096x4096 layer at 90%, 95% and 99% sparsity, batch 64 and 256: a full training step (forward, backward,
+   SGD with momentum) of the masked dense `nn.Linear` (gradient masked, as static-mask training on dense kernels
+   does), of sparsearch's trainable `SparseLinear` (`runtime.for_training`), and of sparselab's `SparseLinear` (a
+   peer with CPU training kernels; its own random pattern at the same sparsity). Interleaved, medians; quiet, and
+   at 90% also next to one competing busy process (as in runtime_contention.py).
+2. A 784-2048-2048-10 MLP on Fashion-MNIST with its two hidden layers at 95%: seconds per epoch and test accuracy
+   after the epochs, for the masked dense model, the same model and pattern through `for_training`, and sparselab.
+   The masked dense and sparsearch runs start from the same weights, so their accuracies should agree (the same
+   arithmetic, summed in another order).
+
+Run: python benchmarks/training_kernels.py [--threads 2] [--epochs 2] (about 5 minutes on 2 quiet cores)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from contextlib import nullcontext
+
+import sparselab
+import torch
+import torch.nn.functional as F
+from runtime_common import interleaved_times, machine, write_results
+from runtime_contention import BusyProcess, weight_at
+from torch import nn
+
+from sparsearch.data import load_dataset
+from sparsearch.runtime import for_training
+
+SPARSITIES = (0.9, 0.95, 0.99)
+BATCHES = (64, 256)
+CANDIDATES = ("dense (masked)", "sparsearch", "sparselab")
+
+
+class Step:
+    """One training step of a model on fixed data: forward, backward with a given output gradient, SGD."""
+
+    def __init__(self, model: nn.Module, x: torch.Tensor, grad_output: torch.Tensor,
+                 masks: dict[nn.Parameter, torch.Tensor] | None = None) -> None:
+        self.model, self.x, self.grad_output, self.masks = model, x, grad_output, masks or {}
+        self.optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+
+    def __call__(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        self.model(self.x).backward(self.grad_output)
+        for param, mask in self.masks.items():
+            param.grad.mul_(mask)
+        self.optimizer.step()
+
+
+def layer_rows(budget: float) -> list[dict]:
+    rows = []
+    for sparsity in SPARSITIES:
+        weight = weight_at(sparsity)
+        dense = nn.Linear(4096, 4096)
+        with torch.no_grad():
+            dense.weight.copy_(weight)
+        mask = weight != 0
+        sparse, _ = for_training(dense, max_density=1.0)
+        torch.manual_seed(0)
+        peer = sparselab.SparseLinear(4096, 4096, sparsity=sparsity)
+        for batch in BATCHES:
+            x, grad_output = torch.randn(batch, 4096), torch.randn(batch, 4096)
+            steps = {"dense (masked)": Step(dense, x, grad_output, {dense.weight: mask}),
+                     "sparsearch": Step(sparse, x, grad_output), "sparselab": Step(peer, x, grad_output)}
+            for condition in ("quiet", "busy") if sparsity == 0.9 else ("quiet",):
+                load = [round(v, 2) for v in os.getloadavg()]
+                with BusyProcess() if condition == "busy" else nullcontext():
+                    medians, best = interleaved_times(steps, min_rounds=5, max_rounds=40, budget_s=budget)
+                row = {"sparsity": sparsity, "batch": batch, "condition": condition, "load_average_before": load,
+                       "median_ms": {k: v * 1e3 for k, v in medians.items()},
+                       "best_ms": {k: v * 1e3 for k, v in best.items()},
+                       "sparselab_nnz": int(peer.nnz), "sparsearch_nnz": int(sparse.matrix.nnz)}
+                rows.append(row)
+                print(row, flush=True)
+    return rows
+
+
+def mlp() -> nn.Sequential:
+    return nn.Sequential(nn.Linear(784, 2048), nn.ReLU(), nn.Linear(2048, 2048), nn.ReLU(), nn.Linear(2048, 10))
+
+
+def model_rows(epochs: int, sparsity: float = 0.95, batch: int = 128) -> dict:
+    data = load_dataset("fashion-mnist")
+    x_train, y_train = data.x_train.reshape(len(data.y_train), -1), data.y_train
+    x_test, y_test = data.x_test.reshape(len(data.y_test), -1), data.y_test
+    torch.manual_seed(0)
+    dense = mlp()
+    masks = {}
+    with torch.no_grad():
+        for index in (0, 2):
+            layer = dense[index]
+            masks[layer.weight] = torch.rand(layer.weight.shape) >= sparsity
+            layer.weight.mul_(masks[layer.weight])
+    sparse, report = for_training(dense)
+    peer = nn.Sequential(sparselab.SparseLinear(784, 2048, sparsity=sparsity), nn.ReLU(),
+                         sparselab.SparseLinear(2048, 2048, sparsity=sparsity), nn.ReLU(), nn.Linear(2048, 10))
+    models = {"dense (masked)": dense, "sparsearch": sparse, "sparselab": peer}
+    optimizers = {k: torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for k, m in models.items()}
+    seconds: dict[str, list[float]] = {k: [] for k in models}
+    for epoch in range(epochs):
+        order = torch.randperm(len(y_train), generator=torch.Generator().manual_seed(epoch))
+        for name in (CANDIDATES if epoch % 2 == 0 else CANDIDATES[::-1]):  # epochs interleaved
+            model, optimizer = models[name], optimizers[name]
+            start = time.perf_counter()
+            for first in range(0, len(order), batch):
+                index = order[first:first + batch]
+                optimizer.zero_grad(set_to_none=True)
+                F.cross_entropy(model(x_train[index]), y_train[index]).backward()
+                if model is dense:
+                    for param, mask in masks.items():
+                        param.grad.mul_(mask)
+                optimizer.step()
+            seconds[name].append(time.perf_counter() - start)
+    accuracy = {}
+    with torch.no_grad():
+        for name, model in models.items():
+            accuracy[name] = float((model(x_test).argmax(1) == y_test).float().mean())
+    return {"sparsity": sparsity, "batch": batch, "epochs": epochs, "train_samples": len(y_train),
+            "sparse_layers": report.sparse_layers, "epoch_seconds": seconds,
+            "median_epoch_seconds": {k: statistics.median(v) for k, v in seconds.items()},
+            "test_accuracy": accuracy}
+
+
+def to_markdown(payload: dict) -> str:
+    lines = ["One training step (forward, backward, SGD with momentum) of a 4096x4096 layer: ms, median of "
+             "interleaved steps (speed-up over the masked dense step). 'dense (masked)': `nn.Linear` with its "
+             "gradient masked; 'sparsearch': `runtime.for_training` (trainable `SparseLinear`, forward and backward "
+             "on the kernels); 'sparselab': sparselab 0.2.2's `SparseLinear` (its own pattern, same sparsity). "
+             "'busy': next to one process multiplying matrices on one core.\n",
+             "| sparsity | batch | condition | dense (masked) | sparsearch | sparselab | load avg before |",
+             "|---|---|---|---|---|---|---|"]
+    for r in payload["layer"]:
+        ms = r["median_ms"]
+        cells = [f"{ms['dense (masked)']:.1f}"] + [f"{ms[k]:.1f} ({ms['dense (masked)'] / ms[k]:.2f}x)"
+                                                  for k in ("sparsearch", "sparselab")]
+        lines.append(f"| {r['sparsity']:.0%} | {r['batch']} | {r['condition']} | {' | '.join(cells)} | "
+                     f"{r['load_average_before'][0]} |")
+    m = payload.get("model")
+    if m:
+        lines += ["", f"784-2048-2048-10 MLP on Fashion-MNIST ({m['train_samples']} training images), hidden layers "
+                  f"at {m['sparsity']:.0%}, batch {m['batch']}, SGD lr 0.05 momentum 0.9, {m['epochs']} epochs "
+                  "(interleaved by epoch); sparsearch trains the masked dense model's own weights and pattern.\n",
+                  "| candidate | median epoch (s) | speed-up | test accuracy |", "|---|---|---|---|"]
+        base = m["median_epoch_seconds"]["dense (masked)"]
+        for name in CANDIDATES:
+            seconds = m["median_epoch_seconds"][name]
+            lines.append(f"| {name} | {seconds:.2f} | {base / seconds:.2f}x | {m['test_accuracy'][name]:.4f} |")
+    lines += ["", f"Run: `{payload['command']}`"]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--budget", type=float, default=4.0, help="seconds of timing per layer point")
+    parser.add_argument("--epochs", type=int, default=2, help="MLP epochs (0: skip the MLP)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    info = machine()
+    payload = {"machine": info, "command": f"python benchmarks/training_kernels.py --threads {args.threads} "
+                                          f"--budget {args.budget} --epochs {args.epochs}",
+               "layer": layer_rows(args.budget)}
+    if args.epochs:
+        payload["model"] = model_rows(args.epochs)
+        print(payload["model"], flush=True)
+    write_results("training_kernels", payload, to_markdown(payload))
+
+
+if __name__ == "__main__":
+    main()
