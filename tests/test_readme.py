@@ -28,6 +28,13 @@ def test_readme_python_blocks_run_in_order(tmp_path, monkeypatch):
     assert (tmp_path / "model.safetensors").stat().st_size > 0
     for name, mask in sparsifier.masks.items():
         assert not sparsifier.params[name].detach()[~mask].any(), f"pruned weights of {name} are not zero"
+    # the "Training on the sparse kernels" block: the sparse layers trained on the kernels, their patterns kept
+    from sparsearch.runtime import SparseLinear
+
+    trainable = namespace["trainable"]
+    assert isinstance(trainable[1], SparseLinear) and trainable[1].trainable
+    assert torch.equal(trainable[1].matrix.to_dense() != 0, namespace["model"][1].weight.detach() != 0)
+    assert isinstance(trainable[3], torch.nn.Linear)  # the output layer: above max_density, as the README says
     # the "Ship" block: a converted model computing what the trained one computes, written to disk
     model, fast = namespace["model"], namespace["fast"]
     x = torch.randn(5, 64)
