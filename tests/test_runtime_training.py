@@ -222,3 +222,32 @@ def test_a_bare_layer_is_returned_as_its_replacement():
     assert isinstance(converted, SparseLinear) and report.sparse_layers == [""]
     torch.testing.assert_close(converted(x), layer(x).detach(), rtol=1e-4, atol=1e-5)
     assert isinstance(layer, nn.Linear)  # the original stays as it was
+
+
+def test_a_trained_model_saves_and_loads_for_inference_and_for_more_training(tmp_path):
+    """After training on the kernels: `save_sparse` writes the non-zeros (the trained values), `load_sparse` gives an
+    inference model computing the same; `state_dict` round-trips into another `for_training` copy (in place, so
+    the kernels read the loaded values)."""
+    from sparsearch.runtime import load_sparse, save_sparse
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(300, 200), nn.ReLU(), nn.Linear(200, 10))
+    with torch.no_grad():
+        model[0].weight.mul_(torch.rand(200, 300) < 0.1)
+    trainable, _ = for_training(model)
+    optimizer = torch.optim.AdamW(trainable.parameters(), lr=1e-2)
+    for _ in range(3):
+        optimizer.zero_grad()
+        trainable(torch.randn(16, 300)).square().mean().backward()
+        optimizer.step()
+    x = torch.randn(4, 300)
+    expected = trainable(x).detach()
+    save_sparse(trainable, tmp_path / "trained.safetensors")
+    loaded = load_sparse(tmp_path / "trained.safetensors", nn.Sequential(nn.Linear(300, 200), nn.ReLU(),
+                                                                        nn.Linear(200, 10)))
+    assert isinstance(loaded[0], SparseLinear) and not loaded[0].trainable
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), expected, rtol=1e-5, atol=1e-6)
+    again, _ = for_training(model)  # the untrained weights, same pattern
+    again.load_state_dict(trainable.state_dict())
+    torch.testing.assert_close(again(x).detach(), expected, rtol=1e-5, atol=1e-6)
