@@ -43,7 +43,8 @@ class SparseLinear(nn.Module):
     parameters (`trainable=True`: any optimizer trains the stored non-zeros, the pattern stays fixed); either way
     `.state_dict()` carries them. Gradients flow through the kernels to the input (and to the values and bias when
     trainable). The kernels read the values array in place, so optimizers must update parameters in place (all of
-    torch.optim's do); int8 layers are inference-only.
+    torch.optim's do); int8 layers are inference-only. The first backward pass derives W^T's structure and keeps it
+    (about as many bytes again as the layer's sparse arrays).
     """
 
     def __init__(self, matrix: PanelCSRMatrix, bias: torch.Tensor | None = None, trainable: bool = False) -> None:
