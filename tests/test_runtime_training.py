@@ -30,17 +30,27 @@ def values_at_pattern(matrix: PanelCSRMatrix, dense: torch.Tensor) -> torch.Tens
     return picked
 
 
+def laid_out(tensor: torch.Tensor, layout: str) -> torch.Tensor:
+    """The same values as a contiguous tensor, rows inside a wider buffer, or the transpose of a contiguous one."""
+    if layout == "strided rows":
+        wide = torch.zeros(tensor.shape[0], tensor.shape[1] + 5)
+        wide[:, 2:2 + tensor.shape[1]] = tensor
+        return wide[:, 2:2 + tensor.shape[1]]
+    return tensor.t().contiguous().t() if layout == "transposed" else tensor
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @settings(max_examples=30, deadline=None)
-@given(rows=st.integers(1, 40), cols=st.integers(1, 300), batch=st.integers(1, 140),
+@given(rows=st.integers(1, 40), cols=st.integers(1, 300), batch=st.integers(0, 140),
        sparsity=st.sampled_from([0.0, 0.5, 0.9, 1.0]), panel_width=st.sampled_from([None, 1, 7, 64]),
-       seed=st.integers(0, 10_000))
-def test_values_gradient_and_transposed_product_match_dense(backend, rows, cols, batch, sparsity, panel_width, seed):
+       layout=st.sampled_from(["contiguous", "strided rows", "transposed"]), seed=st.integers(0, 10_000))
+def test_values_gradient_and_transposed_product_match_dense(backend, rows, cols, batch, sparsity, panel_width,
+                                                            layout, seed):
     weight = masked_weight(rows, cols, sparsity, seed)
     matrix = PanelCSRMatrix.from_dense(weight, panel_width)
     generator = torch.Generator().manual_seed(seed + 1)
-    x = torch.randn(batch, cols, generator=generator)
-    grad_output = torch.randn(batch, rows, generator=generator)
+    x = laid_out(torch.randn(batch, cols, generator=generator), layout)
+    grad_output = laid_out(torch.randn(batch, rows, generator=generator), layout)
     dense_grad = grad_output.t() @ x  # dL/dW of y = x W^T
     torch.testing.assert_close(sparse_linear_values_grad(x, grad_output, matrix, backend=backend),
                                values_at_pattern(matrix, dense_grad), rtol=1e-4, atol=1e-4)
