@@ -106,3 +106,33 @@ def test_cli_converts_a_model_directory_and_refuses_a_non_model(tmp_path):
     result = CliRunner().invoke(app, ["convert", str(not_a_model), "-o", str(tmp_path / "never")])
     assert result.exit_code == 2 and "not a transformers model directory" in result.output
     assert not (tmp_path / "never").exists()
+
+
+def test_gpt2_fine_tunes_on_the_kernels_like_its_masked_dense_twin():
+    """Sparse fine-tuning after pruning, the common workflow: GPT-2's Conv1D layers (attention included) train on
+    the kernels; the tied lm_head stays dense; losses follow the masked dense model step for step."""
+    from sparsearch.runtime import for_training
+
+    model = tiny_gpt2()  # eval mode: no dropout, so both models draw nothing at random
+    model.config.use_cache = False
+    masks = {name: module.weight != 0 for name, module in model.named_modules()
+             if type(module).__name__ == "Conv1D"}
+    trainable, report = for_training(model)
+    decided = {d.name: d for d in report.layers}
+    assert set(report.sparse_layers) == set(masks)
+    assert not decided["lm_head"].sparse and "tied" in decided["lm_head"].reason
+    dense_opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sparse_opt = torch.optim.AdamW(trainable.parameters(), lr=1e-3)
+    tokens = torch.randint(0, 101, (4, 16), generator=torch.Generator().manual_seed(0))
+    for _ in range(3):
+        losses = []
+        for net, opt in ((model, dense_opt), (trainable, sparse_opt)):
+            opt.zero_grad()
+            loss = net(tokens, labels=tokens).loss
+            loss.backward()
+            if net is model:
+                for name, mask in masks.items():
+                    model.get_submodule(name).weight.grad.mul_(mask)
+            opt.step()
+            losses.append(loss.item())
+        assert losses[0] == pytest.approx(losses[1], rel=1e-4)
