@@ -151,6 +151,10 @@ def test_training_bad_input_is_refused():
     layer.values.data = layer.values.data.clone()  # replaced, not updated in place: the kernels would not see it
     with pytest.raises(RuntimeError, match="in place"):
         layer(torch.randn(2, 20))
+    with torch.no_grad(), pytest.raises(RuntimeError, match="in place"):  # inference too: no stale outputs
+        layer(torch.randn(2, 20))
+    with pytest.raises(RuntimeError, match=r"\.double\(\)"):
+        SparseLinear(PanelCSRMatrix.from_dense(masked_weight(8, 20, 0.5, 0))).double()(torch.randn(2, 20))
 
 
 class TiedAttentionModel(nn.Module):

@@ -160,7 +160,6 @@ class _CBackend:
             *m.kernel_args, None if bias is None else bias.data_ptr(),
             x.data_ptr(), y.data_ptr(), threads, bitmap, lane_sums, m.cols)
 
-
     def sddmm(self, m: PanelCSRMatrix, x: torch.Tensor, g: torch.Tensor, threads: int) -> torch.Tensor:
         """For every stored non-zero (i, j), in storage order: sum over the rows b of g[b, i] x[b, j] (x: [batch,
         cols], g: [batch, rows], both with unit column stride)."""
@@ -203,7 +202,6 @@ class _NumbaBackend:
         self._kernels.matvec(m.rows, m.panel_width, m.segment_ptr.numpy(), m.row_nnz_prefix.numpy(),
                              m.col_indices.numpy(), m.float_values.numpy(), _bias_array(bias, m.rows),
                              x.reshape(-1).numpy(), y.reshape(-1).numpy(), self._threads(threads))
-
 
     def sddmm(self, m: PanelCSRMatrix, x: torch.Tensor, g: torch.Tensor, threads: int) -> torch.Tensor:
         grad = torch.empty(m.nnz, dtype=torch.float32)

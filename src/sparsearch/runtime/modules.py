@@ -102,16 +102,17 @@ class SparseLinear(nn.Module):
         return (self.out_features, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = self.bias
-        if torch.is_grad_enabled() and (x.requires_grad or self.values.requires_grad
+        values, bias = self.values, self.bias
+        if values.data_ptr() != self._matrix.values.data_ptr():
+            raise RuntimeError("SparseLinear.values is no longer the array the kernels read: it was replaced (by "
+                               "assigning .data, or by .to() / .half() / .double()) instead of updated in place; "
+                               "update parameters in place (torch.optim does) and keep the layer float32 on the CPU")
+        if torch.is_grad_enabled() and (x.requires_grad or values.requires_grad
                                         or (bias is not None and bias.requires_grad)):
             if self._matrix.is_int8:
                 raise RuntimeError("an int8 SparseLinear is inference-only: gradients do not flow through the int8 "
                                    "kernels; call it under torch.no_grad() or on an input without requires_grad")
-            if self.values.data_ptr() != self._matrix.values.data_ptr():
-                raise RuntimeError("SparseLinear.values was replaced rather than updated in place; the kernels "
-                                   "read the original array (update parameters in place, e.g. with torch.optim)")
-            return _SparseLinearFunction.apply(x, self.values, bias, self._matrix)
+            return _SparseLinearFunction.apply(x, values, bias, self._matrix)
         return sparse_linear(x, self._matrix, bias)
 
     def to_dense_linear(self) -> nn.Linear:
