@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from runtime_common import interleaved_times, machine, write_results
 from torch import nn
 
-from sparsearch.runtime import PanelCSRMatrix, SparseLinear, convert, kernels, sparse_linear
+from sparsearch.kernels import cpu as kernels
+from sparsearch.runtime import PanelCSRMatrix, SparseLinear, convert, sparse_linear
 
 BUSY_LOOP = "import torch\ntorch.set_num_threads(1)\na = torch.randn(512, 512)\nwhile True:\n    a @ a\n"
 SPARSITIES = (0.9, 0.95)

@@ -23,7 +23,7 @@ from runtime_contention import BusyProcess, weight_at
 from sparsearch.runtime import PanelCSRMatrix, sparse_linear
 
 OPENMP_COMMIT = "c275508"
-SOURCE = "src/sparsearch/runtime/csrc/sparse_kernels.c"
+SOURCE = "src/sparsearch/kernels/csrc/sparse_kernels.c"
 
 
 def openmp_library(workdir: Path) -> ctypes.CDLL:

@@ -21,8 +21,8 @@ import torch
 from runtime_common import interleaved_times, machine, write_results
 from runtime_transformers import SETTINGS, all_sparse, pruned_copy, shuffled_sentences
 
+from sparsearch.kernels import cpu as kernels
 from sparsearch.oneshot import load_pretrained
-from sparsearch.runtime import kernels
 
 GRAINS = {"2^16": 1 << 16, "2^19": 1 << 19, "one thread": 1 << 62}
 

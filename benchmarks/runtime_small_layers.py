@@ -2,7 +2,7 @@
 sentence inputs (8 to 128 tokens: one or more vectors of 8 or 16 per batch tile): sparse_linear against dense
 F.linear, on 1 and 2 threads.
 
-With --baseline REF the sparse kernels of git revision REF (its runtime/kernels.py and C source, loaded next to
+With --baseline REF the sparse kernels of git revision REF (its kernels module and C source, loaded next to
 this checkout's under another module name, so both run in the same process, interleaved) are timed as well:
 before/after from one run. Writes benchmarks/results/runtime_small_layers.md/.json.
 
@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from runtime_common import interleaved_times, machine, write_results
 from runtime_contention import BusyProcess
 
-from sparsearch.runtime import kernels
-from sparsearch.runtime.format import PanelCSRMatrix
+from sparsearch.kernels import cpu as kernels
+from sparsearch.kernels.format import PanelCSRMatrix
 
 SHAPES = ((384, 384), (1536, 384), (384, 1536), (768, 768))  # (out_features, in_features)
 TOKENS = (8, 11, 16, 32, 33, 128)
@@ -37,14 +37,23 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def load_baseline(ref: str, workdir: Path) -> ModuleType:
-    """runtime/kernels.py of git revision `ref` as module `baseline_kernels`, with its own C source."""
-    runtime = workdir / "runtime"
-    (runtime / "csrc").mkdir(parents=True)
-    for relative in ("kernels.py", "csrc/sparse_kernels.c"):
-        text = subprocess.run(["git", "-C", str(REPO), "show", f"{ref}:src/sparsearch/runtime/{relative}"],
-                              capture_output=True, text=True, check=True).stdout
-        (runtime / relative).write_text(text)
-    spec = importlib.util.spec_from_file_location("baseline_kernels", runtime / "kernels.py")
+    """The kernels module of git revision `ref` (kernels/cpu.py, or runtime/kernels.py before the kernels moved
+    below the training layer) as module `baseline_kernels`, with its own C source."""
+    package = workdir / "kernels"
+    (package / "csrc").mkdir(parents=True)
+    layouts = (("kernels", "cpu.py"), ("runtime", "kernels.py"))
+    for directory, module_file in layouts:
+        shown = subprocess.run(["git", "-C", str(REPO), "show", f"{ref}:src/sparsearch/{directory}/{module_file}"],
+                               capture_output=True, text=True, check=False)
+        if shown.returncode == 0:
+            break
+    else:
+        raise SystemExit(f"revision {ref} has no kernels module (kernels/cpu.py or runtime/kernels.py)")
+    (package / "cpu.py").write_text(shown.stdout)
+    source = subprocess.run(["git", "-C", str(REPO), "show", f"{ref}:src/sparsearch/{directory}/csrc/sparse_kernels.c"],
+                            capture_output=True, text=True, check=True).stdout
+    (package / "csrc" / "sparse_kernels.c").write_text(source)
+    spec = importlib.util.spec_from_file_location("baseline_kernels", package / "cpu.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules["baseline_kernels"] = module
     spec.loader.exec_module(module)

@@ -12,6 +12,10 @@
 3. Sparse fine-tuning after one-shot pruning: the GPT-2-style decoder of runtime_transformers.py (6 x 768, vocabulary
    8192) pruned to 90% with one-shot magnitude, one AdamW step on 8 sequences of 64 tokens: masked dense against
    `for_training` (its Conv1D layers on the kernels; the lm_head, tied to the embedding, stays dense), interleaved.
+4. A study trial: the random-weight arm of benchmarks/study_fashion.toml (LeNet-300-100 on Fashion-MNIST, an ERK
+   random mask, SGD with momentum and weight decay, cosine rate, batch 128) at 90% and 98%, trained by
+   `sparsearch.training.train` on one thread (as a study worker trains) with and without `sparse_kernels=True`:
+   seconds per epoch and final test accuracy.
 
 Run: python benchmarks/training_kernels.py [--threads 2] [--epochs 2] (about 6 minutes on 2 quiet cores)
 """
@@ -164,6 +168,39 @@ def decoder_row(budget: float, steps: int) -> dict:
             "median_s": medians, "best_s": best}
 
 
+def study_trial_rows(epochs: int) -> list[dict]:
+    from sparsearch.engine import StaticMaskSparsifier
+    from sparsearch.models import build_model
+    from sparsearch.search import WeightSpace
+    from sparsearch.training import TrainBudget, train
+
+    data = load_dataset("fashion-mnist", seed=0)
+    budget = TrainBudget(epochs=epochs, batch_size=128, optimizer="sgd", lr=0.05, momentum=0.9, weight_decay=5e-4,
+                         lr_schedule="cosine")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    rows = []
+    try:
+        for sparsity in (0.9, 0.98):
+            def parent() -> nn.Module:
+                return build_model("mlp", data.input_shape, data.num_classes, widths=(300, 100), seed=0)
+
+            masks = WeightSpace(parent(), sparsity, "erk").sample(torch.Generator().manual_seed(0))
+            row: dict = {"sparsity": sparsity, "epochs": epochs, "threads": 1,
+                         "mask_density": {k: float(m.float().mean()) for k, m in masks.items()}}
+            for kernels in (False, True):  # whole trials one after the other: each takes seconds
+                result = train(parent(), data, budget, seed=0, sparse_kernels=kernels,
+                               sparsifier_factory=lambda steps, masks=masks: StaticMaskSparsifier(masks))
+                name = "kernels" if kernels else "masked"
+                row[f"{name}_epoch_seconds"] = statistics.median(e.seconds for e in result.epochs)
+                row[f"{name}_test_accuracy"] = result.final_test_accuracy
+            rows.append(row)
+            print(row, flush=True)
+    finally:
+        torch.set_num_threads(threads)
+    return rows
+
+
 def to_markdown(payload: dict) -> str:
     lines = ["One training step (forward, backward, SGD with momentum) of a 4096x4096 layer: ms, median of "
              "interleaved steps (speed-up over the masked dense step). 'dense (masked)': `nn.Linear` with its "
@@ -196,6 +233,20 @@ def to_markdown(payload: dict) -> str:
                   f"{d['sparse_layers']} of {d['linear_layers']} Linear/Conv1D layers on the kernels (the lm_head is "
                   f"tied to the embedding and stays dense). Masked dense {base:.2f} s, sparsearch {ours:.2f} s "
                   f"({base / ours:.2f}x); load average before {d['load_average_before'][0]}."]
+    trials = payload.get("study_trial")
+    if trials:
+        lines += ["", "A study trial on one thread (`sparsearch.training.train`, the random-weight arm of "
+                  "benchmarks/study_fashion.toml: LeNet-300-100, ERK mask, Fashion-MNIST), median seconds per epoch "
+                  "and final test accuracy, masked against `sparse_kernels=True`:\n",
+                  "| sparsity | kept per layer | masked s/epoch | kernels s/epoch | speed-up | "
+                  "test acc masked / kernels |",
+                  "|---|---|---|---|---|---|"]
+        for r in trials:
+            kept = ", ".join(f"{v:.2f}" for v in r["mask_density"].values())
+            lines.append(f"| {r['sparsity']:.0%} | {kept} | {r['masked_epoch_seconds']:.2f} | "
+                         f"{r['kernels_epoch_seconds']:.2f} | "
+                         f"{r['masked_epoch_seconds'] / r['kernels_epoch_seconds']:.2f}x | "
+                         f"{r['masked_test_accuracy']:.4f} / {r['kernels_test_accuracy']:.4f} |")
     lines += ["", f"Run: `{payload['command']}`"]
     return "\n".join(lines) + "\n"
 
@@ -206,12 +257,13 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=4.0, help="seconds of timing per layer point")
     parser.add_argument("--epochs", type=int, default=2, help="MLP epochs (0: skip the MLP)")
     parser.add_argument("--decoder-steps", type=int, default=8, help="decoder steps per candidate (0: skip)")
+    parser.add_argument("--trial-epochs", type=int, default=2, help="study-trial epochs (0: skip)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     info = machine()
     payload = {"machine": info, "command": f"python benchmarks/training_kernels.py --threads {args.threads} "
                                           f"--budget {args.budget} --epochs {args.epochs} "
-                                          f"--decoder-steps {args.decoder_steps}",
+                                          f"--decoder-steps {args.decoder_steps} --trial-epochs {args.trial_epochs}",
                "layer": layer_rows(args.budget)}
     if args.epochs:
         payload["model"] = model_rows(args.epochs)
@@ -219,6 +271,8 @@ def main() -> None:
     if args.decoder_steps:
         payload["decoder"] = decoder_row(args.budget, args.decoder_steps)
         print(payload["decoder"], flush=True)
+    if args.trial_epochs:
+        payload["study_trial"] = study_trial_rows(args.trial_epochs)
     write_results("training_kernels", payload, to_markdown(payload))
 
 

@@ -217,8 +217,8 @@ def test_loading_a_sparse_conv_into_a_different_layer_fails_clearly(tmp_path):
 def test_without_the_c_kernels_sparse_convs_run_dense_and_convert_keeps_them_dense(monkeypatch):
     import importlib
 
+    from sparsearch.kernels import cpu as kernels
     from sparsearch.runtime import conv as conv_module
-    from sparsearch.runtime import kernels
 
     convert_module = importlib.import_module("sparsearch.runtime.convert")  # the package exports a function "convert"
 

@@ -94,6 +94,43 @@ def test_same_seed_same_numbers_whatever_the_executor(tmp_path):
     assert curves["dense/s0/seed0"] != curves["dense/s0/seed1"]
 
 
+def test_sparse_kernels_run_the_static_mask_arms_on_the_kernels_and_resume_the_same_store(tmp_path, monkeypatch):
+    """`sparse_kernels = true` changes how trials run, not what the study is: the same store resumes either way, and
+    a random weight mask at 90% (every layer on the kernels) gives masked training's numbers to float rounding."""
+    from sparsearch.study.config import StudyConfig
+    from sparsearch.training import loop
+
+    moved: list[list[str]] = []
+    original = loop.on_kernels
+
+    def recording(model, layers, *args):
+        moved.append(sorted(layers))
+        return original(model, layers, *args)
+
+    monkeypatch.setattr(loop, "on_kernels", recording)
+
+    study = {**TINY, "arms": ["random-weight"], "sparsities": [0.9], "model": {"arch": "mlp", "widths": [256, 256]}}
+    config = parse_study_config(study)
+    on_kernels = parse_study_config({**study, "sparse_kernels": True})
+    assert on_kernels.sparse_kernels and on_kernels.config_hash() == config.config_hash()
+    for study_config, name in ((config, "masked"), (on_kernels, "kernels")):
+        run = run_study(study_config, store_path=tmp_path / f"{name}.sqlite", executor=InlineExecutor(),
+                        show_progress=False)
+        assert run.failed == {}
+    # the kernel run moved the hidden layers; the output layer (ERK keeps 80% of it) trained masked
+    assert moved == [["layers.0", "layers.1"]]
+    masked, kernels = stable_numbers(tmp_path / "masked.sqlite"), stable_numbers(tmp_path / "kernels.sqlite")
+    key = "random-weight/s0.9/seed0"
+    assert kernels[0][key]["train_flops"] == masked[0][key]["train_flops"]
+    assert kernels[0][key]["weight_sparsity"] == masked[0][key]["weight_sparsity"]
+    for (epoch, step, loss, *_), expected in zip(kernels[1][key], masked[1][key], strict=True):
+        assert (epoch, step) == expected[:2] and loss == pytest.approx(expected[2], rel=1e-4)
+    again = run_study(on_kernels, store_path=tmp_path / "masked.sqlite", executor=InlineExecutor(),
+                      show_progress=False)
+    assert again.already_done == 1 and not again.finished
+    assert "sparse_kernels" in StudyConfig.model_fields
+
+
 def test_ray_executor_gives_the_same_numbers_and_resumes(tmp_path):
     pytest.importorskip("ray")
     from sparsearch.study.executors import RayExecutor

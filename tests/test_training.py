@@ -119,3 +119,52 @@ def test_bad_budgets_name_the_field(settings, field):
 def test_train_needs_a_budget_object(digits):
     with pytest.raises(TypeError, match="budget must be a TrainBudget, got dict"):
         train(_model(digits), digits, {"epochs": 1}, seed=0)
+
+
+def test_sparse_kernels_train_a_static_mask_like_masked_training(digits):
+    """`sparse_kernels=True` moves the masked layers onto the kernels for the run: the same curve to float rounding,
+    the same FLOPs, and the model left as masked training leaves it (trained weights, masked ones zero, its own
+    modules)."""
+    model = build_model("mlp", digits.input_shape, digits.num_classes, widths=(256, 256), seed=0)
+    masks = WeightSpace(model, 0.9, "uniform").sample(torch.Generator().manual_seed(0))
+    budget = TrainBudget(epochs=2, batch_size=32, lr=0.05)
+
+    def run(kernels: bool):
+        net = build_model("mlp", digits.input_shape, digits.num_classes, widths=(256, 256), seed=0)
+        modules = list(net.modules())
+        result = train(net, digits, budget, seed=0, sparsifier_factory=lambda steps: StaticMaskSparsifier(masks),
+                       sparse_kernels=kernels)
+        assert list(net.modules()) == modules  # every module put back
+        return net, result
+
+    (masked_net, masked), (kernel_net, on_kernels) = run(False), run(True)
+    assert kernel_layers_used(masks, build_model("mlp", digits.input_shape, digits.num_classes, widths=(256, 256)))
+    for (epoch, step, loss, val, test), expected in zip(_curve(on_kernels), _curve(masked), strict=True):
+        assert (epoch, step) == expected[:2]
+        assert loss == pytest.approx(expected[2], rel=1e-4)
+        assert val == pytest.approx(expected[3], abs=0.02) and test == pytest.approx(expected[4], abs=0.02)
+    assert on_kernels.train_flops == masked.train_flops
+    weights, reference = dict(kernel_net.named_parameters()), dict(masked_net.named_parameters())
+    for name, mask in masks.items():
+        assert not weights[name][~mask].any()
+        torch.testing.assert_close(weights[name], reference[name], rtol=1e-3, atol=1e-4)
+
+
+def kernel_layers_used(masks, model) -> bool:
+    """Whether `kernel_layers` would take every masked layer of this model (so the test above is not vacuous)."""
+    from sparsearch.training.loop import kernel_layers
+
+    sparsifier = StaticMaskSparsifier(masks)
+    sparsifier.attach(model)
+    return set(kernel_layers(model, sparsifier)) == {name.rpartition(".")[0] for name in masks}
+
+
+def test_sparse_kernels_fall_back_to_masked_training_where_a_layer_cannot_go(digits):
+    """A node-space mask at 50% keeps layers half dense: no layer moves, and the run is bit-identical to masked."""
+    masks = NodeSpace(_model(digits), 0.5).sample(torch.Generator().manual_seed(0))
+
+    def run(kernels: bool):
+        return train(_model(digits), digits, BUDGET, seed=0, sparse_kernels=kernels,
+                     sparsifier_factory=lambda steps: StaticMaskSparsifier(masks))
+
+    assert _curve(run(True)) == _curve(run(False))

@@ -48,6 +48,10 @@ def study_command(
     workers: Annotated[int | None, typer.Option(help="Parallel trials (default: every core).")] = None,
     report: Annotated[bool, typer.Option(help="Write the report when the study is done.")] = True,
     progress: Annotated[bool, typer.Option(help="Show a progress bar with ETA.")] = True,
+    sparse_kernels: Annotated[
+        bool | None,
+        typer.Option(help="Train static masks on the sparse kernels (default: from the study file, else off)."),
+    ] = None,
 ) -> None:
     """Run a sparse-architecture study; re-running the same command resumes it."""
     console = _console()
@@ -56,6 +60,8 @@ def study_command(
         sys.path.insert(0, os.getcwd())
     with user_errors():
         study = load_study_config(config) if config is not None else default_study_config()
+        if sparse_kernels is not None:
+            study = study.model_copy(update={"sparse_kernels": sparse_kernels})
         store_path = study.store_path(store)
         console.print(
             f"study [bold]{study.name}[/] -> {store_path} "

@@ -9,6 +9,9 @@ and sparse files.
     trainable, report = sparsearch.runtime.for_training(masked_model)  # train the pattern on the kernels
 """
 
+from sparsearch.kernels.cpu import get_backend, sparse_linear, sparse_linear_values_grad, sparse_matmul_t
+from sparsearch.kernels.format import PanelCSRMatrix
+from sparsearch.kernels.modules import SparseLinear
 from sparsearch.runtime.conv import SparseConv1d, SparseConv2d
 from sparsearch.runtime.convert import (
     ConversionReport,
@@ -19,10 +22,7 @@ from sparsearch.runtime.convert import (
     for_training,
     to_int8,
 )
-from sparsearch.runtime.format import PanelCSRMatrix
 from sparsearch.runtime.hf import convert_transformers, load_transformers, save_transformers
-from sparsearch.runtime.kernels import get_backend, sparse_linear, sparse_linear_values_grad, sparse_matmul_t
-from sparsearch.runtime.modules import SparseLinear
 from sparsearch.runtime.storage import load_sparse, read_sparse_file, save_sparse
 
 __all__ = [

@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparsearch.runtime.format import MAX_PANEL_WIDTH, PanelCSRMatrix
-from sparsearch.runtime.kernels import get_backend
+from sparsearch.kernels.cpu import get_backend
+from sparsearch.kernels.format import MAX_PANEL_WIDTH, PanelCSRMatrix
 
 SIZES_KEPT = 8  # virtual matrices kept per layer (one per input spatial size seen)
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d)

@@ -38,10 +38,10 @@ from safetensors.torch import load_file
 from torch import nn
 
 from sparsearch.engine.replaceable import reason_to_keep_dense, shared_parameters
+from sparsearch.kernels.cpu import get_backend, sparse_linear
+from sparsearch.kernels.format import PanelCSRMatrix
+from sparsearch.kernels.modules import SparseLinear, linear_like
 from sparsearch.runtime.conv import SparseConv1d, SparseConv2d, sparse_conv_for
-from sparsearch.runtime.format import PanelCSRMatrix
-from sparsearch.runtime.kernels import get_backend, sparse_linear
-from sparsearch.runtime.modules import SparseLinear, linear_like
 from sparsearch.runtime.storage import compact_state, write_sparse_file
 from sparsearch.runtime.timing import PairedTiming, paired_speedup
 

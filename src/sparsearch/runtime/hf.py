@@ -19,8 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from sparsearch.kernels.modules import linear_like
 from sparsearch.runtime.convert import ConversionReport, convert_with_report
-from sparsearch.runtime.modules import linear_like
 from sparsearch.runtime.storage import load_sparse, save_sparse
 
 SPARSE_WEIGHTS_NAME = "model.sparse.safetensors"

@@ -27,9 +27,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from sparsearch.engine.replaceable import reason_to_keep_dense, shared_parameters
+from sparsearch.kernels.format import INT8_SCALES, PanelCSRMatrix
+from sparsearch.kernels.modules import SparseLinear, linear_like
 from sparsearch.runtime.conv import SparseConv1d, SparseConv2d, sparse_conv_for
-from sparsearch.runtime.format import INT8_SCALES, PanelCSRMatrix
-from sparsearch.runtime.modules import SparseLinear, linear_like
 
 SparseModule = SparseLinear | SparseConv1d | SparseConv2d
 

@@ -36,7 +36,9 @@ BASE_ARMS = ("dense", "random-node", "random-weight", "search-node", "search-wei
 
 DEFAULT_STORE_DIR = Path("sparsearch-runs")
 # keys that choose where and how a study runs, not what it computes: they stay out of the config hash
-RUN_ONLY_KEYS = frozenset({"store", "workers", "executor", "ray_address"})
+# (sparse_kernels computes the same masked training summed in another order: like the thread count, it changes
+# results at float rounding only)
+RUN_ONLY_KEYS = frozenset({"store", "workers", "executor", "ray_address", "sparse_kernels"})
 RUN_ONLY_SEARCH_KEYS = frozenset({"workers"})
 
 
@@ -206,6 +208,11 @@ class StudyConfig(_Strict):
     workers: int | None = Field(default=None, ge=1)
     executor: Literal["process", "ray"] = "process"
     ray_address: str | None = None
+    sparse_kernels: bool = Field(
+        default=False,
+        description="train the static-mask arms' layers on the sparse kernels where every masked layer is a Linear "
+        "kept at most 30% dense (sparsearch.training.train(sparse_kernels=True)); same results to float rounding",
+    )
 
     @field_validator("dataset")
     @classmethod

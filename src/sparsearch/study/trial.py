@@ -124,7 +124,8 @@ def run_trial(inputs: StudyInputs, spec: TrialSpec, on_epoch: Callable[[EpochRow
             on_epoch(_epoch_row(metrics))
 
     trained = train(
-        model, data, config.budget, seed=spec.seed, sparsifier_factory=sparsifier_factory, on_epoch=report_epoch
+        model, data, config.budget, seed=spec.seed, sparsifier_factory=sparsifier_factory, on_epoch=report_epoch,
+        sparse_kernels=config.sparse_kernels,
     )
     params_total, params_nonzero = parameter_counts(model)
     flops = count_flops(model, data.input_shape)

@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Literal
 
@@ -40,10 +40,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sparsearch.data.splits import DataSplits
-from sparsearch.engine.sparsifier import Sparsifier
+from sparsearch.engine.replaceable import reason_to_keep_dense
+from sparsearch.engine.sparsifier import Sparsifier, StaticMaskSparsifier
+from sparsearch.kernels import PanelCSRMatrix, SparseLinear
 from sparsearch.models.flops import FlopCount, FlopMeter
 
 EVAL_BATCH_SIZE = 1024
+# `sparse_kernels=True` moves a static mask's nn.Linear layers onto the kernels when they are kept at most this dense
+# (the default of runtime.for_training; above it the dense products are about as fast)
+KERNEL_MAX_DENSITY = 0.3
 
 
 class TrainBudget(pydantic.BaseModel):
@@ -160,6 +165,61 @@ def deterministic_algorithms() -> Iterator[None]:
         torch.use_deterministic_algorithms(previous, warn_only=previous_warn_only)
 
 
+def kernel_layers(model: nn.Module, sparsifier: Sparsifier | None) -> dict[str, nn.Linear]:
+    """The layers `train(..., sparse_kernels=True)` moves onto the sparse kernels: those a static mask masks that
+    are CPU float32 `nn.Linear` layers kept at most KERNEL_MAX_DENSITY dense and replaceable (weight not tied, not
+    read by the parent). The static mask's other layers train masked as usual."""
+    if not isinstance(sparsifier, StaticMaskSparsifier) or not sparsifier.masks_weights:
+        return {}
+    layers = {}
+    for name, mask in sparsifier.masks.items():
+        module_name, _, leaf = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        if (leaf == "weight" and type(module) is nn.Linear and module.weight.dtype == torch.float32
+                and module.weight.device.type == "cpu" and float(mask.float().mean()) <= KERNEL_MAX_DENSITY
+                and reason_to_keep_dense(model, module_name) is None):
+            layers[module_name] = module
+    return layers
+
+
+@contextmanager
+def on_kernels(model: nn.Module, layers: dict[str, nn.Linear], masks: dict[str, Tensor],
+               optimizer: torch.optim.Optimizer) -> Iterator[None]:
+    """Within the block, each of `layers` is replaced in `model` by a trainable `SparseLinear` holding the entries
+    its mask keeps, and in `optimizer` (which must not have stepped yet) its weight and bias by the new layer's
+    values and bias; on exit the trained values are written back into the layer (zeros elsewhere) and the layer is
+    put back, so the model is what masked training would have left. The sparsifier keeps its hooks on the same
+    optimizer: the layers that stay in the model stay masked as before."""
+    if optimizer.state:
+        raise RuntimeError("on_kernels needs an optimizer that has not stepped yet (its state would be lost)")
+    swapped = {}
+    for name, linear in layers.items():
+        matrix = PanelCSRMatrix.from_mask(linear.weight, masks[f"{name}.weight"])
+        swapped[name] = SparseLinear(matrix, linear.bias, trainable=True)
+    replacement = {id(linear.weight): swapped[name].values for name, linear in layers.items()}
+    replacement.update({id(linear.bias): swapped[name].bias for name, linear in layers.items()
+                        if linear.bias is not None})
+    try:
+        for name, sparse in swapped.items():
+            _set_submodule(model, name, sparse)
+        for group in optimizer.param_groups:
+            group["params"] = [replacement.get(id(param), param) for param in group["params"]]
+        yield
+    finally:
+        with torch.no_grad():
+            for name, linear in layers.items():
+                sparse = swapped[name]
+                linear.weight.copy_(sparse.matrix.to_dense())
+                if linear.bias is not None:
+                    linear.bias.copy_(sparse.bias)
+                _set_submodule(model, name, linear)
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
 def train(
     model: nn.Module,
     data: DataSplits,
@@ -171,6 +231,7 @@ def train(
     steps: int | None = None,
     evaluate_after: Literal["every-epoch", "end"] = "every-epoch",
     test: bool = True,
+    sparse_kernels: bool = False,
 ) -> TrainResult:
     """Train ``model`` on ``data.x_train`` for ``budget.epochs`` epochs (or ``steps`` steps) and evaluate it.
 
@@ -186,6 +247,10 @@ def train(
         steps: train exactly this many optimizer steps instead of ``budget.epochs`` epochs.
         evaluate_after: evaluate after every epoch, or only after the last one.
         test: evaluate the test split too (False: validation only, as a search score must).
+        sparse_kernels: train the static mask's layers that `kernel_layers` finds suitable on the sparse kernels
+            (forward and backward cost per kept weight), the others masked as usual; the same arithmetic as masked
+            training summed in another order, so results match it to float rounding, not bit for bit. The model
+            is left as masked training leaves it.
     """
     if not isinstance(budget, TrainBudget):
         raise TypeError(f"budget must be a TrainBudget, got {type(budget).__name__}")
@@ -202,12 +267,14 @@ def train(
     sparsifier = sparsifier_factory(total_steps) if sparsifier_factory is not None else None
     if sparsifier is not None:
         sparsifier.attach(model, optimizer)
-    flops = FlopMeter(model, data.input_shape)
+    flops = FlopMeter(model, data.input_shape)  # on the masked layers: their pattern is what the kernels compute
     device = _device_of(model)
     history: list[EpochMetrics] = []
     step = 0
+    layers = kernel_layers(model, sparsifier) if sparse_kernels else {}
+    kernels = on_kernels(model, layers, sparsifier.masks, optimizer) if layers else nullcontext()
     model.train()
-    with deterministic_algorithms():
+    with deterministic_algorithms(), kernels:
         for epoch in range(1, epochs + 1):
             epoch_started = time.perf_counter()
             loss_sum, seen = 0.0, 0

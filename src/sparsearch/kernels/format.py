@@ -214,6 +214,21 @@ class PanelCSRMatrix:
         return cls.from_arrays((rows, cols), width, values, col_indices, segment_nnz)
 
     @classmethod
+    def from_mask(cls, weight: torch.Tensor, mask: torch.Tensor, panel_width: int | None = None) -> PanelCSRMatrix:
+        """The entries of `weight` where `mask` is true, zeros included (a kept weight that is exactly 0 stays in
+        the pattern, so training can move it; `from_dense` would drop it)."""
+        if not isinstance(mask, torch.Tensor) or not isinstance(weight, torch.Tensor) or mask.shape != weight.shape:
+            raise ValueError(f"weight and mask must be tensors of one shape, got {tuple(getattr(weight, 'shape', ()))} "
+                             f"and {tuple(getattr(mask, 'shape', ()))}")
+        structure = cls.from_dense(mask.detach().to(device="cpu", dtype=torch.float32), panel_width)
+        segment = structure._segment_of_entry
+        rows = max(structure.rows, 1)
+        columns = (segment // rows) * structure.panel_width + structure.col_indices.to(torch.int64)
+        values = weight.detach().to(device="cpu", dtype=torch.float32)[segment % rows, columns].contiguous()
+        return cls.from_arrays(structure.shape, structure.panel_width, values, structure.col_indices,
+                               structure.segment_nnz)
+
+    @classmethod
     def from_arrays(cls, shape: tuple[int, int], panel_width: int, values: torch.Tensor,
                     col_indices: torch.Tensor, segment_nnz: torch.Tensor,
                     scales: torch.Tensor | None = None) -> PanelCSRMatrix:

@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from sparsearch.runtime.format import PanelCSRMatrix
-from sparsearch.runtime.kernels import sparse_linear, sparse_linear_values_grad
+from sparsearch.kernels.cpu import sparse_linear, sparse_linear_values_grad
+from sparsearch.kernels.format import PanelCSRMatrix
 
 
 class _SparseLinearFunction(torch.autograd.Function):

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sparsearch.runtime.format import PanelCSRMatrix
+from sparsearch.kernels.format import PanelCSRMatrix
 
 _SOURCE = Path(__file__).with_name("csrc") / "sparse_kernels.c"
 _BACKENDS = ("c", "numba")
@@ -173,7 +173,7 @@ class _NumbaBackend:
     name = "numba"
 
     def __init__(self) -> None:
-        from sparsearch.runtime import _numba_kernels
+        from sparsearch.kernels import _numba_kernels
 
         self._kernels = _numba_kernels
 
