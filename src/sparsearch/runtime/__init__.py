@@ -1,5 +1,6 @@
-"""Sparse inference on the CPU: the panel-CSR format, its kernels, `SparseLinear`, `SparseConv1d/2d`, `convert`,
-and sparse files.
+"""Sparse models on the CPU: `convert` (layers onto the kernels where measured faster), `SparseConv1d/2d`, int8,
+`for_training`, transformers conversion and sparse files; the panel-CSR format, its kernels and `SparseLinear` live
+in `sparsearch.kernels` (below the training loop, which trains on them) and are re-exported here.
 
     fast = sparsearch.runtime.convert(model, example_batch)  # Linear/Conv -> sparse layers where measured faster
     sparsearch.runtime.save_sparse(fast, "m.safetensors")
