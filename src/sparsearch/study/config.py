@@ -210,8 +210,9 @@ class StudyConfig(_Strict):
     ray_address: str | None = None
     sparse_kernels: bool = Field(
         default=False,
-        description="train the static-mask arms' layers on the sparse kernels where every masked layer is a Linear "
-        "kept at most 30% dense (sparsearch.training.train(sparse_kernels=True)); same results to float rounding",
+        description="train the static-mask arms' Linear layers kept at most 30% dense on the sparse kernels (the "
+        "other masked layers masked as usual: sparsearch.training.train(sparse_kernels=True)); same results to "
+        "float rounding",
     )
 
     @field_validator("dataset")
