@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pydantic
@@ -166,5 +167,20 @@ def test_sparse_kernels_fall_back_to_masked_training_where_a_layer_cannot_go(dig
     def run(kernels: bool):
         return train(_model(digits), digits, BUDGET, seed=0, sparse_kernels=kernels,
                      sparsifier_factory=lambda steps: StaticMaskSparsifier(masks))
+
+    assert _curve(run(True)) == _curve(run(False))
+
+
+def test_sparse_kernels_train_a_bare_layer_masked(digits):
+    """A model that is itself one nn.Linear cannot be replaced in a parent: it trains masked, bit-identically
+    (it used to fail with KeyError '.weight')."""
+    flat = dataclasses.replace(digits, x_train=digits.x_train.flatten(1), x_val=digits.x_val.flatten(1),
+                               x_test=digits.x_test.flatten(1), input_shape=(64,))
+    mask = {"weight": torch.rand(10, 64, generator=torch.Generator().manual_seed(1)) < 0.2}
+
+    def run(kernels: bool):
+        torch.manual_seed(0)
+        return train(torch.nn.Linear(64, 10), flat, BUDGET, seed=0, sparse_kernels=kernels,
+                     sparsifier_factory=lambda steps: StaticMaskSparsifier(mask))
 
     assert _curve(run(True)) == _curve(run(False))

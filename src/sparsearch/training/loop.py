@@ -168,14 +168,15 @@ def deterministic_algorithms() -> Iterator[None]:
 def kernel_layers(model: nn.Module, sparsifier: Sparsifier | None) -> dict[str, nn.Linear]:
     """The layers `train(..., sparse_kernels=True)` moves onto the sparse kernels: those a static mask masks that
     are CPU float32 `nn.Linear` layers kept at most KERNEL_MAX_DENSITY dense and replaceable (weight not tied, not
-    read by the parent). The static mask's other layers train masked as usual."""
+    read by the parent, not the model itself: a bare layer has no parent to be replaced in). The static mask's
+    other layers train masked as usual."""
     if not isinstance(sparsifier, StaticMaskSparsifier) or not sparsifier.masks_weights:
         return {}
     layers = {}
     for name, mask in sparsifier.masks.items():
         module_name, _, leaf = name.rpartition(".")
         module = model.get_submodule(module_name)
-        if (leaf == "weight" and type(module) is nn.Linear and module.weight.dtype == torch.float32
+        if (module_name and leaf == "weight" and type(module) is nn.Linear and module.weight.dtype == torch.float32
                 and module.weight.device.type == "cpu" and float(mask.float().mean()) <= KERNEL_MAX_DENSITY
                 and reason_to_keep_dense(model, module_name) is None):
             layers[module_name] = module
