@@ -37,7 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from sparsearch.algorithms.dynamic import RigL
-from sparsearch.engine.replaceable import reason_to_keep_dense, shared_parameters
+from sparsearch.engine.replaceable import reason_to_keep_dense, replace_module, shared_parameters
 from sparsearch.engine.sparsifier import SPARSIFIABLE_MODULES, Sparsifier
 
 Family = Literal["wide", "parallel", "factorized", "doped"]
@@ -145,11 +145,6 @@ def _keep_unit_attributes(original: nn.Module, replacement: nn.Module) -> None:
             setattr(replacement, attribute, getattr(original, attribute))
 
 
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, leaf = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, leaf, module)
-
-
 def _sparsity_for(dense_weights: int, weights: int, where: str) -> float:
     """The sparsity that leaves ``dense_weights`` non-zeros out of ``weights``."""
     if dense_weights > weights:
@@ -237,7 +232,7 @@ def _widen(model: nn.Module, factor: float) -> tuple[dict[str, float], tuple[str
     for name, layer in original.items():
         old_in, old_out, _ = _shape_of(layer)
         new = _like(layer, in_units.get(name, old_in), out_units.get(name, old_out), layer.bias is not None)
-        _set_module(model, name, new)
+        replace_module(model, name, new)
         sparsities[f"{name}.weight"] = _sparsity_for(layer.weight.numel(), new.weight.numel(), name)
     return sparsities, tuple(original)
 
@@ -294,7 +289,7 @@ def sparse_ift(
         replacements.append((name, replacement))
         sparsities.update({f"{name}.{leaf}": value for leaf, value in relative.items()})
     for name, replacement in replacements:
-        _set_module(model, name, replacement)
+        replace_module(model, name, replacement)
     return SparseIFTPlan(family, sparsity, k, sparsities, tuple(name for name, _ in layers))
 
 

@@ -34,3 +34,11 @@ def reason_to_keep_dense(model: nn.Module, name: str, owners: dict[int, list[str
     if tied:
         return f"weight is tied to {', '.join(sorted(tied))}: kept dense so that the tie holds"
     return None
+
+
+def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put `module` where `model`'s submodule `name` is (`name` as `named_modules()` gives it)."""
+    if not name:
+        raise ValueError("a module cannot replace itself in place (it has no parent); wrap it first")
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)

@@ -37,7 +37,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
-from sparsearch.engine.replaceable import reason_to_keep_dense, shared_parameters
+from sparsearch.engine.replaceable import reason_to_keep_dense, replace_module, shared_parameters
 from sparsearch.kernels.cpu import get_backend, sparse_linear
 from sparsearch.kernels.format import PanelCSRMatrix
 from sparsearch.kernels.modules import SparseLinear, linear_like
@@ -206,14 +206,6 @@ def _unheld(decisions: list[LayerDecision]) -> list[LayerDecision]:
     return [dataclasses.replace(d, name=d.name.partition(".")[2]) for d in decisions]
 
 
-def _replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
-    if not name:
-        raise ValueError("a module cannot replace itself in place (it has no parent); wrap it first")
-    parent_name, _, child = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, child, new)
-
-
 def _run(model: nn.Module, sample_input: Any) -> Any:
     with torch.no_grad():
         if isinstance(sample_input, dict):
@@ -305,22 +297,22 @@ def _check_replacements(reference: Any, converted: nn.Module, sample_input: Any,
     if difference <= tolerance:
         return {}, difference
     for name, original, _ in replacements:  # back to the original model, then one replacement at a time
-        _replace_module(converted, name, original)
+        replace_module(converted, name, original)
     broken = {}
     for name, original, sparse in replacements:
-        _replace_module(converted, name, sparse)
+        replace_module(converted, name, sparse)
         alone, failure = _try(reference, converted, sample_input)
-        _replace_module(converted, name, original)
+        replace_module(converted, name, original)
         if alone > tolerance:
             broken[name] = (f"kept dense: replacing it broke the model on the sample input "
                             f"({failure or f'outputs differ by {alone:.2e} > tolerance {tolerance}'})")
     for name, _, sparse in replacements:
         if name not in broken:
-            _replace_module(converted, name, sparse)
+            replace_module(converted, name, sparse)
     difference, failure = _try(reference, converted, sample_input)
     if difference > tolerance:  # no single culprit: the combination breaks it, so nothing is replaced
         for name, original, _ in replacements:
-            _replace_module(converted, name, original)
+            replace_module(converted, name, original)
             broken.setdefault(name, f"kept dense: the replaced layers together broke the model on the sample "
                                     f"input ({failure or f'outputs differ by {difference:.2e}'})")
         difference, _ = _try(reference, converted, sample_input)
@@ -354,13 +346,13 @@ def _second_look(reference: Any, converted: nn.Module, sample_input: Any,
     25 layers sparse (1.17x the dense model) where all 25 gave 1.32x (benchmarks/results/runtime_transformers.md).
     """
     for name, _, sparse in near_misses:
-        _replace_module(converted, name, sparse)
+        replace_module(converted, name, sparse)
     with_them, failure = _try(reference, converted, sample_input)
 
     def use(modules: int) -> Callable[[], object]:
         def run() -> object:
             for entry in near_misses:
-                _replace_module(converted, entry[0], entry[modules])
+                replace_module(converted, entry[0], entry[modules])
             return _run(converted, sample_input)
         return run
 
@@ -368,7 +360,7 @@ def _second_look(reference: Any, converted: nn.Module, sample_input: Any,
         timing = paired_speedup(use(1), use(2), threshold=min_speedup, rounds=max(repeats, 5))
         if timing.speedup >= min_speedup:
             for name, _, sparse in near_misses:
-                _replace_module(converted, name, sparse)
+                replace_module(converted, name, sparse)
             return {name: (True, f"{timed_alone[name]}, but the whole model ran {timing.speedup:.2f}x faster "
                                  f"with the {len(near_misses)} layers within {NEAR_SPEEDUP}x of dense sparse than "
                                  f"dense ({timing.confidence:.0%} of {timing.rounds} rounds agree): sparse")
@@ -377,7 +369,7 @@ def _second_look(reference: Any, converted: nn.Module, sample_input: Any,
     else:
         why = failure or f"outputs differ by {with_them:.2e} > tolerance {tolerance}"
     for name, original, _ in near_misses:
-        _replace_module(converted, name, original)
+        replace_module(converted, name, original)
     return {name: (False, f"{timed_alone[name]}; tried sparse in the whole model with the other layers within "
                           f"{NEAR_SPEEDUP}x of dense, and {why}: kept dense") for name, _, _ in near_misses}, difference
 
@@ -451,7 +443,7 @@ def convert_with_report(model: nn.Module, sample_input: Any = None, *, batch_siz
         else:
             decisions.extend(_unsupported(name, module))
     for name, _, sparse in replacements:
-        _replace_module(converted, name, sparse)
+        replace_module(converted, name, sparse)
     output_check, model_timing = "not checked: no sample_input given", None
     if sample_input is not None:
         reasons, difference = _check_replacements(reference, converted, sample_input, replacements, tolerance)
@@ -471,7 +463,7 @@ def convert_with_report(model: nn.Module, sample_input: Any = None, *, batch_siz
             if inplace:  # the original is gone: rebuild it from the replaced modules
                 original = copy.deepcopy(converted)
                 for name, module, _ in replacements:
-                    _replace_module(original, name, module)
+                    replace_module(original, name, module)
             else:
                 original = model
             modes = {name: m.training for name, m in original.named_modules()}
@@ -485,7 +477,7 @@ def convert_with_report(model: nn.Module, sample_input: Any = None, *, batch_siz
                     m.training = modes.get(name, m.training)
             if model_timing.speedup < min(1.0, min_speedup):
                 for name, module, _ in replacements:
-                    _replace_module(converted, name, module)
+                    replace_module(converted, name, module)
                     promoted.discard(name)
                     reasons[name] = (f"reverted: the whole converted model measured {model_timing.speedup:.2f}x "
                                      "the original on the sample input, so every layer stays dense")
@@ -541,7 +533,7 @@ def to_int8(model: nn.Module) -> nn.Module:
     quantized = copy.deepcopy(model)
     for name, module in list(quantized.named_modules()):
         if isinstance(module, SparseLinear):
-            _replace_module(quantized, name, SparseLinear(module.matrix.quantize(), module.bias))
+            replace_module(quantized, name, SparseLinear(module.matrix.quantize(), module.bias))
     return quantized
 
 
@@ -577,7 +569,7 @@ def for_training(model: nn.Module, *, max_density: float = 0.3) -> tuple[nn.Modu
         if reason is None:
             replacements.append((name, SparseLinear(PanelCSRMatrix.from_dense(weight), bias, trainable=True)))
     for name, layer in replacements:
-        _replace_module(trainable, name, layer)
+        replace_module(trainable, name, layer)
     if holder is not None:
         trainable, decisions = trainable[0], _unheld(decisions)
     return trainable, ConversionReport(decisions, output_check="not checked: for_training copies the weights exactly")

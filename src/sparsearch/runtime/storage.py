@@ -26,7 +26,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from sparsearch.engine.replaceable import reason_to_keep_dense, shared_parameters
+from sparsearch.engine.replaceable import reason_to_keep_dense, replace_module, shared_parameters
 from sparsearch.kernels.format import INT8_SCALES, PanelCSRMatrix
 from sparsearch.kernels.modules import SparseLinear, linear_like
 from sparsearch.runtime.conv import SparseConv1d, SparseConv2d, sparse_conv_for
@@ -184,20 +184,17 @@ def _load_sparse_conv(model: nn.Module, prefix: str, conv: nn.Module, matrix: Pa
         raise ValueError(f"sparse layer {prefix!r} {'has' if bias is not None else 'lacks'} a bias but the model's "
                          f"{type(conv).__name__} there {'has none' if conv.bias is None else 'has one'}")
     reason = None if owners is None else reason_to_keep_dense(model, prefix, owners)
-    parent_name, _, child = prefix.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
     if reason is not None:
         with torch.no_grad():
             conv.weight.copy_(matrix.to_dense().reshape(shape))
             if bias is not None:
                 conv.bias.copy_(bias)
-        setattr(parent, child, conv)
         ran_dense.append(f"{prefix} ({reason})")
         return
     sparse = sparse_conv_for(conv).from_conv(conv, matrix)
     if bias is not None:
         sparse.bias.copy_(bias)
-    setattr(parent, child, sparse)
+    replace_module(model, prefix, sparse)
 
 
 def load_sparse(path: str | Path, model: nn.Module) -> nn.Module:
@@ -249,9 +246,7 @@ def load_sparse(path: str | Path, model: nn.Module) -> nn.Module:
             ran_dense.append(f"{prefix} ({reason})")
             continue
         bias = dense_state.pop(f"{prefix}.bias", None)
-        parent_name, _, child = prefix.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, SparseLinear(matrix, bias))
+        replace_module(model, prefix, SparseLinear(matrix, bias))
         sparse_names.add(prefix)
     if ran_dense:
         warnings.warn(f"sparsearch.runtime.load_sparse: layers stored sparse run dense in this model: "

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sparsearch.data.splits import DataSplits
-from sparsearch.engine.replaceable import reason_to_keep_dense
+from sparsearch.engine.replaceable import reason_to_keep_dense, replace_module
 from sparsearch.engine.sparsifier import Sparsifier, StaticMaskSparsifier
 from sparsearch.kernels import PanelCSRMatrix, SparseLinear
 from sparsearch.models.flops import FlopCount, FlopMeter
@@ -202,7 +202,7 @@ def on_kernels(model: nn.Module, layers: dict[str, nn.Linear], masks: dict[str, 
                         if linear.bias is not None})
     try:
         for name, sparse in swapped.items():
-            _set_submodule(model, name, sparse)
+            replace_module(model, name, sparse)
         for group in optimizer.param_groups:
             group["params"] = [replacement.get(id(param), param) for param in group["params"]]
         yield
@@ -213,12 +213,7 @@ def on_kernels(model: nn.Module, layers: dict[str, nn.Linear], masks: dict[str, 
                 linear.weight.copy_(sparse.matrix.to_dense())
                 if linear.bias is not None:
                     linear.bias.copy_(sparse.bias)
-                _set_submodule(model, name, linear)
-
-
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+                replace_module(model, name, linear)
 
 
 def train(
