@@ -144,6 +144,8 @@ def test_training_bad_input_is_refused():
         sparse_linear_values_grad(torch.randn(2, 20), torch.randn(2, 8), int8)
     with pytest.raises(ValueError, match="cannot be transposed"):
         int8.transposed()
+    with pytest.raises(ValueError, match=r"one shape, got \(8, 20\) and \(8, 21\)"):
+        PanelCSRMatrix.from_mask(torch.randn(8, 20), torch.ones(8, 21, dtype=torch.bool))
     matrix = PanelCSRMatrix.from_dense(masked_weight(8, 20, 0.5, 0))
     with pytest.raises(ValueError, match="leading shape"):
         sparse_linear_values_grad(torch.randn(2, 20), torch.randn(3, 8), matrix)
@@ -265,3 +267,11 @@ def test_a_trained_model_saves_and_loads_for_inference_and_for_more_training(tmp
     again, _ = for_training(model)  # the untrained weights, same pattern
     again.load_state_dict(trainable.state_dict())
     torch.testing.assert_close(again(x).detach(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_from_mask_keeps_kept_weights_that_are_exactly_zero():
+    weight = torch.tensor([[0.0, 2.0, 0.0], [3.0, 0.0, 4.0]])
+    mask = torch.tensor([[True, True, False], [False, False, True]])
+    matrix = PanelCSRMatrix.from_mask(weight, mask)
+    assert matrix.nnz == 3  # the kept zero at (0, 0) is stored; from_dense would drop it
+    assert torch.equal(matrix.to_dense(), weight * mask)

@@ -129,6 +129,8 @@ def test_sparse_kernels_run_the_static_mask_arms_on_the_kernels_and_resume_the_s
                       show_progress=False)
     assert again.already_done == 1 and not again.finished
     assert "sparse_kernels" in StudyConfig.model_fields
+    with pytest.raises(ValueError, match=r"sparse_kernels: Input should be a valid boolean.*'maybe'"):
+        parse_study_config({**study, "sparse_kernels": "maybe"})
 
 
 def test_ray_executor_gives_the_same_numbers_and_resumes(tmp_path):
