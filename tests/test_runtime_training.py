@@ -1,6 +1,8 @@
 """Training through the sparse kernels: gradients equal those of the masked dense layer, and training a trainable
 `SparseLinear` follows masked dense training step for step."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -275,3 +277,33 @@ def test_from_mask_keeps_kept_weights_that_are_exactly_zero():
     matrix = PanelCSRMatrix.from_mask(weight, mask)
     assert matrix.nnz == 3  # the kept zero at (0, 0) is stored; from_dense would drop it
     assert torch.equal(matrix.to_dense(), weight * mask)
+
+
+def test_a_copied_or_pickled_layer_computes_on_its_own_arrays():
+    """copy.deepcopy cloned a trainable layer's values apart from its matrix (refused at the next call), and a
+    pickled matrix (torch.save of a whole model) carried the cached data pointers of the arrays it was saved from."""
+    import io
+
+    layer = nn.Linear(40, 24)
+    with torch.no_grad():
+        layer.weight.mul_(torch.rand(layer.weight.shape, generator=torch.Generator().manual_seed(0)) < 0.2)
+    trainable, _ = for_training(nn.Sequential(layer))
+    inference = nn.Sequential(SparseLinear.from_linear(layer))
+    x = torch.randn(5, 40)
+    for model in (trainable, inference):
+        model(x), model(x[:1])  # caches the kernel arguments before copying
+        buffer = io.BytesIO()
+        torch.save(model, buffer)
+        buffer.seek(0)
+        for twin in (copy.deepcopy(model), torch.load(buffer, weights_only=False)):
+            matrix, values = twin[0].matrix, twin[0].values
+            assert values.data_ptr() == matrix.values.data_ptr() != model[0].values.data_ptr()
+            assert matrix.kernel_args[3:7] == tuple(a.data_ptr() for a in (
+                matrix.segment_ptr, matrix.row_nnz_prefix, matrix.col_indices, matrix.values))
+            torch.testing.assert_close(twin(x), layer(x), rtol=1e-5, atol=1e-5)
+    twin = copy.deepcopy(trainable)
+    torch.optim.SGD(twin.parameters(), lr=0.5).zero_grad()
+    twin(x).sum().backward()
+    torch.optim.SGD(twin.parameters(), lr=0.5).step()
+    torch.testing.assert_close(twin(x), twin[0].to_dense_linear()(x), rtol=1e-5, atol=1e-5)  # trained copy
+    torch.testing.assert_close(trainable(x), layer(x), rtol=1e-5, atol=1e-5)  # the original did not move

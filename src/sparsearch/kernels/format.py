@@ -52,12 +52,11 @@ class PanelCSRMatrix:
     row_nnz_prefix: torch.Tensor  # int64 [rows + 1]
     scales: torch.Tensor | None = None  # float32 [panels, rows] (one per segment) when values are int8
 
-    def __deepcopy__(self, memo: dict) -> PanelCSRMatrix:
-        # rebuilt, not copied field by field: the cached kernel_args hold data pointers of the source's arrays
-        import copy
-
-        arrays = [copy.deepcopy(a, memo) for a in (self.values, self.col_indices, self.segment_nnz, self.scales)]
-        return PanelCSRMatrix.from_arrays(self.shape, self.panel_width, *arrays[:3], scales=arrays[3])
+    def __reduce__(self) -> tuple:
+        # copied and pickled (torch.save of a whole model) as its stored arrays, rebuilt on the other side: the
+        # cached kernel_args hold data pointers of this object's arrays, and a pickle carried them stale
+        return PanelCSRMatrix.from_arrays, (self.shape, self.panel_width, self.values, self.col_indices,
+                                            self.segment_nnz, self.scales)
 
     @property
     def is_int8(self) -> bool:

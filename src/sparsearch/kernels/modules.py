@@ -3,11 +3,15 @@ training with a fixed sparsity pattern (forward and backward on the sparse kerne
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
 import torch
 from torch import nn
 
 from sparsearch.kernels.cpu import sparse_linear, sparse_linear_values_grad
 from sparsearch.kernels.format import PanelCSRMatrix
+from sparsearch.kernels.ops import panel_csr_linear, uses_bitmap
 
 
 class _SparseLinearFunction(torch.autograd.Function):
@@ -60,7 +64,7 @@ class SparseLinear(nn.Module):
         bias = None if bias is None else bias.detach().to(torch.float32).contiguous()
         if trainable:  # values share the matrix's storage: an in-place update is what the kernels read
             self.values = nn.Parameter(matrix.values)
-            self.bias = None if bias is None else nn.Parameter(bias.clone())  # not the source layer's storage
+            self.register_parameter("bias", None if bias is None else nn.Parameter(bias.clone()))  # a copy
         else:
             self.register_buffer("values", matrix.values)
             self.register_buffer("bias", bias)
@@ -68,6 +72,16 @@ class SparseLinear(nn.Module):
         self.register_buffer("segment_nnz", matrix.segment_nnz)
         self.register_buffer("scales", matrix.scales)  # None (not in the state dict) unless the values are int8
         self._matrix = matrix
+        if uses_bitmap(matrix):  # derived now: inside a torch.compile trace their computation would join the graph
+            _ = matrix.bitmap, matrix.lane_sums
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        # copy.deepcopy clones a Parameter's data on its own (nn.Parameter.__deepcopy__), apart from the matrix's
+        # copy of the same array: share the trained values with the kernels again
+        values = (self._parameters if "values" in self._parameters else self._buffers)["values"]
+        if values.data_ptr() != self._matrix.values.data_ptr():
+            self._matrix = dataclasses.replace(self._matrix, values=values.detach())
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, panel_width: int | None = None, trainable: bool = False
@@ -102,18 +116,35 @@ class SparseLinear(nn.Module):
         return (self.out_features, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        values, bias = self.values, self.bias
-        if values.data_ptr() != self._matrix.values.data_ptr():
+        # _parameters / _buffers read directly: attribute access to them goes through two Python-level
+        # __getattr__ calls (this class's and nn.Module's), microseconds a call where a small layer's kernel at one
+        # sentence takes about 20
+        tensors = self._parameters if "values" in self._parameters else self._buffers
+        values, bias, matrix = tensors["values"], tensors["bias"], self._matrix
+        wants_grad = torch.is_grad_enabled() and (x.requires_grad or values.requires_grad
+                                                  or (bias is not None and bias.requires_grad))
+        if torch.compiler.is_compiling() and not wants_grad:
+            return self._operator_forward(x, values, bias)
+        if values.data_ptr() != matrix.values.data_ptr():
             raise RuntimeError("SparseLinear.values is no longer the array the kernels read: it was replaced (by "
                                "assigning .data, or by .to() / .half() / .double()) instead of updated in place; "
                                "update parameters in place (torch.optim does) and keep the layer float32 on the CPU")
-        if torch.is_grad_enabled() and (x.requires_grad or values.requires_grad
-                                        or (bias is not None and bias.requires_grad)):
-            if self._matrix.is_int8:
+        if wants_grad:
+            if matrix.is_int8:
                 raise RuntimeError("an int8 SparseLinear is inference-only: gradients do not flow through the int8 "
                                    "kernels; call it under torch.no_grad() or on an input without requires_grad")
-            return _SparseLinearFunction.apply(x, values, bias, self._matrix)
-        return sparse_linear(x, self._matrix, bias)
+            return _SparseLinearFunction.apply(x, values, bias, matrix)
+        return sparse_linear(x, matrix, bias)
+
+    def _operator_forward(self, x: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """The layer as one `torch.ops.sparsearch.panel_csr_linear` node (for torch.compile and torch.export), on
+        its registered tensors so that an exported program refers to the layer's buffers."""
+        buffers, matrix = self._buffers, self._matrix
+        bitmap = uses_bitmap(matrix)
+        return panel_csr_linear(x, values, buffers["col_indices"], buffers["segment_nnz"], matrix.segment_ptr,
+                                matrix.row_nnz_prefix, buffers["scales"], matrix.bitmap if bitmap else None,
+                                matrix.lane_sums if bitmap else None, bias, matrix.rows, matrix.cols,
+                                matrix.panel_width)
 
     def to_dense_linear(self) -> nn.Linear:
         """The equivalent dense `nn.Linear` (for comparisons and for exporting to tools without sparse support)."""
