@@ -45,6 +45,7 @@ typedef float vec16 __attribute__((vector_size(64), aligned(4)));
  * one column panel): the weight of non-zero k of segment s is q[k] * scales[s]. The code below reads the scale of
  * the segment it works on into `scale`. 1 + 2 bytes per non-zero (+ 4 per segment) instead of 6. */
 #define WEIGHT(k) (q ? (float)q[k] * scale : values[k])
+#define ALWAYS_INLINE __attribute__((always_inline))
 
 #if defined(__x86_64__) || defined(__i386__)
 #define CPU_RELAX() __builtin_ia32_pause()
@@ -186,9 +187,14 @@ static void balanced_rows(const int64_t* row_nnz_prefix, int64_t rows, int t, in
  * 256-bit moves on this CPU) wrote each 16-float vector as two halves and read it back whole, a failed store-to-load
  * forward per row; direct vector accesses made the calls 1.05-1.31x faster at 11 to 33 rows on the MiniLM and GPT-2
  * shapes (90%, one thread, old and new builds interleaved; 8 rows use 8-float vectors and were unchanged). */
+/* int8 is a compile-time constant in every caller (rows_matmul_t instantiates its body for float32 and for int8):
+ * with the weight's type tested per non-zero, the float32 loop carried a test and branch per non-zero and loaded the
+ * weight into a register before broadcasting it. */
+#define TILE_WEIGHT(k) (int8 ? (float)q[k] * scale : values[k])
 #define DEFINE_TILE(NAME, VT, LANES, NV, U)                                                             \
-    static inline void NAME(const float* values, const int8_t* q, float scale, const uint16_t* cols, int64_t k0,     \
-                            int64_t k1, const float* xt, int64_t ldx, float* y, int accumulate, float init) { \
+    static inline ALWAYS_INLINE void NAME(const float* values, const int8_t* q, float scale, const uint16_t* cols,   \
+                                          int64_t k0, int64_t k1, const float* xt, int64_t ldx, float* y,          \
+                                          int accumulate, float init, const int int8) {                           \
         VT acc[U][NV];                                                                                  \
         for (int v = 0; v < NV; v++) {                                                                  \
             acc[0][v] = accumulate ? *(const VT*)(y + LANES * v) : (VT){0} + init;                       \
@@ -197,12 +203,12 @@ static void balanced_rows(const int64_t* row_nnz_prefix, int64_t rows, int t, in
         int64_t k = k0;                                                                                 \
         for (; k + U <= k1; k += U)                                                                     \
             for (int u = 0; u < U; u++) {                                                               \
-                const float w = WEIGHT(k + u);                                                          \
+                const float w = TILE_WEIGHT(k + u);                                                          \
                 const float* x = xt + (int64_t)cols[k + u] * ldx;                                       \
                 for (int v = 0; v < NV; v++) acc[u][v] += w * *(const VT*)(x + LANES * v);              \
             }                                                                                           \
         for (; k < k1; k++) {                                                                           \
-            const float w = WEIGHT(k);                                                                  \
+            const float w = TILE_WEIGHT(k);                                                                  \
             const float* x = xt + (int64_t)cols[k] * ldx;                                               \
             for (int v = 0; v < NV; v++) acc[0][v] += w * *(const VT*)(x + LANES * v);                  \
         }                                                                                               \
@@ -215,12 +221,13 @@ DEFINE_TILE(tile16_1, vec16, 16, 1, 4) DEFINE_TILE(tile16_2, vec16, 16, 2, 2)
 DEFINE_TILE(tile16_3, vec16, 16, 3, 1) DEFINE_TILE(tile16_4, vec16, 16, 4, 1)
 
 /* Batch columns that do not fill a vector of 8: plain scalar accumulation. */
-static inline void tile_tail(const float* values, const int8_t* q, float scale, const uint16_t* cols, int64_t k0, int64_t k1,
-                             const float* xt, int64_t ldx, float* y, int width, int accumulate, float init) {
+static inline ALWAYS_INLINE void tile_tail(const float* values, const int8_t* q, float scale, const uint16_t* cols,
+                                           int64_t k0, int64_t k1, const float* xt, int64_t ldx, float* y, int width,
+                                           int accumulate, float init, const int int8) {
     float acc[8];
     for (int c = 0; c < width; c++) acc[c] = accumulate ? y[c] : init;
     for (int64_t k = k0; k < k1; k++) {
-        const float w = WEIGHT(k);
+        const float w = TILE_WEIGHT(k);
         const float* x = xt + (int64_t)cols[k] * ldx;
         for (int c = 0; c < width; c++) acc[c] += w * x[c];
     }
@@ -234,11 +241,11 @@ static inline void tile_tail(const float* values, const int8_t* q, float scale, 
 
 /* Y^T rows [first, last) = W X^T (+ bias) for all batch columns. X^T is either cols x batch with row stride ldx
  * (tiled = 0) or tiled: batch tile b0 is a contiguous cols x width block at xt + b0 * ncols. */
-static void rows_matmul_t(int64_t first, int64_t last, int64_t rows, int64_t panels, int64_t panel_width,
-                          const int64_t* seg_ptr, const uint16_t* cols, const float* values, const int8_t* q,
-                          const float* scales, const float* bias,
-                          const float* xt, int64_t ldx, int tiled, int64_t ncols, int64_t batch, float* yt,
-                          int64_t ldy) {
+static inline ALWAYS_INLINE void rows_matmul_t_body(
+        int64_t first, int64_t last, int64_t rows, int64_t panels, int64_t panel_width, const int64_t* seg_ptr,
+        const uint16_t* cols, const float* values, const int8_t* q, const float* scales, const float* bias,
+        const float* xt, int64_t ldx, int tiled, int64_t ncols, int64_t batch, float* yt, int64_t ldy,
+        const int int8) {
     for (int64_t b0 = 0; b0 < batch; b0 += BATCH_TILE) {
         int64_t width = batch - b0 < BATCH_TILE ? batch - b0 : BATCH_TILE;
         int vectors = (int)(width / 8);
@@ -257,30 +264,42 @@ static void rows_matmul_t(int64_t first, int64_t last, int64_t rows, int64_t pan
                 if (width >= 32) {
                     done = (int)(width / 16) * 16;
                     switch (width / 16) {
-                        case 4: tile16_4(values, q, scale, cols, k0, k1, x, ld_tile, y, accumulate, init); break;
-                        case 3: tile16_3(values, q, scale, cols, k0, k1, x, ld_tile, y, accumulate, init); break;
-                        default: tile16_2(values, q, scale, cols, k0, k1, x, ld_tile, y, accumulate, init); break;
+                        case 4: tile16_4(values, q, scale, cols, k0, k1, x, ld_tile, y, accumulate, init, int8); break;
+                        case 3: tile16_3(values, q, scale, cols, k0, k1, x, ld_tile, y, accumulate, init, int8); break;
+                        default: tile16_2(values, q, scale, cols, k0, k1, x, ld_tile, y, accumulate, init, int8); break;
                     }
                     if (width - done >= 8) {
-                        tile_1(values, q, scale, cols, k0, k1, x + done, ld_tile, y + done, accumulate, init);
+                        tile_1(values, q, scale, cols, k0, k1, x + done, ld_tile, y + done, accumulate, init, int8);
                         done += 8;
                     }
                 } else {
                     done = vectors * 8;
                     switch (vectors) {
-                        case 3: tile_3(values, q, scale, cols, k0, k1, x, ld_tile, y, accumulate, init); break;
-                        case 2: tile16_1(values, q, scale, cols, k0, k1, x, ld_tile, y, accumulate, init); break;
-                        case 1: tile_1(values, q, scale, cols, k0, k1, x, ld_tile, y, accumulate, init); break;
+                        case 3: tile_3(values, q, scale, cols, k0, k1, x, ld_tile, y, accumulate, init, int8); break;
+                        case 2: tile16_1(values, q, scale, cols, k0, k1, x, ld_tile, y, accumulate, init, int8); break;
+                        case 1: tile_1(values, q, scale, cols, k0, k1, x, ld_tile, y, accumulate, init, int8); break;
                         default: break;
                     }
                 }
                 int tail = (int)(width - done);
                 if (tail)
                     tile_tail(values, q, scale, cols, k0, k1, x + done, ld_tile, y + done, tail, accumulate,
-                              init);
+                              init, int8);
             }
         }
     }
+}
+
+static void rows_matmul_t(int64_t first, int64_t last, int64_t rows, int64_t panels, int64_t panel_width,
+                          const int64_t* seg_ptr, const uint16_t* cols, const float* values, const int8_t* q,
+                          const float* scales, const float* bias, const float* xt, int64_t ldx, int tiled,
+                          int64_t ncols, int64_t batch, float* yt, int64_t ldy) {
+    if (q)
+        rows_matmul_t_body(first, last, rows, panels, panel_width, seg_ptr, cols, values, q, scales, bias, xt, ldx,
+                           tiled, ncols, batch, yt, ldy, 1);
+    else
+        rows_matmul_t_body(first, last, rows, panels, panel_width, seg_ptr, cols, values, NULL, NULL, bias, xt, ldx,
+                           tiled, ncols, batch, yt, ldy, 0);
 }
 
 /* dst[c, r] = src[r, c] for r in [r0, r1), c in [c0, c1), in blocks of `block_rows` rows x 64 columns. For the
