@@ -157,3 +157,29 @@ def test_layers_run_dense_are_still_stored_by_their_nonzeros(tmp_path):
     x = torch.randn(2, 3, 6, 6)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+
+
+def test_a_model_that_is_one_sparse_layer_saves_and_loads(tmp_path):
+    """A bare SparseLinear / SparseConv2d was written with keys '.values', '.bias' and could not be loaded back
+    (load_sparse failed with "unexpected ['bias']"); its keys are now those of its state_dict, and loading returns
+    the replacement (a model that is one layer has no parent to be replaced in)."""
+    from safetensors import safe_open
+
+    from sparsearch.runtime.conv import SparseConv2d
+
+    torch.manual_seed(0)
+    linear, conv = nn.Linear(64, 32), nn.Conv2d(8, 16, 3)
+    with torch.no_grad():
+        for layer in linear, conv:
+            layer.weight.mul_(torch.rand_like(layer.weight) < 0.1)
+    for layer, fresh, sparse, x in (
+            (linear, nn.Linear(64, 32), SparseLinear.from_linear(linear), torch.randn(3, 64)),
+            (conv, nn.Conv2d(8, 16, 3), SparseConv2d.from_conv(conv), torch.randn(2, 8, 9, 9))):
+        path = tmp_path / f"{type(layer).__name__}.safetensors"
+        save_sparse(sparse, path)
+        with safe_open(str(path), framework="pt") as handle:
+            assert "values" in handle.keys() and "bias" in handle.keys()
+        for target in (fresh, sparse):  # a dense model of the architecture, and one already sparse
+            loaded = load_sparse(path, target)
+            assert type(loaded) is type(sparse)
+            torch.testing.assert_close(loaded(x), layer(x).detach(), rtol=1e-5, atol=1e-5)

@@ -38,6 +38,12 @@ FORMAT_VERSION = "1"
 _SPARSE_ARRAYS = ("values", "col_indices", "segment_nnz")
 
 
+def _key(prefix: str, leaf: str) -> str:
+    """A layer's tensor's key as state_dict names it: `leaf` alone for the model itself (prefix ""), a model that is
+    one layer; ".values" for it made such files unloadable."""
+    return f"{prefix}.{leaf}" if prefix else leaf
+
+
 def _crc32(tensor: torch.Tensor) -> int:
     flat = tensor.detach().contiguous().reshape(-1)
     return zlib.crc32(flat.view(torch.uint8).numpy().tobytes()) if flat.numel() else 0
@@ -65,7 +71,7 @@ def compact_state(state: dict[str, torch.Tensor], sparse_modules: dict[str, Spar
     entries: dict[str, dict[str, Any]] = {}
     for name, module in sparse_modules.items():
         entries[name] = _entry(module.matrix, "sparse", module.weight_shape)
-        tensors.update({f"{name}.{array}": value for array, value in _arrays(module.matrix).items()})
+        tensors.update({_key(name, array): value for array, value in _arrays(module.matrix).items()})
     for key, value in state.items():
         owner, _, leaf = key.rpartition(".")
         if owner in sparse_modules and (leaf in _SPARSE_ARRAYS or leaf == "scales"):
@@ -75,7 +81,7 @@ def compact_state(state: dict[str, torch.Tensor], sparse_modules: dict[str, Spar
             matrix = PanelCSRMatrix.from_dense(flat)
             if matrix.storage_bytes < value.numel() * value.element_size() and value.dtype == torch.float32:
                 entries[key] = _entry(matrix, "dense", tuple(value.shape))
-                tensors.update({f"{key}.{array}": getattr(matrix, array) for array in _SPARSE_ARRAYS})
+                tensors.update({_key(key, array): getattr(matrix, array) for array in _SPARSE_ARRAYS})
                 continue
         tensors[key] = value
     return tensors, entries
@@ -139,7 +145,7 @@ def read_sparse_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[st
             raise ValueError(f"{str(path)!r} is corrupted: checksum mismatch in tensor {key!r}")
     matrices = {}
     for prefix, info in entries.items():
-        keys = [f"{prefix}.{array}" for array in _SPARSE_ARRAYS]
+        keys = [_key(prefix, array) for array in _SPARSE_ARRAYS]
         if any(key not in tensors for key in keys):
             raise ValueError(f"{str(path)!r} lacks the arrays {keys} of sparse entry {prefix!r}")
         scales = None
@@ -151,10 +157,10 @@ def read_sparse_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[st
             if info["int8_scales"] != INT8_SCALES:
                 raise ValueError(f"{str(path)!r}: sparse entry {prefix!r} has int8 scales per "
                                  f"{info['int8_scales']!r}; this sparsearch reads one scale per {INT8_SCALES!r}")
-            if f"{prefix}.scales" not in tensors:
-                raise ValueError(f"{str(path)!r} lacks the int8 scales {prefix + '.scales'!r} of sparse entry "
+            if _key(prefix, "scales") not in tensors:
+                raise ValueError(f"{str(path)!r} lacks the int8 scales {_key(prefix, 'scales')!r} of sparse entry "
                                  f"{prefix!r}")
-            scales = tensors.pop(f"{prefix}.scales")
+            scales = tensors.pop(_key(prefix, "scales"))
         try:
             shape = (int(info["shape"][0]), int(info["shape"][1]))
             matrix = PanelCSRMatrix.from_arrays(shape, int(info["panel_width"]), *(tensors.pop(k) for k in keys),
@@ -171,15 +177,15 @@ def read_sparse_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[st
 
 def _load_sparse_conv(model: nn.Module, prefix: str, conv: nn.Module, matrix: PanelCSRMatrix, entry: dict[str, Any],
                       dense_state: dict[str, torch.Tensor], owners: dict[int, list[str]] | None,
-                      ran_dense: list[str]) -> None:
-    """Put a convolution stored sparse into `model` at `prefix`: as `SparseConv1d/2d`, or dense if it may not be
-    replaced (a tied weight; `owners` None: the model's layer is already sparse, so nothing is tied); its bias
-    comes out of `dense_state`."""
+                      ran_dense: list[str]) -> nn.Module | None:
+    """The `SparseConv1d/2d` to put into `model` at `prefix` for a convolution stored sparse, or None after loading
+    it into the dense `conv` when that may not be replaced (a tied weight; `owners` None: the model's layer is
+    already sparse, so nothing is tied); its bias comes out of `dense_state`."""
     shape = tuple(conv.weight.shape)
     if tuple(entry["weight_shape"]) != shape or matrix.rows * matrix.cols != math.prod(shape):
         raise ValueError(f"sparse layer {prefix!r} has weight shape {tuple(entry['weight_shape'])} but the model's "
                          f"{type(conv).__name__} there has weight shape {shape}")
-    bias = dense_state.pop(f"{prefix}.bias", None)
+    bias = dense_state.pop(_key(prefix, "bias"), None)
     if (bias is None) != (conv.bias is None):
         raise ValueError(f"sparse layer {prefix!r} {'has' if bias is not None else 'lacks'} a bias but the model's "
                          f"{type(conv).__name__} there {'has none' if conv.bias is None else 'has one'}")
@@ -190,11 +196,19 @@ def _load_sparse_conv(model: nn.Module, prefix: str, conv: nn.Module, matrix: Pa
             if bias is not None:
                 conv.bias.copy_(bias)
         ran_dense.append(f"{prefix} ({reason})")
-        return
+        return None
     sparse = sparse_conv_for(conv).from_conv(conv, matrix)
     if bias is not None:
         sparse.bias.copy_(bias)
-    replace_module(model, prefix, sparse)
+    return sparse
+
+
+def _placed(model: nn.Module, prefix: str, module: nn.Module) -> nn.Module:
+    """`model` with `module` at `prefix`; `module` itself for prefix "" (the model is that one layer)."""
+    if not prefix:
+        return module
+    replace_module(model, prefix, module)
+    return model
 
 
 def load_sparse(path: str | Path, model: nn.Module) -> nn.Module:
@@ -204,7 +218,8 @@ def load_sparse(path: str | Path, model: nn.Module) -> nn.Module:
     and its `nn.Conv1d` / `nn.Conv2d` by `SparseConv1d` / `SparseConv2d`,
     unless the model may not have it replaced (its parent reads the weight, the weight is tied, or the module
     is not Linear-like: then it runs dense, with a warning); the others are expanded into the model's dense
-    parameters. The model is returned in eval mode with gradients off.
+    parameters. The model is returned in eval mode with gradients off (a model that is itself one layer stored
+    sparse: its replacement is returned).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -222,8 +237,10 @@ def load_sparse(path: str | Path, model: nn.Module) -> nn.Module:
             raise ValueError(f"{str(path)!r} holds sparse layer {prefix!r} but the model has no such module") from error
         converted = isinstance(module, SparseConv1d | SparseConv2d)  # loading into an already converted model
         if converted or sparse_conv_for(module) is not None:
-            _load_sparse_conv(model, prefix, module.to_dense_conv() if converted else module, matrix,
-                              entries[prefix], dense_state, None if converted else owners, ran_dense)
+            sparse = _load_sparse_conv(model, prefix, module.to_dense_conv() if converted else module, matrix,
+                                       entries[prefix], dense_state, None if converted else owners, ran_dense)
+            if sparse is not None:
+                model = _placed(model, prefix, sparse)
             sparse_names.add(prefix)
             continue
         view = linear_like(module)
@@ -241,12 +258,12 @@ def load_sparse(path: str | Path, model: nn.Module) -> nn.Module:
             else reason_to_keep_dense(model, prefix, owners))
         if reason is not None:  # the file stays loadable: this layer runs dense
             weight = matrix.to_dense()
-            dense_state[f"{prefix}.weight"] = weight.t() if view is not None and view[0] == "Conv1D" else \
+            dense_state[_key(prefix, "weight")] = weight.t() if view is not None and view[0] == "Conv1D" else \
                 weight.reshape(module.weight.shape)
             ran_dense.append(f"{prefix} ({reason})")
             continue
-        bias = dense_state.pop(f"{prefix}.bias", None)
-        replace_module(model, prefix, SparseLinear(matrix, bias))
+        bias = dense_state.pop(_key(prefix, "bias"), None)
+        model = _placed(model, prefix, SparseLinear(matrix, bias))
         sparse_names.add(prefix)
     if ran_dense:
         warnings.warn(f"sparsearch.runtime.load_sparse: layers stored sparse run dense in this model: "
