@@ -225,7 +225,7 @@ class PanelCSRMatrix:
             raise ValueError(f"weight and mask must be tensors of one shape, got {tuple(getattr(weight, 'shape', ()))} "
                              f"and {tuple(getattr(mask, 'shape', ()))}")
         structure = cls.from_dense(mask.detach().to(device="cpu", dtype=torch.float32), panel_width)
-        values = weight.detach().to(device="cpu", dtype=torch.float32)[structure._entry_positions()].contiguous()
+        values = structure.gather(weight.detach().to(device="cpu", dtype=torch.float32))
         return cls.from_arrays(structure.shape, structure.panel_width, values, structure.col_indices,
                                structure.segment_nnz)
 
@@ -281,6 +281,17 @@ class PanelCSRMatrix:
             panel_of_entry = torch.repeat_interleave(torch.arange(panels), counts.sum(dim=1))
             if bool((self.col_indices.to(torch.int64) >= panel_widths[panel_of_entry]).any()):
                 raise ValueError(f"column index out of range for a matrix with {cols} columns")
+
+    def gather(self, dense: torch.Tensor) -> torch.Tensor:
+        """dense[i, j] at every stored entry (i, j), in storage order: from a [rows, cols] tensor such as a masked
+        weight or an optimizer's state of one."""
+        return dense[self._entry_positions()].contiguous()
+
+    def scatter(self, entries: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+        """Write `entries` (one per stored entry, in storage order) into the [rows, cols] tensor `dense` at their
+        positions, in place; returns `dense` (the inverse of `gather` on the stored positions)."""
+        dense[self._entry_positions()] = entries
+        return dense
 
     def to_dense(self) -> torch.Tensor:
         """The dense float32 matrix (for checks and for layers that fall back to dense)."""

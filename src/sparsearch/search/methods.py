@@ -21,6 +21,7 @@ entry-point group ``sparsearch.search_methods``); study arms are then named ``na
 
 from __future__ import annotations
 
+import copy
 import math
 import multiprocessing
 import os
@@ -29,6 +30,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -42,7 +44,15 @@ from sparsearch.models.flops import FlopMeter
 from sparsearch.registry import Registry
 from sparsearch.search.scorers import SCORERS, ScoringContext
 from sparsearch.search.spaces import SearchSpace, rescale_to_fan_in
-from sparsearch.training import TrainBudget, batch_order, deterministic_algorithms, evaluate, make_optimizer
+from sparsearch.training import (
+    TrainBudget,
+    batch_order,
+    deterministic_algorithms,
+    evaluate,
+    kernel_layers,
+    make_optimizer,
+    on_kernels,
+)
 
 
 def _positive_int(value: object, what: str) -> int:
@@ -137,6 +147,8 @@ class SearchProblem:
         train_budget: optimizer settings of short training (learning rate used constant).
         rescale_init: apply ``rescale_to_fan_in`` to every candidate (when the trained arms get it too).
         budget_flops: the search budget; None = what Random Search spends (``random_search_flops``).
+        sparse_kernels: short training runs the mask's sparse Linear layers on the sparse kernels (``train``'s
+            ``sparse_kernels``): faster at high sparsity, the same scores to summation order.
     """
 
     space: SearchSpace
@@ -150,6 +162,7 @@ class SearchProblem:
     train_budget: TrainBudget | None = None
     rescale_init: bool = False
     budget_flops: int | None = None
+    sparse_kernels: bool = False
     _meter: FlopMeter | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
@@ -221,6 +234,7 @@ class SearchProblem:
             short_train_steps=candidate.steps or self.short_train_steps,
             batch=snip_batch(self.data, self.seed, self.batch_size),
             flop_meter=flop_meter,
+            sparse_kernels=self.sparse_kernels,
         )
 
     def fresh_model(self, masks: Mapping[str, Tensor]) -> nn.Module:
@@ -251,6 +265,7 @@ class SearchProblem:
                 budget=self.train_budget,
                 seed=self.seed,
                 resume=candidate.resume,
+                sparse_kernels=self.sparse_kernels,
             )
         else:
             context = self.scoring_context(candidate, FlopMeter(model, self.data.input_shape, self.meter.positions))
@@ -281,13 +296,16 @@ def short_train(
     budget: TrainBudget,
     seed: int,
     resume: TrainingState | None = None,
+    sparse_kernels: bool = False,
 ) -> tuple[float, float, TrainingState]:
     """Train with the mask fixed up to ``steps`` steps (from ``resume`` if given); return validation accuracy,
     validation loss and the state to continue from.
 
     From scratch it performs exactly what ``short_train_evaluation`` does (same batches, same numbers), and
     continuing a run from its state gives the same numbers as one uninterrupted run of the same length: the
-    batch order is replayed from the seed and the first ``resume.step`` batches skipped.
+    batch order is replayed from the seed and the first ``resume.step`` batches skipped. ``sparse_kernels``: the
+    mask's sparse Linear layers train on the sparse kernels (see ``train``), optimizer state included, so a run
+    resumes either way.
     """
     _positive_int(steps, "short-train steps")
     start = resume.step if resume is not None else 0
@@ -297,13 +315,17 @@ def short_train(
     sparsifier = StaticMaskSparsifier(masks, seed=seed).attach(model, optimizer)
     if resume is not None:
         model.load_state_dict(resume.model)
-        optimizer.load_state_dict(resume.optimizer)
+        # a copy: load_state_dict keeps the state's tensors, and the steps below would update them in place, changing
+        # the state this run resumes from (a second resume from it started elsewhere)
+        optimizer.load_state_dict(copy.deepcopy(resume.optimizer))
     generator = torch.Generator().manual_seed(seed)
     n_train = len(data.y_train)
     device = next(model.parameters()).device
     done = 0
     model.train()
-    with deterministic_algorithms():
+    layers = kernel_layers(model, sparsifier) if sparse_kernels else {}
+    kernels = on_kernels(model, layers, sparsifier.masks, optimizer) if layers else nullcontext()
+    with deterministic_algorithms(), kernels:
         while done < steps:
             for indices in batch_order(n_train, batch_size, generator):
                 if done >= start:

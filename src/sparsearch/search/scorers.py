@@ -52,6 +52,7 @@ class ScoringContext:
     short_train_steps: int
     batch: tuple[Tensor, Tensor]
     flop_meter: FlopMeter
+    sparse_kernels: bool = False  # short training on the sparse kernels (the study's run-only sparse_kernels key)
 
 
 @dataclass(frozen=True)
@@ -135,6 +136,7 @@ def short_train_evaluation(
     batch_size: int = 128,
     budget: TrainBudget | None = None,
     seed: int = 0,
+    sparse_kernels: bool = False,
 ) -> tuple[float, float, int]:
     """(validation accuracy, validation loss, training FLOPs) after ``steps`` steps with the mask fixed.
 
@@ -160,6 +162,7 @@ def short_train_evaluation(
         steps=steps,
         evaluate_after="end",
         test=False,
+        sparse_kernels=sparse_kernels,
     )
     attached[0].detach()
     return result.final_val_accuracy, result.final_val_loss, result.train_flops
@@ -190,6 +193,7 @@ def _short_train(model: nn.Module, masks: Mapping[str, Tensor], context: Scoring
         batch_size=context.batch_size,
         budget=context.budget,
         seed=context.seed,
+        sparse_kernels=context.sparse_kernels,
     )
     # ties (often all candidates at chance level) go to the lower validation loss
     return Score(accuracy, train_flops + validation, tiebreak=-loss, val_loss=loss)

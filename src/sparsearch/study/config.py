@@ -211,8 +211,8 @@ class StudyConfig(_Strict):
     sparse_kernels: bool = Field(
         default=False,
         description="train the static-mask arms' Linear layers kept at most 30% dense on the sparse kernels (the "
-        "other masked layers masked as usual: sparsearch.training.train(sparse_kernels=True)); same results to "
-        "float rounding",
+        "other masked layers masked as usual: sparsearch.training.train(sparse_kernels=True)), and the search arms' "
+        "short trainings of their candidates alike; same results to float rounding",
     )
 
     @field_validator("dataset")

@@ -206,6 +206,7 @@ def run_search_arm(
             batch_size=config.search.batch_size,
             train_budget=config.budget,
             budget_flops=config.search.budget_flops,
+            sparse_kernels=config.sparse_kernels,
         )
 
     searched = problem(derive_seed(spec.seed, spec.sparsity, spec.arm))

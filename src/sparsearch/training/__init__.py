@@ -9,8 +9,10 @@ from sparsearch.training.loop import (
     batch_order,
     deterministic_algorithms,
     evaluate,
+    kernel_layers,
     make_optimizer,
     make_scheduler,
+    on_kernels,
     train,
 )
 
@@ -22,7 +24,9 @@ __all__ = [
     "batch_order",
     "deterministic_algorithms",
     "evaluate",
+    "kernel_layers",
     "make_optimizer",
     "make_scheduler",
+    "on_kernels",
     "train",
 ]

@@ -187,19 +187,27 @@ def kernel_layers(model: nn.Module, sparsifier: Sparsifier | None) -> dict[str, 
 def on_kernels(model: nn.Module, layers: dict[str, nn.Linear], masks: dict[str, Tensor],
                optimizer: torch.optim.Optimizer) -> Iterator[None]:
     """Within the block, each of `layers` is replaced in `model` by a trainable `SparseLinear` holding the entries
-    its mask keeps, and in `optimizer` (which must not have stepped yet) its weight and bias by the new layer's
-    values and bias; on exit the trained values are written back into the layer (zeros elsewhere) and the layer is
-    put back, so the model is what masked training would have left. The sparsifier keeps its hooks on the same
-    optimizer: the layers that stay in the model stay masked as before."""
-    if optimizer.state:
-        raise RuntimeError("on_kernels needs an optimizer that has not stepped yet (its state would be lost)")
+    its mask keeps, and in `optimizer` its weight and bias by the new layer's values and bias, with their optimizer
+    state (momentum, Adam's moments) taken at the kept entries, so a run can move onto the kernels after it has
+    stepped (a resumed short training). On exit the trained values and their state are written back into the
+    layer's weight and state (the other entries' state as it was) and the layer and the optimizer's parameters are
+    put back, so model and optimizer are what masked training would have left (to summation order). The
+    sparsifier keeps its hooks on the same optimizer: the layers that stay in the model stay masked as before."""
     swapped = {}
     for name, linear in layers.items():
         matrix = PanelCSRMatrix.from_mask(linear.weight, masks[f"{name}.weight"])
         swapped[name] = SparseLinear(matrix, linear.bias, trainable=True)
-    replacement = {id(linear.weight): swapped[name].values for name, linear in layers.items()}
-    replacement.update({id(linear.bias): swapped[name].bias for name, linear in layers.items()
-                        if linear.bias is not None})
+    # (dense parameter, its replacement, the matrix whose entries the state is taken at, or None: same shape)
+    pairs = [(linear.weight, swapped[name].values, swapped[name].matrix) for name, linear in layers.items()]
+    pairs += [(linear.bias, swapped[name].bias, None) for name, linear in layers.items() if linear.bias is not None]
+    dense_state = {id(old): optimizer.state.pop(old) for old, _, _ in pairs if old in optimizer.state}
+    for old, new, matrix in pairs:
+        if id(old) in dense_state:
+            optimizer.state[new] = {key: matrix.gather(value) if _per_entry(value, old) and matrix is not None
+                                    else value.clone() if isinstance(value, Tensor) else value
+                                    for key, value in dense_state[id(old)].items()}
+    replacement = {id(old): new for old, new, _ in pairs}
+    groups = [group["params"] for group in optimizer.param_groups]
     try:
         for name, sparse in swapped.items():
             replace_module(model, name, sparse)
@@ -214,6 +222,22 @@ def on_kernels(model: nn.Module, layers: dict[str, nn.Linear], masks: dict[str, 
                 if linear.bias is not None:
                     linear.bias.copy_(sparse.bias)
                 replace_module(model, name, linear)
+            for group, params in zip(optimizer.param_groups, groups, strict=True):
+                group["params"] = params
+            for old, new, matrix in pairs:
+                if new not in optimizer.state:
+                    continue
+                before = dense_state.get(id(old), {})
+                optimizer.state[old] = {
+                    key: matrix.scatter(value, before[key].clone() if key in before else torch.zeros_like(old))
+                    if matrix is not None and _per_entry(value, new) else value
+                    for key, value in optimizer.state.pop(new).items()}
+
+
+def _per_entry(value: object, param: Tensor) -> bool:
+    """Whether an optimizer state value holds one number per entry of `param` (momentum, Adam's moments), not a
+    scalar such as Adam's step count."""
+    return isinstance(value, Tensor) and value.dim() > 0 and value.shape == param.shape
 
 
 def train(
