@@ -16,6 +16,9 @@
    random mask, SGD with momentum and weight decay, cosine rate, batch 128) at 90% and 98%, trained by
    `sparsearch.training.train` on one thread (as a study worker trains) with and without `sparse_kernels=True`:
    seconds per epoch and final test accuracy.
+5. A study's search arm: Random Search of study_fashion.toml's search-weight arm (8 ERK candidates of
+   LeNet-300-100, 100 short-training steps each at batch 128, scored on the validation split) at 90% and 98%, on
+   one thread, `SearchProblem(sparse_kernels=False / True)`: wall seconds of the search and the candidates' scores.
 
 Run: python benchmarks/training_kernels.py [--threads 2] [--epochs 2] (about 6 minutes on 2 quiet cores)
 """
@@ -201,6 +204,41 @@ def study_trial_rows(epochs: int) -> list[dict]:
     return rows
 
 
+def search_arm_rows(candidates: int) -> list[dict]:
+    from sparsearch.models import build_model
+    from sparsearch.search import WeightSpace
+    from sparsearch.search.methods import SearchProblem, run_method
+    from sparsearch.training import TrainBudget
+
+    data = load_dataset("fashion-mnist", seed=0)
+    budget = TrainBudget(epochs=8, batch_size=128, optimizer="sgd", lr=0.05, momentum=0.9, weight_decay=5e-4,
+                         lr_schedule="cosine")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    rows = []
+    try:
+        for sparsity in (0.9, 0.98):
+            def parent() -> nn.Module:
+                return build_model("mlp", data.input_shape, data.num_classes, widths=(300, 100), seed=0)
+
+            row: dict = {"sparsity": sparsity, "candidates": candidates, "short_train_steps": 100, "threads": 1}
+            for kernels in (False, True):
+                problem = SearchProblem(WeightSpace(parent(), sparsity, "erk"), parent, data, seed=0,
+                                        n_candidates=candidates, short_train_steps=100, batch_size=128,
+                                        train_budget=budget, sparse_kernels=kernels)
+                started = time.perf_counter()
+                outcome = run_method("search", problem)
+                name = "kernels" if kernels else "masked"
+                row[f"{name}_seconds"] = time.perf_counter() - started
+                row[f"{name}_scores"] = [float(e["score"]) for e in outcome.evaluations]
+                row[f"{name}_best"] = outcome.best_id
+            rows.append(row)
+            print(row, flush=True)
+    finally:
+        torch.set_num_threads(threads)
+    return rows
+
+
 def to_markdown(payload: dict) -> str:
     lines = ["One training step (forward, backward, SGD with momentum) of a 4096x4096 layer: ms, median of "
              "interleaved steps (speed-up over the masked dense step). 'dense (masked)': `nn.Linear` with its "
@@ -247,6 +285,19 @@ def to_markdown(payload: dict) -> str:
                          f"{r['kernels_epoch_seconds']:.2f} | "
                          f"{r['masked_epoch_seconds'] / r['kernels_epoch_seconds']:.2f}x | "
                          f"{r['masked_test_accuracy']:.4f} / {r['kernels_test_accuracy']:.4f} |")
+    searches = payload.get("search_arm")
+    if searches:
+        lines += ["", "A study's search arm on one thread (Random Search as in study_fashion.toml's search-weight arm: "
+                  "ERK candidates of LeNet-300-100, 100 short-training steps each at batch 128), wall seconds of the "
+                  "whole search, `SearchProblem(sparse_kernels=...)`; validation-accuracy scores of the candidates "
+                  "(largest difference between the two runs) and the candidate picked:\n",
+                  "| sparsity | candidates | masked s | kernels s | speed-up | largest score difference | "
+                  "picked masked / kernels |", "|---|---|---|---|---|---|---|"]
+        for r in searches:
+            difference = max(abs(a - b) for a, b in zip(r["masked_scores"], r["kernels_scores"], strict=True))
+            lines.append(f"| {r['sparsity']:.0%} | {r['candidates']} | {r['masked_seconds']:.1f} | "
+                         f"{r['kernels_seconds']:.1f} | {r['masked_seconds'] / r['kernels_seconds']:.2f}x | "
+                         f"{difference:.4f} | {r['masked_best']} / {r['kernels_best']} |")
     lines += ["", f"Run: `{payload['command']}`"]
     return "\n".join(lines) + "\n"
 
@@ -258,12 +309,14 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2, help="MLP epochs (0: skip the MLP)")
     parser.add_argument("--decoder-steps", type=int, default=8, help="decoder steps per candidate (0: skip)")
     parser.add_argument("--trial-epochs", type=int, default=2, help="study-trial epochs (0: skip)")
+    parser.add_argument("--search-candidates", type=int, default=8, help="search-arm candidates (0: skip)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     info = machine()
     payload = {"machine": info, "command": f"python benchmarks/training_kernels.py --threads {args.threads} "
                                           f"--budget {args.budget} --epochs {args.epochs} "
-                                          f"--decoder-steps {args.decoder_steps} --trial-epochs {args.trial_epochs}",
+                                          f"--decoder-steps {args.decoder_steps} --trial-epochs {args.trial_epochs} "
+                                          f"--search-candidates {args.search_candidates}",
                "layer": layer_rows(args.budget)}
     if args.epochs:
         payload["model"] = model_rows(args.epochs)
@@ -273,6 +326,8 @@ def main() -> None:
         print(payload["decoder"], flush=True)
     if args.trial_epochs:
         payload["study_trial"] = study_trial_rows(args.trial_epochs)
+    if args.search_candidates:
+        payload["search_arm"] = search_arm_rows(args.search_candidates)
     write_results("training_kernels", payload, to_markdown(payload))
 
 
