@@ -184,3 +184,52 @@ def test_sparse_kernels_train_a_bare_layer_masked(digits):
                      sparsifier_factory=lambda steps: StaticMaskSparsifier(mask))
 
     assert _curve(run(True)) == _curve(run(False))
+
+
+@pytest.mark.parametrize("algorithm", ["rigl", "set", "gmp"])
+def test_sparse_kernels_train_dynamic_methods_between_their_updates(digits, algorithm, monkeypatch):
+    """SET, RigL and GMP change their masks on update steps, which read dense weights (RigL dense gradients too):
+    those steps run on the dense layers and the steps between on the kernels, moved there again with the new masks.
+    Against masked training: the same masks after every update, the same losses to float rounding."""
+    import sparsearch as sa
+    from sparsearch.training import loop
+
+    entries: list[list[str]] = []
+    original = loop.on_kernels
+
+    def recording(model, layers, *args):
+        entries.append(sorted(layers))
+        return original(model, layers, *args)
+
+    monkeypatch.setattr(loop, "on_kernels", recording)
+    budget = TrainBudget(epochs=2, batch_size=32, lr=0.05)
+    steps_per_epoch = math.ceil(len(digits.y_train) / 32)
+
+    def sparsifier(total_steps: int) -> Sparsifier:
+        if algorithm == "rigl":
+            return sa.RigL(0.9, update_every=10, total_steps=total_steps, distribution="uniform")
+        if algorithm == "set":
+            return sa.SET(0.9, update_every=10, distribution="uniform", seed=0)
+        return sa.GMP(0.9, initial_sparsity=0.75, end=0.5, update_every=10, total_steps=total_steps,
+                      distribution="uniform")
+
+    def run(kernels: bool):
+        net = build_model("mlp", digits.input_shape, digits.num_classes, widths=(256, 256), seed=0)
+        seen: list[Sparsifier] = []
+        result = train(net, digits, budget, seed=0, sparse_kernels=kernels,
+                       sparsifier_factory=lambda steps: seen.append(sparsifier(steps)) or seen[-1])
+        return result, seen[0].masks
+
+    (masked, masked_masks), (on_kernels, kernel_masks) = run(False), run(True)
+    # onto the kernels at the start and again after every update (RigL's stop at 75% of training; GMP prunes after
+    # the steps that reach 10, 20, ..., its end, so it leaves before them)
+    total = 2 * steps_per_epoch
+    updates = [step for step in range(1, total) if step % 10 == 0 and (algorithm != "rigl" or step < 0.75 * total)]
+    if algorithm != "gmp":
+        assert len(entries) == 1 + len(updates)
+    assert len(entries) > 2 and all(layers == ["layers.0", "layers.1", "layers.2"] for layers in entries)
+    for name, mask in masked_masks.items():
+        assert torch.equal(kernel_masks[name], mask), name
+    for (epoch, step, loss, *_), expected in zip(_curve(on_kernels), _curve(masked), strict=True):
+        assert (epoch, step) == expected[:2] and loss == pytest.approx(expected[2], rel=1e-4)
+    assert on_kernels.train_flops == masked.train_flops

@@ -125,6 +125,9 @@ class DynamicSparsifier(Sparsifier):
     def keeps_gradients_dense(self) -> bool:
         return self.needs_dense_gradients and self.is_update_step()
 
+    def masks_fixed_for_next_step(self) -> bool:
+        return not self.is_update_step()  # an update step reads the dense weights (and RigL dense gradients)
+
     def before_step(self) -> None:
         if not self.is_update_step():
             return

@@ -67,10 +67,16 @@ class GMP(Sparsifier):
     def initial_masks(self) -> dict[str, torch.Tensor]:
         return self.masks_from_scores(self.compute_scores(), self.schedule(0))
 
-    def is_update_step(self) -> bool:
-        if not self.begin_step <= self.step <= self.end_step:
+    def is_update_step(self, step: int | None = None) -> bool:
+        """Whether masks are pruned after the optimizer step that makes ``step`` (default: the steps done)."""
+        step = self.step if step is None else step
+        if not self.begin_step <= step <= self.end_step:
             return False
-        return (self.step - self.begin_step) % self.update_every == 0 or self.step == self.end_step
+        return (step - self.begin_step) % self.update_every == 0 or step == self.end_step
+
+    def masks_fixed_for_next_step(self) -> bool:
+        # pruning happens after the step that brings the count to an update step, on the dense weights
+        return not self.is_update_step(self.step + 1)
 
     def after_step(self) -> None:
         if not self.is_update_step():

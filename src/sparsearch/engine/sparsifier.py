@@ -369,6 +369,12 @@ class Sparsifier:
 
         return mask_gradient
 
+    def masks_fixed_for_next_step(self) -> bool:
+        """Whether the coming optimizer step keeps the masks, reads no dense gradient and no masked weight, so the
+        masked layers may run it on the sparse kernels (``train(sparse_kernels=True)``). False unless an algorithm
+        says so: one that changes its masks in its hooks must run those steps on the dense layers."""
+        return False
+
     def keeps_gradients_dense(self) -> bool:
         """Whether backward() leaves the gradients of masked weights dense until the coming optimizer step (an
         algorithm that reads dense gradients on that step, e.g. RigL's grow step); they are masked before the
@@ -671,3 +677,6 @@ class StaticMaskSparsifier(Sparsifier):
 
     def initial_masks(self) -> dict[str, torch.Tensor]:
         return dict(self.given_masks)
+
+    def masks_fixed_for_next_step(self) -> bool:
+        return True

@@ -82,24 +82,32 @@ class FlopMeter:
         self.dense = sum(2 * uses * weight.numel() for _, weight, uses in self._layers)
         self.total = 0
 
-    def forward(self, masks: Mapping[str, torch.Tensor] | None = None) -> FlopCount:
-        """FLOPs of one forward pass of one sample; a weight with a mask in ``masks`` counts its kept entries."""
+    def forward(self, masks: Mapping[str, torch.Tensor] | None = None,
+                weights: Mapping[str, torch.Tensor] | None = None) -> FlopCount:
+        """FLOPs of one forward pass of one sample; a weight with a mask in ``masks`` counts its kept entries, one in
+        ``weights`` the non-zeros of the tensor given there (its current values held elsewhere, e.g. the stored
+        non-zeros of a layer trained on the sparse kernels), any other its own non-zeros."""
         nonzero = 0
         for name, weight, uses in self._layers:
-            kept = masks[name] if masks is not None and name in masks else weight.detach()
+            if masks is not None and name in masks:
+                kept = masks[name]
+            else:
+                kept = weights[name] if weights is not None and name in weights else weight.detach()
             nonzero += 2 * uses * int(kept.count_nonzero())
         return FlopCount(dense=self.dense, nonzero=nonzero)
 
     def step_flops(
-        self, batch: int, *, dense_weight_gradient: bool = False, masks: Mapping[str, torch.Tensor] | None = None
+        self, batch: int, *, dense_weight_gradient: bool = False, masks: Mapping[str, torch.Tensor] | None = None,
+        weights: Mapping[str, torch.Tensor] | None = None,
     ) -> int:
         """FLOPs of one training step (forward and backward) on ``batch`` samples."""
-        nonzero = self.forward(masks).nonzero
+        nonzero = self.forward(masks, weights).nonzero
         return batch * (2 * nonzero + (self.dense if dense_weight_gradient else nonzero))
 
-    def add_step(self, batch: int, *, dense_weight_gradient: bool = False) -> None:
-        """Count one training step of the model as it is now."""
-        self.total += self.step_flops(batch, dense_weight_gradient=dense_weight_gradient)
+    def add_step(self, batch: int, *, dense_weight_gradient: bool = False,
+                 weights: Mapping[str, torch.Tensor] | None = None) -> None:
+        """Count one training step of the model as it is now (``weights``: see ``forward``)."""
+        self.total += self.step_flops(batch, dense_weight_gradient=dense_weight_gradient, weights=weights)
 
 
 def count_flops(model: nn.Module, input_shape: tuple[int, ...]) -> FlopCount:

@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Literal
 
@@ -41,7 +41,7 @@ from torch import Tensor, nn
 
 from sparsearch.data.splits import DataSplits
 from sparsearch.engine.replaceable import reason_to_keep_dense, replace_module
-from sparsearch.engine.sparsifier import Sparsifier, StaticMaskSparsifier
+from sparsearch.engine.sparsifier import Sparsifier
 from sparsearch.kernels import PanelCSRMatrix, SparseLinear
 from sparsearch.models.flops import FlopCount, FlopMeter
 
@@ -166,11 +166,12 @@ def deterministic_algorithms() -> Iterator[None]:
 
 
 def kernel_layers(model: nn.Module, sparsifier: Sparsifier | None) -> dict[str, nn.Linear]:
-    """The layers `train(..., sparse_kernels=True)` moves onto the sparse kernels: those a static mask masks that
-    are CPU float32 `nn.Linear` layers kept at most KERNEL_MAX_DENSITY dense and replaceable (weight not tied, not
-    read by the parent, not the model itself: a bare layer has no parent to be replaced in). The static mask's
-    other layers train masked as usual."""
-    if not isinstance(sparsifier, StaticMaskSparsifier) or not sparsifier.masks_weights:
+    """The layers `train(..., sparse_kernels=True)` moves onto the sparse kernels, for the steps on which the
+    sparsifier keeps its masks (`Sparsifier.masks_fixed_for_next_step`: every step of a static mask, the steps
+    between updates of SET, RigL and GMP): those it masks that are CPU float32 `nn.Linear` layers kept at most
+    KERNEL_MAX_DENSITY dense (now) and replaceable (weight not tied, not read by the parent, not the model itself: a
+    bare layer has no parent to be replaced in). Its other layers train masked as usual."""
+    if sparsifier is None or not sparsifier.masks_weights:
         return {}
     layers = {}
     for name, mask in sparsifier.masks.items():
@@ -240,6 +241,50 @@ def _per_entry(value: object, param: Tensor) -> bool:
     return isinstance(value, Tensor) and value.dim() > 0 and value.shape == param.shape
 
 
+class KernelSwitch:
+    """`train(sparse_kernels=True)`'s layers: on the kernels (`on_kernels`) for the steps on which the sparsifier
+    keeps its masks, back on the dense layers for the others (a mask update reads dense weights and gradients); the
+    layers are chosen again after such a step, since the masks may have changed. Call `before_step` before each
+    optimizer step; leaving the block puts the dense layers back."""
+
+    def __init__(self, model: nn.Module, sparsifier: Sparsifier, optimizer: torch.optim.Optimizer) -> None:
+        self.model, self.sparsifier, self.optimizer = model, sparsifier, optimizer
+        self._active: AbstractContextManager[None] | None = None
+        self._layers: dict[str, nn.Linear] | None = None  # None: choose again (the masks may have changed)
+        self.entries = 0  # how many times layers went onto the kernels
+
+    def before_step(self) -> None:
+        fixed = self.sparsifier.masks_fixed_for_next_step()
+        if fixed and self._active is None:
+            if self._layers is None:
+                self._layers = kernel_layers(self.model, self.sparsifier)
+            if self._layers:
+                self._active = on_kernels(self.model, self._layers, self.sparsifier.masks, self.optimizer)
+                self._active.__enter__()
+                self.entries += 1
+        elif not fixed:
+            self._leave()
+            self._layers = None
+
+    def live_weights(self) -> dict[str, Tensor]:
+        """The stored non-zeros of the layers now on the kernels, by weight name: their dense weights are only
+        written back when the layers leave, so FLOPs are counted on these (`FlopMeter.add_step`'s weights)."""
+        if self._active is None or not self._layers:
+            return {}
+        return {f"{name}.weight": self.model.get_submodule(name).values.detach() for name in self._layers}
+
+    def _leave(self) -> None:
+        if self._active is not None:
+            active, self._active = self._active, None
+            active.__exit__(None, None, None)
+
+    def __enter__(self) -> KernelSwitch:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._leave()
+
+
 def train(
     model: nn.Module,
     data: DataSplits,
@@ -267,8 +312,9 @@ def train(
         steps: train exactly this many optimizer steps instead of ``budget.epochs`` epochs.
         evaluate_after: evaluate after every epoch, or only after the last one.
         test: evaluate the test split too (False: validation only, as a search score must).
-        sparse_kernels: train the static mask's layers that `kernel_layers` finds suitable on the sparse kernels
-            (forward and backward cost per kept weight), the others masked as usual; the same arithmetic as masked
+        sparse_kernels: train the masked layers that `kernel_layers` finds suitable on the sparse kernels (forward
+            and backward cost per kept weight) on every step where the sparsifier keeps its masks (a static mask:
+            all; SET, RigL, GMP: those between updates), the others masked as usual; the same arithmetic as masked
             training summed in another order, so results match it to float rounding, not bit for bit. The model
             is left as masked training leaves it.
     """
@@ -291,14 +337,15 @@ def train(
     device = _device_of(model)
     history: list[EpochMetrics] = []
     step = 0
-    layers = kernel_layers(model, sparsifier) if sparse_kernels else {}
-    kernels = on_kernels(model, layers, sparsifier.masks, optimizer) if layers else nullcontext()
+    kernels = KernelSwitch(model, sparsifier, optimizer) if sparse_kernels and sparsifier is not None else None
     model.train()
-    with deterministic_algorithms(), kernels:
+    with deterministic_algorithms(), kernels or nullcontext():
         for epoch in range(1, epochs + 1):
             epoch_started = time.perf_counter()
             loss_sum, seen = 0.0, 0
             for indices in batch_order(n_train, budget.batch_size, shuffle_generator):
+                if kernels is not None:
+                    kernels.before_step()
                 dense_steps_before = sparsifier.dense_gradient_steps if sparsifier is not None else 0
                 inputs, targets = data.x_train[indices].to(device), data.y_train[indices].to(device)
                 loss = F.cross_entropy(model(inputs), targets)
@@ -308,7 +355,8 @@ def train(
                 scheduler.step()
                 step += 1
                 dense_gradient = sparsifier is not None and sparsifier.dense_gradient_steps > dense_steps_before
-                flops.add_step(len(indices), dense_weight_gradient=dense_gradient)
+                flops.add_step(len(indices), dense_weight_gradient=dense_gradient,
+                               weights=kernels.live_weights() if kernels is not None else None)
                 loss_sum += float(loss.detach()) * len(indices)
                 seen += len(indices)
                 if step == total_steps:
