@@ -172,6 +172,7 @@ def decoder_row(budget: float, steps: int) -> dict:
 
 
 def study_trial_rows(epochs: int) -> list[dict]:
+    from sparsearch.algorithms import RigL
     from sparsearch.engine import StaticMaskSparsifier
     from sparsearch.models import build_model
     from sparsearch.search import WeightSpace
@@ -191,14 +192,19 @@ def study_trial_rows(epochs: int) -> list[dict]:
             masks = WeightSpace(parent(), sparsity, "erk").sample(torch.Generator().manual_seed(0))
             row: dict = {"sparsity": sparsity, "epochs": epochs, "threads": 1,
                          "mask_density": {k: float(m.float().mean()) for k, m in masks.items()}}
-            for kernels in (False, True):  # whole trials one after the other: each takes seconds
-                result = train(parent(), data, budget, seed=0, sparse_kernels=kernels,
-                               sparsifier_factory=lambda steps, masks=masks: StaticMaskSparsifier(masks))
-                name = "kernels" if kernels else "masked"
-                row[f"{name}_epoch_seconds"] = statistics.median(e.seconds for e in result.epochs)
-                row[f"{name}_test_accuracy"] = result.final_test_accuracy
-            rows.append(row)
-            print(row, flush=True)
+            arms = {"random-weight": lambda steps, masks=masks: StaticMaskSparsifier(masks),
+                    # a dynamic arm: on the kernels between its updates (every 100 steps until 75% of training)
+                    "rigl": lambda steps, sparsity=sparsity: RigL(sparsity, total_steps=steps, update_every=100,
+                                                                  distribution="erk")}
+            for arm, factory in arms.items():
+                row = {**row, "arm": arm}
+                for kernels in (False, True):  # whole trials one after the other: each takes seconds
+                    result = train(parent(), data, budget, seed=0, sparse_kernels=kernels, sparsifier_factory=factory)
+                    name = "kernels" if kernels else "masked"
+                    row[f"{name}_epoch_seconds"] = statistics.median(e.seconds for e in result.epochs)
+                    row[f"{name}_test_accuracy"] = result.final_test_accuracy
+                rows.append(row)
+                print(row, flush=True)
     finally:
         torch.set_num_threads(threads)
     return rows
@@ -274,14 +280,16 @@ def to_markdown(payload: dict) -> str:
     trials = payload.get("study_trial")
     if trials:
         lines += ["", "A study trial on one thread (`sparsearch.training.train`, the random-weight arm of "
-                  "benchmarks/study_fashion.toml: LeNet-300-100, ERK mask, Fashion-MNIST), median seconds per epoch "
-                  "and final test accuracy, masked against `sparse_kernels=True`:\n",
-                  "| sparsity | kept per layer | masked s/epoch | kernels s/epoch | speed-up | "
+                  "benchmarks/study_fashion.toml: LeNet-300-100, ERK mask, Fashion-MNIST; and RigL with ERK, "
+                  "updates every 100 steps until 75% of training, on the kernels between them), median seconds per "
+                  "epoch and final test accuracy, masked against `sparse_kernels=True`:\n",
+                  "| arm | sparsity | kept per layer (ERK) | masked s/epoch | kernels s/epoch | speed-up | "
                   "test acc masked / kernels |",
-                  "|---|---|---|---|---|---|"]
+                  "|---|---|---|---|---|---|---|"]
         for r in trials:
             kept = ", ".join(f"{v:.2f}" for v in r["mask_density"].values())
-            lines.append(f"| {r['sparsity']:.0%} | {kept} | {r['masked_epoch_seconds']:.2f} | "
+            lines.append(f"| {r.get('arm', 'random-weight')} | {r['sparsity']:.0%} | {kept} | "
+                         f"{r['masked_epoch_seconds']:.2f} | "
                          f"{r['kernels_epoch_seconds']:.2f} | "
                          f"{r['masked_epoch_seconds'] / r['kernels_epoch_seconds']:.2f}x | "
                          f"{r['masked_test_accuracy']:.4f} / {r['kernels_test_accuracy']:.4f} |")
