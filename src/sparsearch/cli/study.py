@@ -50,8 +50,8 @@ def study_command(
     progress: Annotated[bool, typer.Option(help="Show a progress bar with ETA.")] = True,
     sparse_kernels: Annotated[
         bool | None,
-        typer.Option(help="Train static masks, and search candidates' short trainings, on the sparse kernels "
-                     "(default: from the study file, else off)."),
+        typer.Option(help="Train masked layers on the sparse kernels: static masks, dynamic methods between updates, "
+                     "search candidates' short trainings (default: from the study file, else off)."),
     ] = None,
 ) -> None:
     """Run a sparse-architecture study; re-running the same command resumes it."""

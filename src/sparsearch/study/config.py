@@ -210,9 +210,10 @@ class StudyConfig(_Strict):
     ray_address: str | None = None
     sparse_kernels: bool = Field(
         default=False,
-        description="train the static-mask arms' Linear layers kept at most 30% dense on the sparse kernels (the "
-        "other masked layers masked as usual: sparsearch.training.train(sparse_kernels=True)), and the search arms' "
-        "short trainings of their candidates alike; same results to float rounding",
+        description="train masked Linear layers kept at most 30% dense on the sparse kernels: the static-mask "
+        "arms throughout, SET / RigL / GMP between their mask updates, the search arms' short trainings of "
+        "candidates (the other masked layers masked as usual: sparsearch.training.train(sparse_kernels=True)); "
+        "same results to float rounding",
     )
 
     @field_validator("dataset")
