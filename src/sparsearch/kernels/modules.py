@@ -120,7 +120,7 @@ class SparseLinear(nn.Module):
         # __getattr__ calls (this class's and nn.Module's), microseconds a call where a small layer's kernel at one
         # sentence takes about 20
         tensors = self._parameters if "values" in self._parameters else self._buffers
-        values, bias, matrix = tensors["values"], tensors["bias"], self._matrix
+        values, bias, matrix = tensors["values"], tensors.get("bias"), self._matrix
         wants_grad = torch.is_grad_enabled() and (x.requires_grad or values.requires_grad
                                                   or (bias is not None and bias.requires_grad))
         if torch.compiler.is_compiling() and not wants_grad:

@@ -251,7 +251,6 @@ class KernelSwitch:
         self.model, self.sparsifier, self.optimizer = model, sparsifier, optimizer
         self._active: AbstractContextManager[None] | None = None
         self._layers: dict[str, nn.Linear] | None = None  # None: choose again (the masks may have changed)
-        self.entries = 0  # how many times layers went onto the kernels
 
     def before_step(self) -> None:
         fixed = self.sparsifier.masks_fixed_for_next_step()
@@ -261,7 +260,6 @@ class KernelSwitch:
             if self._layers:
                 self._active = on_kernels(self.model, self._layers, self.sparsifier.masks, self.optimizer)
                 self._active.__enter__()
-                self.entries += 1
         elif not fixed:
             self._leave()
             self._layers = None
