@@ -20,6 +20,12 @@ def test_readme_python_blocks_run_in_order(tmp_path, monkeypatch):
     assert any("sa.RigL" in block for block in blocks) and any("sa.runtime" in block for block in blocks)
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(README.parent / "examples"))  # the worked example is "your own file"
+    from sparsearch.training import loop
+
+    moved: list[list[str]] = []
+    on_kernels = loop.on_kernels
+    monkeypatch.setattr(loop, "on_kernels", lambda model, layers, *args: moved.append(sorted(layers))
+                        or on_kernels(model, layers, *args))
     namespace: dict = {}
     for index, block in enumerate(blocks):
         exec(compile(block, f"README.md python block {index + 1}", "exec"), namespace)
@@ -35,6 +41,14 @@ def test_readme_python_blocks_run_in_order(tmp_path, monkeypatch):
     assert isinstance(trainable[1], SparseLinear) and trainable[1].trainable
     assert torch.equal(trainable[1].matrix.to_dense() != 0, namespace["model"][1].weight.detach() != 0)
     assert isinstance(trainable[3], torch.nn.Linear)  # the output layer: above max_density, as the README says
+    # the KernelSwitch block: RigL trained its layers between updates on the kernels; after the block the model is
+    # its own masked Linear layers again, pruned weights zero
+    net, rigl = namespace["net"], namespace["rigl"]
+    assert all(type(layer) in (torch.nn.Flatten, torch.nn.Linear, torch.nn.ReLU) for layer in net)
+    assert rigl.updates >= 1 and abs(rigl.overall_sparsity() - 0.9) < 1e-3
+    assert len(moved) == 1 + rigl.updates and all(layers == ["1"] for layers in moved)  # ERK keeps "3" 34% dense
+    for name, mask in rigl.masks.items():
+        assert not rigl.params[name].detach()[~mask].any(), f"pruned weights of {name} are not zero"
     # the "Ship" block: a converted model computing what the trained one computes, written to disk
     model, fast = namespace["model"], namespace["fast"]
     x = torch.randn(5, 64)

@@ -4,6 +4,7 @@ learning-rate schedule, deterministic batches, evaluation and training FLOPs."""
 from sparsearch.training.loop import (
     EVAL_BATCH_SIZE,
     EpochMetrics,
+    KernelSwitch,
     TrainBudget,
     TrainResult,
     batch_order,
@@ -19,6 +20,7 @@ from sparsearch.training.loop import (
 __all__ = [
     "EVAL_BATCH_SIZE",
     "EpochMetrics",
+    "KernelSwitch",
     "TrainBudget",
     "TrainResult",
     "batch_order",

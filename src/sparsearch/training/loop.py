@@ -242,10 +242,11 @@ def _per_entry(value: object, param: Tensor) -> bool:
 
 
 class KernelSwitch:
-    """`train(sparse_kernels=True)`'s layers: on the kernels (`on_kernels`) for the steps on which the sparsifier
-    keeps its masks, back on the dense layers for the others (a mask update reads dense weights and gradients); the
-    layers are chosen again after such a step, since the masks may have changed. Call `before_step` before each
-    optimizer step; leaving the block puts the dense layers back."""
+    """A sparsifier's masked layers on the sparse kernels (`on_kernels`) for the steps on which it keeps its
+    masks, back on the dense layers for the others (a mask update reads dense weights and gradients); the layers are
+    chosen again after such a step, since the masks may have changed. What `train(sparse_kernels=True)` uses, and
+    usable in your own loop: call `before_step()` before each step's forward pass; leaving the `with` block puts
+    the dense layers back (the model and optimizer then are what masked training leaves)."""
 
     def __init__(self, model: nn.Module, sparsifier: Sparsifier, optimizer: torch.optim.Optimizer) -> None:
         self.model, self.sparsifier, self.optimizer = model, sparsifier, optimizer
