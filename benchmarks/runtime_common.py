@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import random
 import statistics
 import time
 from collections.abc import Callable
@@ -31,31 +30,50 @@ def machine() -> dict:
             "load_average_at_start": [round(v, 2) for v in os.getloadavg()]}
 
 
+def balanced_order(names: list[str]) -> list[str]:
+    """One cycle of calls in which every candidate directly follows every other exactly once (an Eulerian circuit of
+    the complete directed graph on the candidates, its closing return left out so that cycles chain seamlessly).
+
+    Why: a call right after another finds that one's weights in the cache (or its threads still waking, or the caches
+    flushed by a large dense model). A random order per round from a fixed seed repeats the same imbalance at every
+    point of a benchmark: with three candidates and 40 rounds, one came right after a second 22 times and the second
+    after the first 16 times, and two runs of identical kernels read 4-8% apart. Here each ordered pair occurs once
+    per cycle, so no candidate gets a better predecessor than another."""
+    if len(names) < 2:
+        return list(names)
+    edges = {a: [b for b in names if b != a] for a in names}
+    stack, circuit = [names[0]], []
+    while stack:  # Hierholzer's algorithm
+        vertex = stack[-1]
+        if edges[vertex]:
+            stack.append(edges[vertex].pop())
+        else:
+            circuit.append(stack.pop())
+    circuit.reverse()
+    return circuit[:-1]  # ends where it started: the next cycle's first call follows the last
+
+
 def interleaved_times(fns: dict[str, Callable[[], object]], min_rounds: int = 7, max_rounds: int = 40,
                       budget_s: float = 2.0) -> tuple[dict[str, float], dict[str, float]]:
-    """(median, minimum) seconds per call; one call of every function per round (in a shuffled order), so load
-    drift hits all alike.
+    """(median, minimum) seconds per call; the candidates are called in whole cycles of `balanced_order` (each
+    candidate n - 1 times per cycle, each time after a different one), so load drift and cache effects hit all
+    alike; `min_rounds` / `max_rounds` count calls per candidate.
 
     Both are reported: the median is what a user on this (shared) machine saw; the minimum is the steadiest
     estimate of the code's own cost when other jobs steal the cores for part of the run."""
     for fn in fns.values():
         fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
+    cycle = balanced_order(list(fns))
     start = time.perf_counter()
-    rounds = 0
-    names = list(fns)
-    order = random.Random(0)
-    while rounds < min_rounds or (rounds < max_rounds and time.perf_counter() - start < budget_s):
-        # a fresh order each round: a call right after another finds that one's weights in the cache (or its
-        # threads still waking), and a fixed or merely rotated order would always give each candidate the same
-        # predecessor, handing that advantage or penalty to the same candidate every time
-        order.shuffle(names)
-        for name in names:
+    calls = 0
+    while calls < min_rounds or (calls < max_rounds and time.perf_counter() - start < budget_s):
+        for name in cycle:
             fn = fns[name]
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)
-        rounds += 1
+        calls = min(len(values) for values in times.values())
     return ({name: statistics.median(values) for name, values in times.items()},
             {name: min(values) for name, values in times.items()})
 

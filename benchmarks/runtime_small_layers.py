@@ -30,7 +30,7 @@ from sparsearch.kernels import cpu as kernels
 from sparsearch.kernels.format import PanelCSRMatrix
 
 SHAPES = ((384, 384), (1536, 384), (384, 1536), (768, 768))  # (out_features, in_features)
-TOKENS = (8, 11, 16, 32, 33, 128)
+TOKENS = (8, 11, 16, 20, 24, 32, 33, 128)
 THREADS = (1, 2)
 SPARSITY = 0.9
 REPO = Path(__file__).resolve().parent.parent
