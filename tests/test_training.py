@@ -233,3 +233,27 @@ def test_sparse_kernels_train_dynamic_methods_between_their_updates(digits, algo
     for (epoch, step, loss, *_), expected in zip(_curve(on_kernels), _curve(masked), strict=True):
         assert (epoch, step) == expected[:2] and loss == pytest.approx(expected[2], rel=1e-4)
     assert on_kernels.train_flops == masked.train_flops
+
+
+def test_sparse_kernels_train_pruning_at_initialisation_on_the_kernels(digits, monkeypatch):
+    """A mask chosen at attach (the study's static-* arms: SNIP, GraSP, SynFlow, magnitude, random) is fixed from then
+    on, so the whole run goes onto the kernels, as a given static mask does (it used to train masked)."""
+    import sparsearch as sa
+    from sparsearch.training import loop
+
+    entries: list[list[str]] = []
+    original = loop.on_kernels
+    monkeypatch.setattr(loop, "on_kernels", lambda model, layers, *args: entries.append(sorted(layers))
+                        or original(model, layers, *args))
+
+    def run(kernels: bool):
+        net = build_model("mlp", digits.input_shape, digits.num_classes, widths=(256, 256), seed=0)
+        return train(net, digits, BUDGET, seed=0, sparse_kernels=kernels,
+                     sparsifier_factory=lambda steps: sa.StaticSparsifier(0.9, score="magnitude",
+                                                                          distribution="uniform"))
+
+    masked, on_kernels = run(False), run(True)
+    assert entries == [["layers.0", "layers.1", "layers.2"]]
+    for (epoch, step, loss, *_), expected in zip(_curve(on_kernels), _curve(masked), strict=True):
+        assert (epoch, step) == expected[:2] and loss == pytest.approx(expected[2], rel=1e-4)
+    assert on_kernels.train_flops == masked.train_flops

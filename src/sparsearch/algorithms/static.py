@@ -66,6 +66,9 @@ class StaticSparsifier(Sparsifier):
         self.input_shape = input_shape
         self.rounds = rounds
 
+    def masks_fixed_for_next_step(self) -> bool:
+        return True  # chosen once at attach, then fixed: train(sparse_kernels=True) can run every step on the kernels
+
     def compute_scores(self) -> dict[str, torch.Tensor]:
         assert self.model is not None
         batch = self.batch if self.batch is not None else self.default_batch
