@@ -82,3 +82,24 @@ def test_the_operator_refuses_values_of_another_dtype():
     with pytest.raises(TypeError, match=r"torch\.float32 values here, got torch\.float64"):
         panel_csr_linear(torch.randn(2, 8), matrix.values.double(), matrix.col_indices, matrix.segment_nnz,
                          matrix.segment_ptr, matrix.row_nnz_prefix, None, None, None, None, 4, 8, matrix.panel_width)
+
+
+def test_the_operator_refuses_arrays_that_do_not_fit_together():
+    weight = torch.randn(4, 8) * (torch.rand(4, 8, generator=torch.Generator().manual_seed(0)) < 0.5)
+    matrix = PanelCSRMatrix.from_dense(weight)
+    arrays = dict(values=matrix.values, col_indices=matrix.col_indices, segment_nnz=matrix.segment_nnz,
+                  segment_ptr=matrix.segment_ptr, row_nnz_prefix=matrix.row_nnz_prefix)
+    x = torch.randn(2, 8)
+
+    def call(**changes):
+        given = {**arrays, **changes}
+        return panel_csr_linear(x, given["values"], given["col_indices"], given["segment_nnz"], given["segment_ptr"],
+                                given["row_nnz_prefix"], None, None, None, None, 4, 8, matrix.panel_width)
+
+    torch.testing.assert_close(call(), x @ weight.t(), rtol=1e-5, atol=1e-5)  # the arrays as built
+    with pytest.raises(ValueError, match=r"col_indices: torch\.int64"):
+        call(col_indices=matrix.col_indices.to(torch.int64))
+    with pytest.raises(ValueError, match="segment_ptr ends at"):
+        call(values=matrix.values[:-1].contiguous(), col_indices=matrix.col_indices[:-1].contiguous())
+    with pytest.raises(ValueError, match="row_nnz_prefix"):
+        call(row_nnz_prefix=matrix.row_nnz_prefix[:-1])

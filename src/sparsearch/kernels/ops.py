@@ -28,7 +28,9 @@ def panel_csr_linear(x: torch.Tensor, values: torch.Tensor, col_indices: torch.T
     if values.dtype != expected:
         raise TypeError(f"the sparse kernels read {expected} values here, got {values.dtype} (a layer converted "
                         "with .to() / .double() / .half(): keep SparseLinear float32 on the CPU)")
-    # built without validation: the arrays come from a validated matrix (SparseLinear's buffers)
+    _check_layout(values, col_indices, segment_nnz, segment_ptr, row_nnz_prefix, rows, cols, panel_width)
+    # the arrays' contents are not validated per call (SparseLinear's buffers are, when the layer is built); the
+    # checks above are the cheap ones that keep the kernels inside the arrays they are given
     matrix = PanelCSRMatrix((rows, cols), panel_width, values, col_indices, segment_nnz, segment_ptr,
                             row_nnz_prefix, scales)
     if bitmap is not None and lane_sums is not None:  # derived once by the layer, not per call
@@ -43,6 +45,32 @@ def _panel_csr_linear_shape(x: torch.Tensor, values: torch.Tensor, col_indices: 
                             scales: torch.Tensor | None, bitmap: torch.Tensor | None, lane_sums: torch.Tensor | None,
                             bias: torch.Tensor | None, rows: int, cols: int, panel_width: int) -> torch.Tensor:
     return x.new_empty((*x.shape[:-1], rows), dtype=torch.float32)
+
+
+def _check_layout(values: torch.Tensor, col_indices: torch.Tensor, segment_nnz: torch.Tensor,
+                  segment_ptr: torch.Tensor, row_nnz_prefix: torch.Tensor, rows: int, cols: int, panel_width: int
+                  ) -> None:
+    """Raise ValueError naming the array whose type or length does not fit the others (an operator called by hand, or
+    a program whose buffers were edited)."""
+    if not 1 <= panel_width <= 65535 or rows < 0 or cols < 0:
+        raise ValueError(f"shape ({rows}, {cols}) with panel_width {panel_width} is not a panel-CSR layout")
+    panels = max(-(-cols // panel_width), 1)
+    problems = []
+    if col_indices.dtype != torch.uint16 or col_indices.numel() != values.numel():
+        problems.append(f"col_indices: {col_indices.dtype} x {col_indices.numel()}, expected torch.uint16 x "
+                        f"{values.numel()} (one per value)")
+    if segment_nnz.numel() != panels * rows:
+        problems.append(f"segment_nnz: {segment_nnz.numel()} entries, expected {panels * rows}")
+    if segment_ptr.dtype != torch.int64 or segment_ptr.numel() != panels * rows + 1:
+        problems.append(f"segment_ptr: {segment_ptr.dtype} x {segment_ptr.numel()}, expected torch.int64 x "
+                        f"{panels * rows + 1}")
+    elif int(segment_ptr[-1]) != values.numel():
+        problems.append(f"segment_ptr ends at {int(segment_ptr[-1])}, expected {values.numel()} (the values)")
+    if row_nnz_prefix.dtype != torch.int64 or row_nnz_prefix.numel() != rows + 1:
+        problems.append(f"row_nnz_prefix: {row_nnz_prefix.dtype} x {row_nnz_prefix.numel()}, expected torch.int64 x "
+                        f"{rows + 1}")
+    if problems:
+        raise ValueError("sparsearch::panel_csr_linear got arrays that do not fit together: " + "; ".join(problems))
 
 
 def uses_bitmap(matrix: PanelCSRMatrix) -> bool:
