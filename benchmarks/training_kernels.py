@@ -29,7 +29,8 @@ import argparse
 import os
 import statistics
 import time
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 
 import sparselab
 import torch
@@ -171,24 +172,37 @@ def decoder_row(budget: float, steps: int) -> dict:
             "median_s": medians, "best_s": best}
 
 
-def study_trial_rows(epochs: int) -> list[dict]:
-    from sparsearch.algorithms import RigL
-    from sparsearch.engine import StaticMaskSparsifier
+@contextmanager
+def study_fashion_setting(epochs: int) -> Iterator[tuple[object, object, Callable[[], nn.Module]]]:
+    """(data, budget, parent) of benchmarks/study_fashion.toml (Fashion-MNIST, LeNet-300-100, its SGD recipe for
+    `epochs`), on one thread as a study worker trains; the thread count is restored afterwards."""
     from sparsearch.models import build_model
-    from sparsearch.search import WeightSpace
-    from sparsearch.training import TrainBudget, train
+    from sparsearch.training import TrainBudget
 
     data = load_dataset("fashion-mnist", seed=0)
     budget = TrainBudget(epochs=epochs, batch_size=128, optimizer="sgd", lr=0.05, momentum=0.9, weight_decay=5e-4,
                          lr_schedule="cosine")
+
+    def parent() -> nn.Module:
+        return build_model("mlp", data.input_shape, data.num_classes, widths=(300, 100), seed=0)
+
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    rows = []
     try:
-        for sparsity in (0.9, 0.98):
-            def parent() -> nn.Module:
-                return build_model("mlp", data.input_shape, data.num_classes, widths=(300, 100), seed=0)
+        yield data, budget, parent
+    finally:
+        torch.set_num_threads(threads)
 
+
+def study_trial_rows(epochs: int) -> list[dict]:
+    from sparsearch.algorithms import RigL
+    from sparsearch.engine import StaticMaskSparsifier
+    from sparsearch.search import WeightSpace
+    from sparsearch.training import train
+
+    rows = []
+    with study_fashion_setting(epochs) as (data, budget, parent):
+        for sparsity in (0.9, 0.98):
             masks = WeightSpace(parent(), sparsity, "erk").sample(torch.Generator().manual_seed(0))
             row: dict = {"sparsity": sparsity, "epochs": epochs, "threads": 1,
                          "mask_density": {k: float(m.float().mean()) for k, m in masks.items()}}
@@ -205,28 +219,16 @@ def study_trial_rows(epochs: int) -> list[dict]:
                     row[f"{name}_test_accuracy"] = result.final_test_accuracy
                 rows.append(row)
                 print(row, flush=True)
-    finally:
-        torch.set_num_threads(threads)
     return rows
 
 
 def search_arm_rows(candidates: int) -> list[dict]:
-    from sparsearch.models import build_model
     from sparsearch.search import WeightSpace
     from sparsearch.search.methods import SearchProblem, run_method
-    from sparsearch.training import TrainBudget
 
-    data = load_dataset("fashion-mnist", seed=0)
-    budget = TrainBudget(epochs=8, batch_size=128, optimizer="sgd", lr=0.05, momentum=0.9, weight_decay=5e-4,
-                         lr_schedule="cosine")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     rows = []
-    try:
+    with study_fashion_setting(8) as (data, budget, parent):
         for sparsity in (0.9, 0.98):
-            def parent() -> nn.Module:
-                return build_model("mlp", data.input_shape, data.num_classes, widths=(300, 100), seed=0)
-
             row: dict = {"sparsity": sparsity, "candidates": candidates, "short_train_steps": 100, "threads": 1}
             for kernels in (False, True):
                 problem = SearchProblem(WeightSpace(parent(), sparsity, "erk"), parent, data, seed=0,
@@ -240,8 +242,6 @@ def search_arm_rows(candidates: int) -> list[dict]:
                 row[f"{name}_best"] = outcome.best_id
             rows.append(row)
             print(row, flush=True)
-    finally:
-        torch.set_num_threads(threads)
     return rows
 
 

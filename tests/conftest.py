@@ -16,6 +16,25 @@ def one_torch_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture
+def kernel_moves(monkeypatch):
+    """The layers (sorted names) of every move onto the sparse kernels (`on_kernels`) during the test, from the
+    training loop and from the search's short training alike."""
+    import sparsearch.search.methods as methods
+    from sparsearch.training import loop
+
+    moves: list[list[str]] = []
+    original = loop.on_kernels
+
+    def recording(model, layers, *args):
+        moves.append(sorted(layers))
+        return original(model, layers, *args)
+
+    monkeypatch.setattr(loop, "on_kernels", recording)
+    monkeypatch.setattr(methods, "on_kernels", recording)
+    return moves
+
+
 @pytest.fixture(scope="module")
 def texts():
     return stdlib_texts()

@@ -37,7 +37,7 @@ from sparsearch.study.config import parse_study_config
 from sparsearch.study.executors import InlineExecutor
 from sparsearch.study.runner import run_study
 from sparsearch.study.store import StudyStore
-from sparsearch.training import TrainBudget, on_kernels
+from sparsearch.training import TrainBudget
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -94,20 +94,10 @@ def test_resumed_short_training_equals_one_uninterrupted_run(digits):
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
-def test_short_training_on_the_kernels_scores_and_resumes_like_masked_training(digits, monkeypatch, optimizer):
+def test_short_training_on_the_kernels_scores_and_resumes_like_masked_training(digits, kernel_moves, optimizer):
     """sparse_kernels=True: the candidate's Linear layers train on the kernels, with the same accuracy and loss to
     float rounding; a run resumed on the kernels continues one that ran masked (momentum / Adam's moments move onto
     the kernels at the kept entries and back), and the state it leaves resumes masked training."""
-    import sparsearch.search.methods as methods
-
-    moved: list[list[str]] = []
-
-    def recording(model, layers, *args):
-        moved.append(sorted(layers))
-        return on_kernels(model, layers, *args)
-
-    monkeypatch.setattr(methods, "on_kernels", recording)
-
     def parent():
         return build_model("mlp", (64,), 10, widths=(256, 128), seed=0)
 
@@ -118,7 +108,7 @@ def test_short_training_on_the_kernels_scores_and_resumes_like_masked_training(d
     first = short_train(parent(), masks, digits, steps=30, **settings)
     on_kernels_resumed = short_train(parent(), masks, digits, steps=60, resume=first[2], sparse_kernels=True,
                                      **settings)
-    assert moved == [["layers.0", "layers.1", "layers.2"]]
+    assert kernel_moves == [["layers.0", "layers.1", "layers.2"]]
     assert on_kernels_resumed[:2] == pytest.approx(straight[:2], rel=1e-3, abs=1e-3)
     kernels_first = short_train(parent(), masks, digits, steps=30, sparse_kernels=True, **settings)
     assert kernels_first[:2] == pytest.approx(first[:2], rel=1e-3, abs=1e-3)
@@ -133,16 +123,12 @@ def test_short_training_on_the_kernels_scores_and_resumes_like_masked_training(d
                 torch.testing.assert_close(state.optimizer["state"][index][key], value, rtol=1e-3, atol=1e-4)
 
 
-def test_a_search_problem_passes_sparse_kernels_to_short_training(digits, monkeypatch):
+def test_a_search_problem_passes_sparse_kernels_to_short_training(digits, kernel_moves):
     """The study's key reaches the search arms: built-in short training and a registered scorer's context."""
-    import sparsearch.search.methods as methods
-
-    calls = []
-    monkeypatch.setattr(methods, "on_kernels", lambda *args: calls.append(args[1]) or on_kernels(*args))
     masked, kernels = _problem(digits, sparsity=0.9), _problem(digits, sparsity=0.9, sparse_kernels=True)
     candidate = Candidate(0, masked.space.sample(torch.Generator().manual_seed(0)), 8)
     assert kernels.evaluate(candidate).score == pytest.approx(masked.evaluate(candidate).score, abs=1e-3)
-    assert len(calls) == 1 and set(calls[0]) == {"layers.0", "layers.1", "layers.2"}  # a uniform 90% mask
+    assert kernel_moves == [["layers.0", "layers.1", "layers.2"]]  # a uniform 90% mask
     assert kernels.scoring_context(candidate, masked.meter).sparse_kernels
     assert not masked.scoring_context(candidate, masked.meter).sparse_kernels
 

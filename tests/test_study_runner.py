@@ -94,20 +94,10 @@ def test_same_seed_same_numbers_whatever_the_executor(tmp_path):
     assert curves["dense/s0/seed0"] != curves["dense/s0/seed1"]
 
 
-def test_sparse_kernels_run_the_static_mask_arms_on_the_kernels_and_resume_the_same_store(tmp_path, monkeypatch):
+def test_sparse_kernels_run_the_static_mask_arms_on_the_kernels_and_resume_the_same_store(tmp_path, kernel_moves):
     """`sparse_kernels = true` changes how trials run, not what the study is: the same store resumes either way, and
     a random weight mask at 90% (every layer on the kernels) gives masked training's numbers to float rounding."""
     from sparsearch.study.config import StudyConfig
-    from sparsearch.training import loop
-
-    moved: list[list[str]] = []
-    original = loop.on_kernels
-
-    def recording(model, layers, *args):
-        moved.append(sorted(layers))
-        return original(model, layers, *args)
-
-    monkeypatch.setattr(loop, "on_kernels", recording)
 
     study = {**TINY, "arms": ["random-weight"], "sparsities": [0.9], "model": {"arch": "mlp", "widths": [256, 256]}}
     config = parse_study_config(study)
@@ -118,7 +108,7 @@ def test_sparse_kernels_run_the_static_mask_arms_on_the_kernels_and_resume_the_s
                         show_progress=False)
         assert run.failed == {}
     # the kernel run moved the hidden layers; the output layer (ERK keeps 80% of it) trained masked
-    assert moved == [["layers.0", "layers.1"]]
+    assert kernel_moves == [["layers.0", "layers.1"]]
     masked, kernels = stable_numbers(tmp_path / "masked.sqlite"), stable_numbers(tmp_path / "kernels.sqlite")
     key = "random-weight/s0.9/seed0"
     assert kernels[0][key]["train_flops"] == masked[0][key]["train_flops"]

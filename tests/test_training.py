@@ -187,21 +187,12 @@ def test_sparse_kernels_train_a_bare_layer_masked(digits):
 
 
 @pytest.mark.parametrize("algorithm", ["rigl", "set", "gmp"])
-def test_sparse_kernels_train_dynamic_methods_between_their_updates(digits, algorithm, monkeypatch):
+def test_sparse_kernels_train_dynamic_methods_between_their_updates(digits, algorithm, kernel_moves):
     """SET, RigL and GMP change their masks on update steps, which read dense weights (RigL dense gradients too):
     those steps run on the dense layers and the steps between on the kernels, moved there again with the new masks.
     Against masked training: the same masks after every update, the same losses to float rounding."""
     import sparsearch as sa
-    from sparsearch.training import loop
 
-    entries: list[list[str]] = []
-    original = loop.on_kernels
-
-    def recording(model, layers, *args):
-        entries.append(sorted(layers))
-        return original(model, layers, *args)
-
-    monkeypatch.setattr(loop, "on_kernels", recording)
     budget = TrainBudget(epochs=2, batch_size=32, lr=0.05)
     steps_per_epoch = math.ceil(len(digits.y_train) / 32)
 
@@ -226,8 +217,8 @@ def test_sparse_kernels_train_dynamic_methods_between_their_updates(digits, algo
     total = 2 * steps_per_epoch
     updates = [step for step in range(1, total) if step % 10 == 0 and (algorithm != "rigl" or step < 0.75 * total)]
     if algorithm != "gmp":
-        assert len(entries) == 1 + len(updates)
-    assert len(entries) > 2 and all(layers == ["layers.0", "layers.1", "layers.2"] for layers in entries)
+        assert len(kernel_moves) == 1 + len(updates)
+    assert len(kernel_moves) > 2 and all(layers == ["layers.0", "layers.1", "layers.2"] for layers in kernel_moves)
     for name, mask in masked_masks.items():
         assert torch.equal(kernel_masks[name], mask), name
     for (epoch, step, loss, *_), expected in zip(_curve(on_kernels), _curve(masked), strict=True):
@@ -235,16 +226,10 @@ def test_sparse_kernels_train_dynamic_methods_between_their_updates(digits, algo
     assert on_kernels.train_flops == masked.train_flops
 
 
-def test_sparse_kernels_train_pruning_at_initialisation_on_the_kernels(digits, monkeypatch):
+def test_sparse_kernels_train_pruning_at_initialisation_on_the_kernels(digits, kernel_moves):
     """A mask chosen at attach (the study's static-* arms: SNIP, GraSP, SynFlow, magnitude, random) is fixed from then
     on, so the whole run goes onto the kernels, as a given static mask does (it used to train masked)."""
     import sparsearch as sa
-    from sparsearch.training import loop
-
-    entries: list[list[str]] = []
-    original = loop.on_kernels
-    monkeypatch.setattr(loop, "on_kernels", lambda model, layers, *args: entries.append(sorted(layers))
-                        or original(model, layers, *args))
 
     def run(kernels: bool):
         net = build_model("mlp", digits.input_shape, digits.num_classes, widths=(256, 256), seed=0)
@@ -253,7 +238,7 @@ def test_sparse_kernels_train_pruning_at_initialisation_on_the_kernels(digits, m
                                                                           distribution="uniform"))
 
     masked, on_kernels = run(False), run(True)
-    assert entries == [["layers.0", "layers.1", "layers.2"]]
+    assert kernel_moves == [["layers.0", "layers.1", "layers.2"]]
     for (epoch, step, loss, *_), expected in zip(_curve(on_kernels), _curve(masked), strict=True):
         assert (epoch, step) == expected[:2] and loss == pytest.approx(expected[2], rel=1e-4)
     assert on_kernels.train_flops == masked.train_flops
