@@ -297,5 +297,5 @@ class PanelCSRMatrix:
         """The dense float32 matrix (for checks and for layers that fall back to dense)."""
         rows, cols = self.shape
         dense = torch.zeros(rows, self.panels * self.panel_width, dtype=torch.float32)
-        dense[self._entry_positions()] = self.float_values
+        self.scatter(self.float_values, dense)
         return dense[:, :cols].contiguous()
