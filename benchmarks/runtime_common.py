@@ -37,7 +37,7 @@ def balanced_order(names: list[str]) -> list[str]:
     Why: a call right after another finds that one's weights in the cache (or its threads still waking, or the caches
     flushed by a large dense model). A random order per round from a fixed seed repeats the same imbalance at every
     point of a benchmark: with three candidates and 40 rounds, one came right after a second 22 times and the second
-    after the first 16 times, and two runs of identical kernels read 4-8% apart. Here each ordered pair occurs once
+    after the first 16 times, and two runs of identical kernels read 3-9% apart. Here each ordered pair occurs once
     per cycle, so no candidate gets a better predecessor than another."""
     if len(names) < 2:
         return list(names)
