@@ -1,6 +1,7 @@
 """Training through the sparse kernels: gradients equal those of the masked dense layer, and training a trainable
 `SparseLinear` follows masked dense training step for step."""
 
+import contextlib
 import copy
 
 import pytest
@@ -307,3 +308,34 @@ def test_a_copied_or_pickled_layer_computes_on_its_own_arrays():
     torch.optim.SGD(twin.parameters(), lr=0.5).step()
     torch.testing.assert_close(twin(x), twin[0].to_dense_linear()(x), rtol=1e-5, atol=1e-5)  # trained copy
     torch.testing.assert_close(trainable(x), layer(x), rtol=1e-5, atol=1e-5)  # the original did not move
+
+
+def test_kernel_switch_trains_rigl_on_a_model_not_ours_like_masked_training(kernel_moves):
+    """RigL on a model with a tied head, nn.MultiheadAttention and BatchNorm: between updates its MLP layers run on
+    the kernels (the attention's out_proj, read by its parent, and the tied head stay masked), and the run matches
+    masked training: losses to 1e-4, the same masks."""
+    import sparsearch as sa
+    from sparsearch.training import KernelSwitch
+
+    def run(kernels: bool) -> tuple[list[float], dict]:
+        torch.manual_seed(0)
+        model = TiedAttentionModel()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        rigl = sa.RigL(0.9, update_every=4, total_steps=16, distribution="uniform").attach(model, optimizer)
+        data, losses = torch.Generator().manual_seed(1), []
+        with KernelSwitch(model, rigl, optimizer) if kernels else contextlib.nullcontext() as switch:
+            for _ in range(16):
+                if switch is not None:
+                    switch.before_step()
+                tokens = torch.randint(0, 50, (8, 12), generator=data)
+                loss = F.cross_entropy(model(tokens).reshape(-1, 50), tokens.roll(1, 1).reshape(-1))
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad()
+                losses.append(loss.item())
+        return losses, rigl.masks
+
+    (masked, masked_masks), (kernels, kernel_masks) = run(False), run(True)
+    assert kernel_moves and all(layers == ["mlp.0", "mlp.2"] for layers in kernel_moves)
+    assert kernels == pytest.approx(masked, rel=1e-4)
+    assert all(torch.equal(kernel_masks[name], mask) for name, mask in masked_masks.items())
