@@ -37,10 +37,10 @@ from sparsearch.runtime import PanelCSRMatrix, convert_transformers, sparse_line
 
 def bytes_read(matrix: PanelCSRMatrix) -> int:
     """Bytes the batch-1 kernel reads per call: values, segment offsets, and column indices (fp32) or bitmaps,
-    scales and lane sums (int8, the bitmap kernel)."""
+    scales and segment sums (int8, the bitmap kernel)."""
     read = matrix.values.numel() * matrix.values.element_size() + matrix.segment_ptr.numel() * 8
     if matrix.is_int8:
-        return read + matrix.bitmap.numel() * 8 + matrix.scales.numel() * 4 + matrix.lane_sums.numel() * 4
+        return read + matrix.bitmap.numel() * 8 + matrix.scales.numel() * 4 + matrix.segment_sums.numel() * 4
     return read + matrix.col_indices.numel() * 2
 
 
@@ -177,7 +177,7 @@ def to_markdown(payload: dict) -> str:
                      f"{r['load_average'][0]} |")
     lines += ["", "## Batch-1 cost per non-zero (90% sparsity, 2 threads, median of interleaved calls)\n",
               "Bytes read per call: fp32 values + uint16 indices + segment offsets; int8 values + column bitmaps "
-              "(1 bit per weight) + scales + lane sums (16 int32 per segment) + offsets; dense: the float32 matrix. "
+              "(1 bit per weight) + scales + segment sums (one int32 per segment) + offsets; dense: the float32 matrix. "
               "GB/s = bytes read / median time "
               "(best time in brackets).\n",
               "| size | non-zeros | dense ms (GB/s) | fp32 ms | fp32 ns/nnz | fp32 B/nnz read | fp32 GB/s | int8 ms "

@@ -162,25 +162,35 @@ def test_bitmap_marks_exactly_the_non_zeros():
     assert torch.equal(by_panel, weight != 0)
 
 
-def test_lane_sums_add_each_windows_values_by_lane():
-    """lane_sums[segment, window, lane]: the int8 values of the segment's columns 64 w + 4 lane .. + 3 over the words
-    w of the window (16 words; a panel of 2000 columns has two windows)."""
+def test_segment_sums_add_each_segments_values():
+    """segment_sums[row * panels + panel]: the sum of the int8 values of that row within that panel."""
     weight = sparse_weight(5, 2500, 0.7)
     q = PanelCSRMatrix.from_dense(weight, panel_width=2000).quantize()
-    windows = 2  # 2000 columns: 32 words
-    sums = q.lane_sums.view(5, q.panels, windows, 16)
+    sums = q.segment_sums.view(5, q.panels)
     values = q.values.to(torch.int64)
     start = 0
     for panel in range(q.panels):
         for row in range(5):
             count = int(q.segment_nnz[panel, row])
-            columns = q.col_indices[start:start + count].to(torch.int64)
-            expected = torch.zeros(windows, 16, dtype=torch.int64)
-            expected.index_put_((columns // 64 // 16, columns % 64 // 4), values[start:start + count], accumulate=True)
-            assert torch.equal(sums[row, panel].to(torch.int64), expected)
+            assert int(sums[row, panel]) == int(values[start:start + count].sum())
             start += count
     with pytest.raises(ValueError, match="int8"):
-        _ = PanelCSRMatrix.from_dense(weight).lane_sums
+        _ = PanelCSRMatrix.from_dense(weight).segment_sums
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_bitmap_kernel_is_exact_at_its_overflow_bound(sign):
+    """The widest panel (65535 columns, 1024 bitmap words) full of |q| = 127 times the largest x: the int32 lane sums
+    reach 2.12e9 of 2.15e9, and the result still equals the float64 product."""
+    cols = 65535
+    weight = torch.full((3, cols), sign)
+    weight[1] *= -1
+    weight[2, ::2] = 0  # a row at 50% density too
+    matrix = PanelCSRMatrix.from_dense(weight, panel_width=cols).quantize()
+    x = torch.ones(1, cols)
+    y = sparse_linear(x, matrix)
+    expected = weight.double().sum(dim=1)
+    assert torch.allclose(y[0].double(), expected, rtol=1e-6), (y, expected)
 
 
 @pytest.mark.parametrize(("cflags", "isa"), [("-mno-avx512f", "scalar"), ("-mno-avx512f -mno-avx2", "scalar")])

@@ -155,10 +155,10 @@ class _CBackend:
                threads: int) -> None:
         use_bitmap = m.is_int8 and self.isa == "avx512-vnni-bitmap" and m.density >= BITMAP_MIN_DENSITY
         bitmap = m.bitmap.data_ptr() if use_bitmap else None
-        lane_sums = m.lane_sums.data_ptr() if use_bitmap else None
+        segment_sums = m.segment_sums.data_ptr() if use_bitmap else None
         self._lib.panel_csr_matvec(
             *m.kernel_args, None if bias is None else bias.data_ptr(),
-            x.data_ptr(), y.data_ptr(), threads, bitmap, lane_sums, m.cols)
+            x.data_ptr(), y.data_ptr(), threads, bitmap, segment_sums, m.cols)
 
     def sddmm(self, m: PanelCSRMatrix, x: torch.Tensor, g: torch.Tensor, threads: int) -> torch.Tensor:
         """For every stored non-zero (i, j), in storage order: sum over the rows b of g[b, i] x[b, j] (x: [batch,

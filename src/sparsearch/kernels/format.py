@@ -24,7 +24,6 @@ import torch
 DEFAULT_MAX_PANEL_WIDTH = 1024
 MAX_PANEL_WIDTH = 65535
 INT8_SCALES = "segment"  # what one int8 scale covers; recorded in files (storage.py)
-INT8_WINDOW_WORDS = 16  # bitmap words per lane_sums window: INT8_FLUSH_WORDS in csrc/sparse_kernels.c
 
 
 def default_panel_width(cols: int) -> int:
@@ -78,7 +77,7 @@ class PanelCSRMatrix:
     @cached_property
     def _row_major_segment_of_entry(self) -> torch.Tensor:
         """Segment of every stored non-zero numbered row by row (row * panels + panel), the order of `bitmap` and
-        `lane_sums`; `_segment_of_entry` numbers them panel by panel."""
+        `segment_sums`; `_segment_of_entry` numbers them panel by panel."""
         segment = self._segment_of_entry
         rows = max(self.rows, 1)
         return (segment % rows) * self.panels + segment // rows
@@ -117,20 +116,14 @@ class PanelCSRMatrix:
         return bitmap
 
     @cached_property
-    def lane_sums(self) -> torch.Tensor:
-        """Sums of the int8 values per segment, window of INT8_WINDOW_WORDS bitmap words and 16-lane group (the 4
-        columns 4 l .. 4 l + 3 of every 64-column word), int32 [rows * panels * windows * 16], row-major like
-        `bitmap`. The int8 batch-1 kernel subtracts 32768 times these to undo the offset of its unsigned input
-        bytes; they depend on the weights only, so they are derived once instead of summed in every call."""
+    def segment_sums(self) -> torch.Tensor:
+        """Sum of the int8 values of each segment, int32 [rows * panels], row-major like `bitmap`. The int8 batch-1
+        kernel subtracts 32768 times these to undo the offset of its unsigned input bytes; they depend on the
+        weights only, so they are derived once instead of summed in every call."""
         if self.scales is None:
-            raise ValueError("lane_sums are defined for int8 values only (call quantize() first)")
-        words = -(-self.panel_width // 64)
-        windows = -(-words // INT8_WINDOW_WORDS)
-        columns = self.col_indices.to(torch.int64)
-        window = columns // 64 // INT8_WINDOW_WORDS
-        slot = (self._row_major_segment_of_entry * windows + window) * 16 + columns % 64 // 4
-        sums = torch.zeros(self.segment_nnz.numel() * windows * 16, dtype=torch.int64)
-        sums.index_add_(0, slot, self.values.to(torch.int64))
+            raise ValueError("segment_sums are defined for int8 values only (call quantize() first)")
+        sums = torch.zeros(self.segment_nnz.numel(), dtype=torch.int64)
+        sums.index_add_(0, self._row_major_segment_of_entry, self.values.to(torch.int64))
         return sums.to(torch.int32)
 
     @cached_property

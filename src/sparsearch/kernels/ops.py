@@ -20,9 +20,9 @@ from sparsearch.kernels.format import PanelCSRMatrix
 @torch.library.custom_op("sparsearch::panel_csr_linear", mutates_args=())
 def panel_csr_linear(x: torch.Tensor, values: torch.Tensor, col_indices: torch.Tensor, segment_nnz: torch.Tensor,
                      segment_ptr: torch.Tensor, row_nnz_prefix: torch.Tensor, scales: torch.Tensor | None,
-                     bitmap: torch.Tensor | None, lane_sums: torch.Tensor | None, bias: torch.Tensor | None,
+                     bitmap: torch.Tensor | None, segment_sums: torch.Tensor | None, bias: torch.Tensor | None,
                      rows: int, cols: int, panel_width: int) -> torch.Tensor:
-    """y = x W^T + bias for W given by the arrays of a `PanelCSRMatrix` (bitmap and lane_sums: those of an int8
+    """y = x W^T + bias for W given by the arrays of a `PanelCSRMatrix` (bitmap and segment_sums: those of an int8
     matrix, for its batch-1 kernel; None to derive them here)."""
     expected = torch.int8 if scales is not None else torch.float32
     if values.dtype != expected:
@@ -33,16 +33,16 @@ def panel_csr_linear(x: torch.Tensor, values: torch.Tensor, col_indices: torch.T
     # checks above are the cheap ones that keep the kernels inside the arrays they are given
     matrix = PanelCSRMatrix((rows, cols), panel_width, values, col_indices, segment_nnz, segment_ptr,
                             row_nnz_prefix, scales)
-    if bitmap is not None and lane_sums is not None:  # derived once by the layer, not per call
+    if bitmap is not None and segment_sums is not None:  # derived once by the layer, not per call
         matrix.__dict__["bitmap"] = bitmap
-        matrix.__dict__["lane_sums"] = lane_sums
+        matrix.__dict__["segment_sums"] = segment_sums
     return sparse_linear(x, matrix, bias)
 
 
 @panel_csr_linear.register_fake
 def _panel_csr_linear_shape(x: torch.Tensor, values: torch.Tensor, col_indices: torch.Tensor,
                             segment_nnz: torch.Tensor, segment_ptr: torch.Tensor, row_nnz_prefix: torch.Tensor,
-                            scales: torch.Tensor | None, bitmap: torch.Tensor | None, lane_sums: torch.Tensor | None,
+                            scales: torch.Tensor | None, bitmap: torch.Tensor | None, segment_sums: torch.Tensor | None,
                             bias: torch.Tensor | None, rows: int, cols: int, panel_width: int) -> torch.Tensor:
     return x.new_empty((*x.shape[:-1], rows), dtype=torch.float32)
 

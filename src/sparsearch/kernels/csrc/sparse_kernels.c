@@ -472,8 +472,8 @@ typedef struct {
     const int8_t* q;
     float *xt, *yt, *y;
     const uint64_t* bitmap;  /* matvec: per-segment column bitmaps, or NULL */
-    const int32_t* lane_sums;  /* matvec with bitmap: per segment and window of INT8_FLUSH_WORDS words, the 16 lanes'
-                                * sums of q (each lane's 4 columns of every word), see PanelCSRMatrix.lane_sums */
+    const int32_t* segment_sums;  /* matvec with bitmap: per segment (row-major), the sum of its q, see
+                                   * PanelCSRMatrix.segment_sums */
     const uint8_t *xq_hi, *xq_lo;  /* matvec, int8 with bitmap: x quantised (see quantise_x16), x_scale per unit */
     float x_scale;
     int64_t ldy;  /* row stride of yt: batch, or the padded batch when the kernel transposes x itself */
@@ -579,23 +579,22 @@ static void matvec_chunk(const void* ctx, int64_t chunk, int64_t chunks) {
  * a word's int8 values are expanded into their column lanes with one vpexpandb and multiplied with x loaded
  * contiguously, a cost per 64 columns instead of per non-zero (about 8 cycles per word measured, i.e. 0.47 ns per
  * non-zero at 90% sparsity, where the scalar loop needs 0.6-1.1). x is quantised once per call to int16 with one
- * scale (|error| <= max|x| / 65534, far below the int8 weights' own), the weights are sign-extended to int16,
- * vpdpwssd sums pairs of products into int32 lanes (at most 4 products per lane per word: no overflow within
- * INT8_FLUSH_WORDS words), and each segment's sum is scaled once. */
+ * scale (|error| <= max|x| / 65534, far below the int8 weights' own) and stored as the high and low bytes of
+ * x16 + 32768; vpdpbusd sums 4 products of unsigned x bytes and signed q per int32 lane, and each segment's sum
+ * is made exact in int64 and scaled once. */
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VBMI2__) && defined(__AVX512VNNI__)
 #include <immintrin.h>
 #define MATVEC_BITMAP 1
 #define X16_MAX 32767.0f
-/* Words summed in int32 before converting to float; equal to INT8_WINDOW_WORDS in format.py (lane_sums' windows):
- * |256 H + L - 32768 S| <= 16 words * 4 * (256*255*127 + 255*127 + 32768*127) < 2^31 */
-#define INT8_FLUSH_WORDS 16
 
 /* Word w of the segment: its n non-zeros (a load of 64 values, masked to n at the end of the array, then the
  * register form of vpexpandb: the memory form measured slower here) into their column lanes, times x's high and
- * low bytes. The lanes' sums of q, which undo x's offset of 32768, do not depend on x: they are read per window
- * from PanelCSRMatrix.lane_sums instead of a third vpdpbusd per word (ones times q): 1.03-1.13x faster on one
- * thread (4096x4096 and 1536x1536 at 80-90%, old and new kernel interleaved in one run), less than the third of
- * the multiplies it saves, so the multiplies are not what bounds this loop. */
+ * low bytes. The offset of 32768 in x is undone once per segment with the segment's sum of q, which does not
+ * depend on x (PanelCSRMatrix.segment_sums; one int32 per segment: 16 lanes' sums per window of 16 words, as before, cost
+ * 0.63 bytes per non-zero at 90% sparsity, where the bitmap costs 1.25 and the values 1), instead of a third
+ * vpdpbusd per word (ones times q). No overflow: a lane sums at most 4 products per word, |product| <= 255 * 127,
+ * and a segment has at most 1024 words (MAX_PANEL_WIDTH 65535), so the 16 lanes of hi0 + hi1 sum to at most
+ * 16 * 4 * 1024 * 32385 < 2^31. */
 #define BITMAP_WORD(w, acc_hi, acc_lo)                                                                         \
     do {                                                                                                       \
         uint64_t m_ = bits[w];                                                                                 \
@@ -612,37 +611,30 @@ static void matvec_chunk_bitmap(const void* ctx, int64_t chunk, int64_t chunks) 
     int64_t first, last;
     balanced_rows(a->row_nnz_prefix, a->rows, (int)chunk, (int)chunks, &first, &last);
     const int64_t rows = a->rows, words = (a->panel_width + 63) / 64;
-    const int64_t windows = (words + INT8_FLUSH_WORDS - 1) / INT8_FLUSH_WORDS;
     const int8_t* q_end = a->q + a->row_nnz_prefix[rows];
     for (int64_t i = first; i < last; i++) {
-        __m512 accf = _mm512_setzero_ps();
+        float total = 0.0f;
         for (int64_t p = 0; p < a->panels; p++) {
             if (i + 1 < last) __builtin_prefetch(a->q + a->seg_ptr[p * rows + i + 1]);  /* the next row's values */
             const int8_t* q = a->q + a->seg_ptr[p * rows + i];
             const uint64_t* bits = a->bitmap + (i * a->panels + p) * words;
-            const int32_t* sums = a->lane_sums + (i * a->panels + p) * windows * 16;
             const uint8_t *hi = a->xq_hi + p * words * 64, *lo = a->xq_lo + p * words * 64;
-            const __m512 scale = _mm512_set1_ps(a->scales[p * rows + i]);
-            for (int64_t w0 = 0; w0 < words; w0 += INT8_FLUSH_WORDS, sums += 16) {
-                int64_t w1 = w0 + INT8_FLUSH_WORDS < words ? w0 + INT8_FLUSH_WORDS : words;
-                /* two sets of accumulators, for even and odd words: vpdpbusd has a latency of 5 cycles, and one
-                 * set was bound by it */
-                __m512i hi0 = _mm512_setzero_si512(), lo0 = hi0, hi1 = hi0, lo1 = hi0;
-                int64_t w = w0;
-                for (; w + 2 <= w1; w += 2) {  /* empty words too: no branch to mispredict, they add 0 */
-                    BITMAP_WORD(w, hi0, lo0);
-                    BITMAP_WORD(w + 1, hi1, lo1);
-                }
-                if (w < w1) BITMAP_WORD(w, hi0, lo0);
-                __m512i acc_hi_sum = _mm512_add_epi32(hi0, hi1);
-                __m512i acc_lo_sum = _mm512_add_epi32(lo0, lo1);
-                /* exact in int32: sum of q * (x16 + 32768) - 32768 * sum of q = sum of q * x16 per lane */
-                __m512i dot = _mm512_sub_epi32(_mm512_add_epi32(_mm512_slli_epi32(acc_hi_sum, 8), acc_lo_sum),
-                                               _mm512_slli_epi32(_mm512_loadu_si512(sums), 15));
-                accf = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, accf);
+            /* two sets of accumulators, for even and odd words: vpdpbusd has a latency of 5 cycles, and one set was
+             * bound by it */
+            __m512i hi0 = _mm512_setzero_si512(), lo0 = hi0, hi1 = hi0, lo1 = hi0;
+            int64_t w = 0;
+            for (; w + 2 <= words; w += 2) {  /* empty words too: no branch to mispredict, they add 0 */
+                BITMAP_WORD(w, hi0, lo0);
+                BITMAP_WORD(w + 1, hi1, lo1);
             }
+            if (w < words) BITMAP_WORD(w, hi0, lo0);
+            /* exact: sum of q * (x16 + 32768) over the segment, minus 32768 times the segment's sum of q */
+            int64_t dot = 256 * (int64_t)_mm512_reduce_add_epi32(_mm512_add_epi32(hi0, hi1)) +
+                          (int64_t)_mm512_reduce_add_epi32(_mm512_add_epi32(lo0, lo1)) -
+                          32768 * (int64_t)a->segment_sums[i * a->panels + p];
+            total += (float)dot * a->scales[p * rows + i];
         }
-        a->y[i] = _mm512_reduce_add_ps(accf) * a->x_scale + (a->bias ? a->bias[i] : 0.0f);
+        a->y[i] = total * a->x_scale + (a->bias ? a->bias[i] : 0.0f);
     }
 }
 
@@ -819,7 +811,7 @@ void panel_csr_sddmm(int64_t rows, int64_t panels, int64_t panel_width, const in
 void panel_csr_matvec(int64_t rows, int64_t panels, int64_t panel_width, const int64_t* seg_ptr,
                       const int64_t* row_nnz_prefix, const uint16_t* cols, const void* values,
                       const float* scales, const float* bias, const float* x, float* y, int threads,
-                      const uint64_t* bitmap, const int32_t* lane_sums, int64_t ncols) {
+                      const uint64_t* bitmap, const int32_t* segment_sums, int64_t ncols) {
     linear_args a = {.rows = rows, .panels = panels, .panel_width = panel_width, .batch = 1, .seg_ptr = seg_ptr,
                      .row_nnz_prefix = row_nnz_prefix, .cols = cols, .values = scales ? NULL : values,
                      .scales = scales, .bias = bias, .x = x, .q = scales ? values : NULL, .y = y};
@@ -829,20 +821,20 @@ void panel_csr_matvec(int64_t rows, int64_t panels, int64_t panel_width, const i
     chunk_fn fn = matvec_chunk;
     uint8_t* xq = NULL;
 #if defined(MATVEC_BITMAP)
-    if (bitmap && lane_sums && a.q) {
+    if (bitmap && segment_sums && a.q) {
         size_t padded = (size_t)(panels * ((panel_width + 63) / 64) * 64);
         xq = aligned_alloc(64, 2 * padded);
         if (xq && (a.x_scale = quantise_x16(x, ncols, panels, panel_width, xq, xq + padded)) > 0) {
             a.xq_hi = xq;
             a.xq_lo = xq + padded;
             a.bitmap = bitmap;
-            a.lane_sums = lane_sums;
+            a.segment_sums = segment_sums;
             fn = matvec_chunk_bitmap;
         }
     }
 #else
     (void)bitmap;
-    (void)lane_sums;
+    (void)segment_sums;
     (void)ncols;
 #endif
     run_parallel(fn, &a, threads > 1 ? (int64_t)threads * CHUNKS_PER_THREAD : 1, threads);
