@@ -26,7 +26,7 @@ def sparse_weight(rows=300, cols=1500, sparsity=0.9, seed=0):
 
 
 @pytest.mark.parametrize("backend", ["c", "numba"])
-@pytest.mark.parametrize("batch", [1, 5, 64, 100])
+@pytest.mark.parametrize("batch", [1, 5, 11, 20, 64, 100])
 def test_int8_kernels_compute_with_the_dequantised_weights(backend, batch):
     weight = sparse_weight()
     q = PanelCSRMatrix.from_dense(weight).quantize()
