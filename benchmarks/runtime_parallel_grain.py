@@ -1,6 +1,7 @@
 """When to wake a second thread: all-MiniLM-L6-v2 at 90%, one sentence per call, every layer on the sparse kernels,
 with the kernels' `PARALLEL_GRAIN` (multiply-adds per extra thread) at 2^16 (the value before 2026-11-30), 2^19
-(now) and so large that every call runs on one thread; the pruned model run dense beside them. One run,
+(now) and so large that every call runs on one thread; the pruned model run dense beside them; and both models
+with PyTorch itself on one thread (`torch.set_num_threads(1)` around each call). One run,
 interleaved per call (a shuffled order each round), on 8 stdlib docstring sentences (11 to 33 tokens).
 
 Each layer alone is faster on two threads from a few hundred thousand multiply-adds on (runtime_small_layers.md),
@@ -37,18 +38,27 @@ def main() -> None:
     inputs = [dict(tokenizer([t], return_tensors="pt")) for t in shuffled_sentences()[:8]]
     pruned = pruned_copy(model, SETTINGS["90%"], tokenizer.vocab_size)
     default_grain = kernels.PARALLEL_GRAIN
+    threads = torch.get_num_threads()
     with torch.no_grad():
         sparse = all_sparse(pruned, inputs[0])
         turns: dict[str, int] = {}
 
-        def call(name: str, net: torch.nn.Module, grain: int) -> None:
+        def call(name: str, net: torch.nn.Module, grain: int, torch_threads: int = threads) -> None:
             kernels.PARALLEL_GRAIN = grain
             turns[name] = (turns.get(name, -1) + 1) % len(inputs)
-            net(**inputs[turns[name]])
+            torch.set_num_threads(torch_threads)
+            try:
+                net(**inputs[turns[name]])
+            finally:
+                torch.set_num_threads(threads)
 
         candidates = {"dense": lambda: call("dense", pruned, default_grain)}
         candidates |= {f"sparse, grain {label}": lambda label=label, grain=grain: call(label, sparse, grain)
                        for label, grain in GRAINS.items()}
+        # PyTorch's own ops (attention, LayerNorm, GELU) on one thread too: the whole model on one core
+        candidates["dense, PyTorch on 1 thread"] = lambda: call("dense 1", pruned, default_grain, 1)
+        candidates["sparse, one thread, PyTorch on 1 thread"] = lambda: call("sparse 1", sparse,
+                                                                              GRAINS["one thread"], 1)
         try:
             medians, best = interleaved_times(candidates, min_rounds=40, max_rounds=2000, budget_s=args.budget)
         finally:
@@ -57,8 +67,9 @@ def main() -> None:
              "speedup_median": medians["dense"] / medians[name], "speedup_best": best["dense"] / best[name]}
             for name in candidates]
     lines = ["all-MiniLM-L6-v2 pruned to 90% (one-shot magnitude), one sentence per call (8 sentences, 11 to 33 "
-             "tokens), every Linear on the sparse kernels; the kernels' PARALLEL_GRAIN set per candidate. Produced "
-             "by benchmarks/runtime_parallel_grain.py.\n",
+             "tokens), every Linear on the sparse kernels; the kernels' PARALLEL_GRAIN set per candidate; 'PyTorch "
+             "on 1 thread': `torch.set_num_threads(1)` around the call (the others run on "
+             f"{threads} threads). Produced by benchmarks/runtime_parallel_grain.py.\n",
              "| candidate | median ms | best ms | speed-up over dense (median, best) |", "|---|---|---|---|"]
     lines += [f"| {r['candidate']} | {r['median_ms']:.2f} | {r['best_ms']:.2f} | {r['speedup_median']:.2f}x, "
               f"{r['speedup_best']:.2f}x |" for r in rows]
