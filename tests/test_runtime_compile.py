@@ -77,6 +77,22 @@ def test_compiled_training_falls_back_to_the_autograd_function_and_matches_eager
                                    rtol=1e-5, atol=1e-6)
 
 
+def test_the_operator_refuses_inputs_that_want_gradients():
+    """It has no autograd formula: a call that would need one fails at once instead of losing the gradient."""
+    matrix = PanelCSRMatrix.from_dense(torch.randn(4, 8) * (torch.rand(4, 8) < 0.5))
+    bias = torch.randn(4, requires_grad=True)
+
+    def call(x, bias=None):
+        return panel_csr_linear(x, matrix.values, matrix.col_indices, matrix.segment_nnz, matrix.segment_ptr,
+                                matrix.row_nnz_prefix, None, None, None, bias, 4, 8, matrix.panel_width)
+
+    for x, given_bias in ((torch.randn(2, 8, requires_grad=True), None), (torch.randn(2, 8), bias)):
+        with pytest.raises(RuntimeError, match="has no gradient"):
+            call(x, given_bias)
+        with torch.no_grad():
+            assert call(x, given_bias).shape == (2, 4)
+
+
 def test_the_operator_refuses_values_of_another_dtype():
     matrix = PanelCSRMatrix.from_dense(torch.randn(4, 8) * (torch.rand(4, 8) < 0.5))
     with pytest.raises(TypeError, match=r"torch\.float32 values here, got torch\.float64"):

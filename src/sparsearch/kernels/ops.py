@@ -19,8 +19,8 @@ from sparsearch.kernels.format import PanelCSRMatrix
 # Defined with torch.library.Library rather than the @custom_op decorator: the decorator's wrapper (an autograd
 # kernel that checks every input for requires_grad, then redispatches) cost 42 us a call against 14 us for the
 # dispatcher's plain way into a Python kernel (a 384x384 layer at 90% and 18 rows, whose kernel takes about 30 us,
-# same run): inside a compiled MiniLM, 36 such calls per sentence. No autograd kernel is registered: SparseLinear
-# uses its autograd Function whenever gradients are wanted.
+# same run): inside a compiled MiniLM, 36 such calls per sentence. No autograd kernel is registered (the CPU kernel
+# refuses inputs that want gradients); SparseLinear uses its autograd Function whenever gradients are wanted.
 _LIBRARY = torch.library.Library("sparsearch", "DEF")
 _LIBRARY.define("panel_csr_linear(Tensor x, Tensor values, Tensor col_indices, Tensor segment_nnz, "
                 "Tensor segment_ptr, Tensor row_nnz_prefix, Tensor? scales, Tensor? bitmap, Tensor? segment_sums, "
@@ -34,6 +34,12 @@ def _panel_csr_linear_cpu(x: torch.Tensor, values: torch.Tensor, col_indices: to
                           panel_width: int) -> torch.Tensor:
     """y = x W^T + bias for W given by the arrays of a `PanelCSRMatrix` (bitmap and segment_sums: those of an int8
     matrix, for its batch-1 kernel; None to derive them here)."""
+    # with no autograd kernel registered, PyTorch would run this and only warn, at backward, that the gradients
+    # through it are missing: refuse here instead (the check costs well under a microsecond)
+    if torch.is_grad_enabled() and (x.requires_grad or values.requires_grad
+                                    or (bias is not None and bias.requires_grad)):
+        raise RuntimeError("sparsearch::panel_csr_linear has no gradient: call it under torch.no_grad(), or call the "
+                           "SparseLinear layer, which computes gradients through its own autograd Function")
     expected = torch.int8 if scales is not None else torch.float32
     if values.dtype != expected:
         raise TypeError(f"the sparse kernels read {expected} values here, got {values.dtype} (a layer converted "

@@ -617,15 +617,14 @@ static void matvec_chunk(const void* ctx, int64_t chunk, int64_t chunks) {
  * x16 + 32768; vpdpbusd sums 4 products of unsigned x bytes and signed q per int32 lane, and each segment's sum
  * is made exact in int64 and scaled once. */
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VBMI2__) && defined(__AVX512VNNI__)
-#include <immintrin.h>
 #define MATVEC_BITMAP 1
 #define X16_MAX 32767.0f
 
 /* Word w of the segment: its n non-zeros (a load of 64 values, masked to n at the end of the array, then the
  * register form of vpexpandb: the memory form measured slower here) into their column lanes, times x's high and
  * low bytes. The offset of 32768 in x is undone once per segment with the segment's sum of q, which does not
- * depend on x (PanelCSRMatrix.segment_sums; one int32 per segment: 16 lanes' sums per window of 16 words, as before, cost
- * 0.63 bytes per non-zero at 90% sparsity, where the bitmap costs 1.25 and the values 1), instead of a third
+ * depend on x (PanelCSRMatrix.segment_sums, one int32 per segment; the 16 lanes' sums per window of 16 words it
+ * replaced cost 0.63 bytes per non-zero at 90% sparsity, where the bitmap costs 1.25 and the values 1), instead of a third
  * vpdpbusd per word (ones times q). No overflow: a lane sums at most 4 products per word, |product| <= 255 * 127,
  * and a segment has at most 1024 words (MAX_PANEL_WIDTH 65535), so the 16 lanes of hi0 + hi1 sum to at most
  * 16 * 4 * 1024 * 32385 < 2^31.
