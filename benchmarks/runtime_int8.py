@@ -177,9 +177,8 @@ def to_markdown(payload: dict) -> str:
                      f"{r['load_average'][0]} |")
     lines += ["", "## Batch-1 cost per non-zero (90% sparsity, 2 threads, median of interleaved calls)\n",
               "Bytes read per call: fp32 values + uint16 indices + segment offsets; int8 values + column bitmaps "
-              "(1 bit per weight) + scales + segment sums (one int32 per segment) + offsets; dense: the float32 matrix. "
-              "GB/s = bytes read / median time "
-              "(best time in brackets).\n",
+              "(1 bit per weight) + scales + segment sums (one int32 per segment) + offsets; dense: the float32 "
+              "matrix. GB/s = bytes read / median time (best time in brackets).\n",
               "| size | non-zeros | dense ms (GB/s) | fp32 ms | fp32 ns/nnz | fp32 B/nnz read | fp32 GB/s | int8 ms "
               "| int8 ns/nnz | int8 B/nnz read | int8 GB/s | load |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|"]
