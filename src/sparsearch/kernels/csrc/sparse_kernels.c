@@ -629,8 +629,9 @@ static void matvec_chunk(const void* ctx, int64_t chunk, int64_t chunks) {
  * and a segment has at most 1024 words (MAX_PANEL_WIDTH 65535), so the 16 lanes of hi0 + hi1 sum to at most
  * 16 * 4 * 1024 * 32385 < 2^31.
  * Tried: software prefetch of the bitmaps and values 4 rows ahead; int8 over float32 1.78x against 1.65x (4096x4096 at
- * 90%, a 64 MB dense layer between calls, medians of 5 alternating runs, 4 of 5 pairs in its favour), too close to
- * this machine's spread to keep. */
+ * 90%, a 64 MB dense layer between calls, medians of 5 alternating runs, 4 of 5 pairs in its favour), then in
+ * benchmarks/runtime_int8.py 1.42x, 1.57x and 1.83x in three runs against 1.65x, 1.65x and 1.59x without: within
+ * this machine's spread, so not kept. */
 #define BITMAP_WORD(w, acc_hi, acc_lo)                                                                         \
     do {                                                                                                       \
         uint64_t m_ = bits[w];                                                                                 \
