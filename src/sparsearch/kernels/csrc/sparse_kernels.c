@@ -201,7 +201,7 @@ static void balanced_rows(const int64_t* row_nnz_prefix, int64_t rows, int t, in
  * 1.12-1.14. */
 #define INT8_BLOCK 64
 static inline ALWAYS_INLINE void dequantise_block(const int8_t* q, int64_t n, float scale, float* w) {
-#if defined(__AVX512F__) && defined(__AVX512BW__)
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
     /* 16 at a time with a masked load at the end: a segment of a small layer holds a few dozen non-zeros, and
      * GCC's vectorised loop finished them with up to 15 scalar conversions */
     const __m512 s = _mm512_set1_ps(scale);
