@@ -12,7 +12,8 @@
    embeddings of 64 held-out sentences, int8 sparse against float32 sparse (and dynamic int8 against dense).
 3. The GPT-2-style decoder of runtime_transformers.py at 90%, every layer sparse: generated tokens/s at batch 1
    (each step runs the batch-1 kernels) for dense, float32 sparse, int8 sparse and `quantize_dynamic` of the dense
-   model, and whether int8's greedy tokens are float32's.
+   model (which quantises nn.Linear only: GPT-2's attention and MLP layers are transformers' Conv1D, so only the
+   output head), and whether int8's greedy tokens are float32's.
 4. The trained 4-layer GPT-2 of `oneshot_train_gpt.py` (benchmarks/out/oneshot_gpt), when present: held-out
    perplexity of float32 sparse and int8 sparse at 90%.
 Run: python benchmarks/runtime_int8.py [--threads N] (about 3 minutes on 2 quiet cores)
@@ -242,7 +243,7 @@ def to_markdown(payload: dict) -> str:
                   "| model | generated tokens/s | vs dense |", "|---|---|---|"]
         lines += [f"| {label} | {t[key]:.1f} | {t[key] / t['dense']:.2f}x |" for key, label in
                   (("dense", "dense (pruned)"), ("fp32_sparse", "float32 sparse"), ("int8_sparse", "int8 sparse"),
-                   ("dynamic_int8_dense", "quantize_dynamic (dense)"))]
+                   ("dynamic_int8_dense", "quantize_dynamic (dense; the output head only, the blocks are Conv1D)"))]
         lines.append(f"\nint8 sparse over float32 sparse: {t['int8_sparse'] / t['fp32_sparse']:.2f}x; largest logit "
                      f"difference {d['max_abs_logit_difference_int8_vs_fp32']:.2e}; same greedy tokens: "
                      f"{'yes' if d['same_greedy_tokens_int8_vs_fp32'] else 'no'}.")

@@ -1,8 +1,8 @@
 """When to wake a second thread: all-MiniLM-L6-v2 at 90%, one sentence per call, every layer on the sparse kernels,
 with the kernels' `PARALLEL_GRAIN` (multiply-adds per extra thread) at 2^16 (the value before 2026-11-30), 2^19
 (now) and so large that every call runs on one thread; the pruned model run dense beside them; and both models
-with PyTorch itself on one thread (`torch.set_num_threads(1)` around each call). One run,
-interleaved per call (a shuffled order each round), on 8 stdlib docstring sentences (11 to 33 tokens).
+with PyTorch itself on one thread (`torch.set_num_threads(1)` around each call). One run, interleaved per call in
+balanced cycles (runtime_common.interleaved_times), on 8 stdlib docstring sentences (11 to 33 tokens).
 
 Each layer alone is faster on two threads from a few hundred thousand multiply-adds on (runtime_small_layers.md),
 but inside the model a woken helper thread takes the core of PyTorch's own spinning OpenMP worker: this measures
