@@ -631,7 +631,8 @@ static void matvec_chunk(const void* ctx, int64_t chunk, int64_t chunks) {
  * Tried: software prefetch of the bitmaps and values 4 rows ahead; int8 over float32 1.78x against 1.65x (4096x4096 at
  * 90%, a 64 MB dense layer between calls, medians of 5 alternating runs, 4 of 5 pairs in its favour), then in
  * benchmarks/runtime_int8.py 1.42x, 1.57x and 1.83x in three runs against 1.65x, 1.65x and 1.59x without: within
- * this machine's spread, so not kept. */
+ * this machine's spread, so not kept. 256-bit expands and dot products (two per word, in case the 512-bit ones lowered
+ * the clock of both cores): 1.18x-1.45x against 1.69x-2.02x for this code, one and two threads, same harness. */
 #define BITMAP_WORD(w, acc_hi, acc_lo)                                                                         \
     do {                                                                                                       \
         uint64_t m_ = bits[w];                                                                                 \
