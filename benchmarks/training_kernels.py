@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from runtime_common import interleaved_times, machine, write_results
 from runtime_contention import BusyProcess, weight_at
-from runtime_transformers import DECODER_NAME, SETTINGS, VOCAB, pruned_copy
+from runtime_transformers import DECODER_NAME, SETTINGS, VOCAB, decoder_model, pruned_copy
 from torch import nn
 
 from sparsearch.data import load_dataset
@@ -154,11 +154,7 @@ class DecoderStep:
 
 
 def decoder_row(budget: float, steps: int) -> dict:
-    import transformers
-
-    torch.manual_seed(0)
-    config = transformers.GPT2Config(n_embd=768, n_layer=6, n_head=12, vocab_size=VOCAB, n_positions=256)
-    pruned = pruned_copy(transformers.GPT2LMHeadModel(config), SETTINGS["90%"], VOCAB)  # eval mode: no dropout
+    pruned = pruned_copy(decoder_model(), SETTINGS["90%"], VOCAB)  # eval mode: no dropout
     pruned.config.use_cache = False
     masks = {m.weight: m.weight != 0 for m in pruned.modules() if type(m).__name__ == "Conv1D"}
     trainable, report = for_training(pruned)
