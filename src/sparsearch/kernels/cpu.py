@@ -45,6 +45,12 @@ PARALLEL_GRAIN = 1 << 19
 BITMAP_MIN_DENSITY = 0.08
 
 
+def uses_bitmap(matrix: PanelCSRMatrix) -> bool:
+    """Whether the int8 batch-1 kernel reads this matrix's column bitmaps (where the C library was built with the
+    bitmap kernel, see BITMAP_MIN_DENSITY)."""
+    return matrix.is_int8 and matrix.density >= BITMAP_MIN_DENSITY
+
+
 def _cpu_fingerprint() -> str:
     """Identifies the instruction set the cached library was built for (it is compiled with -march=native)."""
     cpuinfo = Path("/proc/cpuinfo")
@@ -153,7 +159,7 @@ class _CBackend:
 
     def matvec(self, m: PanelCSRMatrix, bias: torch.Tensor | None, x: torch.Tensor, y: torch.Tensor,
                threads: int) -> None:
-        use_bitmap = m.is_int8 and self.isa == "avx512-vnni-bitmap" and m.density >= BITMAP_MIN_DENSITY
+        use_bitmap = self.isa == "avx512-vnni-bitmap" and uses_bitmap(m)
         bitmap = m.bitmap.data_ptr() if use_bitmap else None
         segment_sums = m.segment_sums.data_ptr() if use_bitmap else None
         self._lib.panel_csr_matvec(

@@ -9,9 +9,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from sparsearch.kernels.cpu import sparse_linear, sparse_linear_values_grad
+from sparsearch.kernels.cpu import sparse_linear, sparse_linear_values_grad, uses_bitmap
 from sparsearch.kernels.format import PanelCSRMatrix
-from sparsearch.kernels.ops import panel_csr_linear, uses_bitmap
+from sparsearch.kernels.ops import panel_csr_linear
 
 
 class _SparseLinearFunction(torch.autograd.Function):

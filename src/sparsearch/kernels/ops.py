@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from sparsearch.kernels.cpu import BITMAP_MIN_DENSITY, sparse_linear
+from sparsearch.kernels.cpu import sparse_linear
 from sparsearch.kernels.format import PanelCSRMatrix
 
 # Defined with torch.library.Library rather than the @custom_op decorator: the decorator's wrapper (an autograd
@@ -93,8 +93,3 @@ def _check_layout(values: torch.Tensor, col_indices: torch.Tensor, segment_nnz: 
                         f"{rows + 1}")
     if problems:
         raise ValueError("sparsearch::panel_csr_linear got arrays that do not fit together: " + "; ".join(problems))
-
-
-def uses_bitmap(matrix: PanelCSRMatrix) -> bool:
-    """Whether the int8 batch-1 kernel reads this matrix's column bitmaps (see cpu.BITMAP_MIN_DENSITY)."""
-    return matrix.is_int8 and matrix.density >= BITMAP_MIN_DENSITY
