@@ -33,6 +33,19 @@ def attention_model_with_sparse_mlp() -> tuple[nn.Module, nn.Module]:
     return model, sparse
 
 
+def test_an_exported_int8_layer_keeps_its_8_bit_activations():
+    """activation_bits is an argument of the operator: an exported one-row call computes as the eager layer does."""
+    torch.manual_seed(0)
+    weight = torch.randn(64, 300) * (torch.rand(64, 300) < 0.1)
+    layer = SparseLinear(PanelCSRMatrix.from_dense(weight).quantize(activation_bits=8))
+    x = torch.randn(1, 300)
+    with torch.no_grad():
+        exported = torch.export.export(layer, (x,))
+        nodes = [node for node in exported.graph.nodes if node.target is torch.ops.sparsearch.panel_csr_linear.default]
+        assert [node.args[-1] for node in nodes] == [8]
+        torch.testing.assert_close(exported.module()(x), layer(x), rtol=0, atol=0)
+
+
 @needs_cxx
 def test_a_compiled_model_is_one_graph_and_computes_what_eager_does():
     """fullgraph=True fails on any graph break; before the operator, each layer broke the graph 5 to 10 times.

@@ -1,5 +1,8 @@
-"""int8 sparse weights (a float32 scale per 32 stored non-zeros): kernels, convert, files, corrupted files."""
+"""int8 sparse weights (a float32 scale per segment): kernels, 8- and 16-bit batch-1 inputs, convert, files, corrupted
+files."""
 
+import copy
+import io
 import json
 
 import pytest
@@ -9,6 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from sparsearch.kernels.cpu import get_backend, uses_bitmap
 from sparsearch.runtime import (
     PanelCSRMatrix,
     SparseLinear,
@@ -16,6 +20,7 @@ from sparsearch.runtime import (
     load_sparse,
     save_sparse,
     sparse_linear,
+    to_int8,
 )
 
 
@@ -109,21 +114,34 @@ def _x16(x):
     return torch.round(x / scale) * scale
 
 
+def _x8(x):
+    """x rounded as the int8 batch-1 kernel reads it with activation_bits=8: int8 with one scale per call."""
+    scale = x.abs().max() / 127
+    return torch.round(x / scale) * scale
+
+
+def _bitmap_kernel_runs(matrix):
+    return get_backend().name == "c" and get_backend().isa == "avx512-vnni-bitmap" and uses_bitmap(matrix)
+
+
 @pytest.mark.parametrize(("rows", "cols", "panel_width", "sparsity"), [
     (7, 1, None, 0.0), (9, 63, None, 0.5), (9, 64, None, 0.9), (9, 65, None, 0.9), (12, 130, 65, 0.3),
     (20, 1500, 7, 0.5), (16, 3000, 2000, 0.0), (33, 4100, None, 0.9), (10, 700, 100, 0.97)])
-def test_int8_batch_1_handles_word_tails_panels_and_empty_rows(rows, cols, panel_width, sparsity):
+@pytest.mark.parametrize("activation_bits", [16, 8])
+def test_int8_batch_1_handles_word_tails_panels_and_empty_rows(rows, cols, panel_width, sparsity, activation_bits):
     """The batch-1 int8 kernel walks 64-column bitmap words: widths around a word, panels ending mid-word, panels of
-    more than 16 words (an integer flush block), all-zero and dense rows."""
+    more than 16 words (an integer flush block), all-zero and dense rows; with 16- and 8-bit inputs."""
     weight = sparse_weight(rows, cols, sparsity, seed=cols)
     weight[0] = 0
     weight[-1] = torch.randn(cols)
-    q = PanelCSRMatrix.from_dense(weight, panel_width).quantize()
+    q = PanelCSRMatrix.from_dense(weight, panel_width).quantize(activation_bits)
     dequantised = q.to_dense()
     x, bias = torch.randn(1, cols), torch.randn(rows)
     got = sparse_linear(x, q, bias)
-    # exact up to float rounding against the int16-rounded input (the AVX-512 VNNI kernel); other builds use x as is
-    expected = F.linear(_x16(x), dequantised, bias)
+    # exact up to float rounding against the input rounded as the AVX-512 VNNI bitmap kernel reads it; the other
+    # kernels (sparser matrices, other builds) compute with x as is
+    expected = F.linear(x if not _bitmap_kernel_runs(q) else _x8(x) if activation_bits == 8 else _x16(x),
+                        dequantised, bias)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 * (1 + dequantised.abs().sum(1).max().item()))
     assert got[0, 0] == bias[0]
 
@@ -178,15 +196,16 @@ def test_segment_sums_add_each_segments_values():
         _ = PanelCSRMatrix.from_dense(weight).segment_sums
 
 
+@pytest.mark.parametrize("activation_bits", [16, 8])
 @pytest.mark.parametrize("sign", [1.0, -1.0])
-def test_bitmap_kernel_is_exact_at_its_overflow_bound(sign):
+def test_bitmap_kernel_is_exact_at_its_overflow_bound(sign, activation_bits):
     """The widest panel (65535 columns, 1024 bitmap words) full of |q| = 127 times the largest x: the int32 lane sums
     reach 2.12e9 of 2.15e9, and the result still equals the float64 product."""
     cols = 65535
     weight = torch.full((3, cols), sign)
     weight[1] *= -1
     weight[2, ::2] = 0  # a row at 50% density too
-    matrix = PanelCSRMatrix.from_dense(weight, panel_width=cols).quantize()
+    matrix = PanelCSRMatrix.from_dense(weight, panel_width=cols).quantize(activation_bits)
     x = torch.ones(1, cols)
     y = sparse_linear(x, matrix)
     expected = weight.double().sum(dim=1)
@@ -215,3 +234,67 @@ def test_kernels_built_without_avx512_compute_the_same(tmp_path, cflags, isa):
            "SPARSEARCH_KERNEL_BACKEND": "c"}
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
+
+
+def test_8_bit_activations_are_faithful_and_kept_by_files(tmp_path):
+    """activation_bits=8: one-row outputs within the 8-bit input's rounding of the 16-bit ones, several rows unchanged
+    (float32 inputs), and the choice survives save/load and pickling."""
+    weight = sparse_weight()
+    q16 = PanelCSRMatrix.from_dense(weight).quantize()
+    q8 = q16.quantize(8)
+    assert (q16.activation_bits, q8.activation_bits) == (16, 8) and q8.values is q16.values
+    x = torch.randn(1, 1500)
+    y16, y8 = sparse_linear(x, q16), sparse_linear(x, q8)
+    assert F.cosine_similarity(y16, y8).item() > 0.9999
+    # each output moves by at most half a step of the 8-bit input times its row's |weights|
+    bound = x.abs().max().item() / 254 * q16.to_dense().abs().sum(1).max().item()
+    assert (y16 - y8).abs().max().item() <= bound + 1e-3
+    batch = torch.randn(7, 1500)
+    torch.testing.assert_close(sparse_linear(batch, q8), sparse_linear(batch, q16))
+    model = nn.Sequential(SparseLinear(q8))
+    save_sparse(model, tmp_path / "a8.safetensors")
+    loaded = load_sparse(tmp_path / "a8.safetensors", nn.Sequential(nn.Linear(1500, 300, bias=False)))
+    assert loaded[0].matrix.activation_bits == 8
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), y8)
+    buffer = io.BytesIO()
+    torch.save(q8, buffer)
+    buffer.seek(0)
+    assert torch.load(buffer, weights_only=False).activation_bits == 8
+    assert copy.deepcopy(q8).activation_bits == 8
+    assert to_int8(nn.Sequential(SparseLinear(PanelCSRMatrix.from_dense(weight))), 8)[0].matrix.activation_bits == 8
+
+
+def test_bad_activation_bits_are_refused_and_files_checked(tmp_path):
+    matrix = PanelCSRMatrix.from_dense(sparse_weight(40, 200))
+    for bits in (4, 32, "8"):
+        with pytest.raises(ValueError, match=r"activation_bits must be one of \(16, 8\)"):
+            matrix.quantize(bits)
+    with pytest.raises(ValueError, match="16 for float32 values, got 8"):
+        PanelCSRMatrix.from_arrays(matrix.shape, matrix.panel_width, matrix.values, matrix.col_indices,
+                                   matrix.segment_nnz, activation_bits=8).validate()
+    model = nn.Sequential(nn.Linear(200, 40))
+    with torch.no_grad():
+        model[0].weight.copy_(sparse_weight(40, 200))
+    with pytest.raises(ValueError, match="other than 16 only with int8=True; got 8 with int8=False"):
+        convert_with_report(model, torch.randn(2, 200), int8_activation_bits=8)
+    with pytest.raises(ValueError, match="activation_bits must be one of"):
+        to_int8(model, activation_bits=12)
+    # a file whose entry names bits this sparsearch does not compute with: refused, naming the value
+    path = tmp_path / "q.safetensors"
+    save_sparse(nn.Sequential(SparseLinear(matrix.quantize(8))), path)
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata()
+    entries = json.loads(metadata["sparse_entries"])
+    assert entries["0"]["int8_activation_bits"] == 8
+    for bad in (12, "8"):
+        entries["0"]["int8_activation_bits"] = bad
+        save_file(_reload(path), str(tmp_path / "bad.safetensors"),
+                  metadata={**metadata, "sparse_entries": json.dumps(entries)})
+        with pytest.raises(ValueError, match=f"int8_activation_bits {bad!r}"):
+            load_sparse(tmp_path / "bad.safetensors", nn.Sequential(nn.Linear(200, 40)))
+    del entries["0"]["int8_activation_bits"]  # files written before the option: 16-bit inputs
+    save_file(_reload(path), str(tmp_path / "older.safetensors"),
+              metadata={**metadata, "sparse_entries": json.dumps(entries)})
+    older = load_sparse(tmp_path / "older.safetensors", nn.Sequential(nn.Linear(200, 40)))
+    assert older[0].matrix.activation_bits == 16

@@ -136,3 +136,28 @@ def test_gpt2_fine_tunes_on_the_kernels_like_its_masked_dense_twin():
             opt.step()
             losses.append(loss.item())
         assert losses[0] == pytest.approx(losses[1], rel=1e-4)
+
+
+def test_cli_int8_with_8_bit_activations_round_trips_and_refuses_other_bits(tmp_path):
+    """--int8 --int8-activation-bits 8: the decoder's one-token steps on W8A8 kernels, outputs checked by convert and
+    the choice kept by the directory; bits the kernels do not have are refused before anything is written."""
+    model = tiny_gpt2()
+    source = tmp_path / "pruned"
+    model.save_pretrained(source)
+    out = tmp_path / "a8"
+    result = CliRunner().invoke(app, ["convert", str(source), "-o", str(out), "--batch-sizes", "1",
+                                      "--min-speedup", "1e-9", "--int8", "--int8-activation-bits", "8"])
+    assert result.exit_code == 0, result.output
+    assert "matches the original" in result.output
+    loaded, _ = load_transformers(out)
+    layer = loaded.transformer.h[0].attn.c_attn
+    assert isinstance(layer, SparseLinear) and layer.matrix.is_int8 and layer.matrix.activation_bits == 8
+    ids = torch.tensor([[3, 1, 4, 1, 5]])
+    with torch.no_grad():
+        step = loaded(ids[:, :1]).logits  # one token: the batch-1 kernel with 8-bit inputs
+        torch.testing.assert_close(step, model(ids[:, :1]).logits, rtol=0, atol=5e-2)
+    for args, message in ((["--int8", "--int8-activation-bits", "4"], "int8_activation_bits must be one of (16, 8)"),
+                          (["--int8-activation-bits", "8"], "other than 16 only with int8=True")):
+        result = CliRunner().invoke(app, ["convert", str(source), "-o", str(tmp_path / "never"), *args])
+        assert result.exit_code == 2 and message in result.output, result.output
+        assert not (tmp_path / "never").exists()

@@ -103,7 +103,7 @@ class _CBackend:
         lib.panel_csr_linear.argtypes = [i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, ptr, i64, i64, i64,
                                          ptr, ptr, c_int]
         lib.panel_csr_matvec.argtypes = [i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, c_int, ptr, ptr,
-                                         i64]
+                                         i64, c_int]
         lib.panel_csr_sddmm.argtypes = [i64, i64, i64, ptr, ptr, ptr, ptr, i64, ptr, i64, i64, i64, ptr, c_int]
         for fn in (lib.panel_csr_linear, lib.panel_csr_matvec, lib.panel_csr_sddmm):
             fn.restype = None
@@ -164,7 +164,7 @@ class _CBackend:
         segment_sums = m.segment_sums.data_ptr() if use_bitmap else None
         self._lib.panel_csr_matvec(
             *m.kernel_args, None if bias is None else bias.data_ptr(),
-            x.data_ptr(), y.data_ptr(), threads, bitmap, segment_sums, m.cols)
+            x.data_ptr(), y.data_ptr(), threads, bitmap, segment_sums, m.cols, m.activation_bits)
 
     def sddmm(self, m: PanelCSRMatrix, x: torch.Tensor, g: torch.Tensor, threads: int) -> torch.Tensor:
         """For every stored non-zero (i, j), in storage order: sum over the rows b of g[b, i] x[b, j] (x: [batch,

@@ -16,7 +16,7 @@ once (csrc/sparse_kernels.c, "int8 bitmap kernel").
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 
 import torch
@@ -24,6 +24,9 @@ import torch
 DEFAULT_MAX_PANEL_WIDTH = 1024
 MAX_PANEL_WIDTH = 65535
 INT8_SCALES = "segment"  # what one int8 scale covers; recorded in files (storage.py)
+# Input precision of the int8 batch-1 kernel: 16 (the default, exact to 1/65534 of the input's largest |value|) or 8
+# (dynamic 8-bit activations as in "W8A8" int8 inference: one dot-product instruction per 64 columns instead of two)
+ACTIVATION_BITS = (16, 8)
 
 
 def default_panel_width(cols: int) -> int:
@@ -50,12 +53,13 @@ class PanelCSRMatrix:
     segment_ptr: torch.Tensor  # int64 [panels * rows + 1]
     row_nnz_prefix: torch.Tensor  # int64 [rows + 1]
     scales: torch.Tensor | None = None  # float32 [panels, rows] (one per segment) when values are int8
+    activation_bits: int = 16  # int8 only: see ACTIVATION_BITS and `quantize`
 
     def __reduce__(self) -> tuple:
         # copied and pickled (torch.save of a whole model) as its stored arrays, rebuilt on the other side: the
         # cached kernel_args hold data pointers of this object's arrays, and a pickle carried them stale
         return PanelCSRMatrix.from_arrays, (self.shape, self.panel_width, self.values, self.col_indices,
-                                            self.segment_nnz, self.scales)
+                                            self.segment_nnz, self.scales, self.activation_bits)
 
     @property
     def is_int8(self) -> bool:
@@ -89,17 +93,26 @@ class PanelCSRMatrix:
         rows = max(self.rows, 1)
         return segment % rows, (segment // rows) * self.panel_width + self.col_indices.to(torch.int64)
 
-    def quantize(self) -> PanelCSRMatrix:
-        """This matrix with int8 values and a float32 scale per segment (symmetric, largest |weight| -> 127)."""
+    def quantize(self, activation_bits: int = 16) -> PanelCSRMatrix:
+        """This matrix with int8 values and a float32 scale per segment (symmetric, largest |weight| -> 127).
+
+        `activation_bits`: how the batch-1 kernel (one input row per call, e.g. a decoder's generation steps)
+        quantises each input, with one scale per call: 16 (default) or 8, the dynamic int8 activations of W8A8
+        inference, faster (one dot-product instruction per 64 columns instead of two) at the cost of an input error up
+        to 1/254 of the input's largest |value|, which an input with outlier features feels most. Batches of several
+        rows compute with float32 inputs either way."""
+        if activation_bits not in ACTIVATION_BITS:
+            raise ValueError(f"activation_bits must be one of {ACTIVATION_BITS}, got {activation_bits!r}")
         if self.is_int8:
-            return self
+            return self if self.activation_bits == activation_bits else replace(self, activation_bits=activation_bits)
         segments = self._segment_of_entry
         top = torch.zeros(self.segment_nnz.numel(), dtype=torch.float32)
         top.scatter_reduce_(0, segments, self.values.abs(), reduce="amax")
         scales = torch.where(top > 0, top / 127.0, torch.ones_like(top))
         q = torch.round(self.values / scales[segments]).clamp(-127, 127).to(torch.int8)
         return PanelCSRMatrix.from_arrays(self.shape, self.panel_width, q, self.col_indices, self.segment_nnz,
-                                          scales=scales.reshape(self.segment_nnz.shape))
+                                          scales=scales.reshape(self.segment_nnz.shape),
+                                          activation_bits=activation_bits)
 
     @cached_property
     def bitmap(self) -> torch.Tensor:
@@ -225,7 +238,7 @@ class PanelCSRMatrix:
     @classmethod
     def from_arrays(cls, shape: tuple[int, int], panel_width: int, values: torch.Tensor,
                     col_indices: torch.Tensor, segment_nnz: torch.Tensor,
-                    scales: torch.Tensor | None = None) -> PanelCSRMatrix:
+                    scales: torch.Tensor | None = None, activation_bits: int = 16) -> PanelCSRMatrix:
         """Assemble from the stored arrays and derive the offsets; call `validate` on untrusted input."""
         counts = segment_nnz.to(torch.int64)
         segment_ptr = torch.zeros(counts.numel() + 1, dtype=torch.int64)
@@ -235,7 +248,7 @@ class PanelCSRMatrix:
             torch.cumsum(counts.sum(dim=0), 0, out=row_nnz_prefix[1:])
         return cls((int(shape[0]), int(shape[1])), int(panel_width), values.contiguous(),
                    col_indices.contiguous(), segment_nnz.contiguous(), segment_ptr, row_nnz_prefix,
-                   None if scales is None else scales.contiguous())
+                   None if scales is None else scales.contiguous(), activation_bits)
 
     def validate(self) -> None:
         """Raise ValueError if the arrays do not describe a valid matrix (checked before any kernel reads them)."""
@@ -263,6 +276,9 @@ class PanelCSRMatrix:
                                  f"{self.scales.dtype} {tuple(self.scales.shape)}")
             if not bool(torch.isfinite(self.scales).all()):
                 raise ValueError("scales must be finite")
+        if self.activation_bits not in ACTIVATION_BITS or (self.activation_bits != 16 and not self.is_int8):
+            raise ValueError(f"activation_bits must be one of {ACTIVATION_BITS} for int8 values and 16 for float32 "
+                             f"values, got {self.activation_bits!r} ({'int8' if self.is_int8 else 'float32'})")
         counts = self.segment_nnz.to(torch.int64)
         panel_widths = torch.clamp(cols - torch.arange(panels) * self.panel_width, max=self.panel_width)
         if bool((counts > panel_widths[:, None]).any()):

@@ -144,7 +144,7 @@ class SparseLinear(nn.Module):
         return panel_csr_linear(x, values, buffers["col_indices"], buffers["segment_nnz"], matrix.segment_ptr,
                                 matrix.row_nnz_prefix, buffers["scales"], matrix.bitmap if bitmap else None,
                                 matrix.segment_sums if bitmap else None, bias, matrix.rows, matrix.cols,
-                                matrix.panel_width)
+                                matrix.panel_width, matrix.activation_bits)
 
     def to_dense_linear(self) -> nn.Linear:
         """The equivalent dense `nn.Linear` (for comparisons and for exporting to tools without sparse support)."""
@@ -158,7 +158,7 @@ class SparseLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, nnz={self.nnz}, "
                 f"density={self._matrix.density:.3f}, bias={self.bias is not None}"
-                + (", int8" if self._matrix.is_int8 else ""))
+                + (f", int8 (batch-1 inputs in {self._matrix.activation_bits} bits)" if self._matrix.is_int8 else ""))
 
 
 def linear_like(module: nn.Module) -> tuple[str, torch.Tensor, torch.Tensor | None] | None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from sparsearch.kernels.cpu import sparse_linear
-from sparsearch.kernels.format import PanelCSRMatrix
+from sparsearch.kernels.format import ACTIVATION_BITS, PanelCSRMatrix
 
 # Defined with torch.library.Library rather than the @custom_op decorator: the decorator's wrapper (an autograd
 # kernel that checks every input for requires_grad, then redispatches) cost 42 us a call against 14 us for the
@@ -24,14 +24,14 @@ from sparsearch.kernels.format import PanelCSRMatrix
 _LIBRARY = torch.library.Library("sparsearch", "DEF")
 _LIBRARY.define("panel_csr_linear(Tensor x, Tensor values, Tensor col_indices, Tensor segment_nnz, "
                 "Tensor segment_ptr, Tensor row_nnz_prefix, Tensor? scales, Tensor? bitmap, Tensor? segment_sums, "
-                "Tensor? bias, int rows, int cols, int panel_width) -> Tensor")
+                "Tensor? bias, int rows, int cols, int panel_width, int activation_bits=16) -> Tensor")
 
 
 def _panel_csr_linear_cpu(x: torch.Tensor, values: torch.Tensor, col_indices: torch.Tensor,
                           segment_nnz: torch.Tensor, segment_ptr: torch.Tensor, row_nnz_prefix: torch.Tensor,
                           scales: torch.Tensor | None, bitmap: torch.Tensor | None,
                           segment_sums: torch.Tensor | None, bias: torch.Tensor | None, rows: int, cols: int,
-                          panel_width: int) -> torch.Tensor:
+                          panel_width: int, activation_bits: int = 16) -> torch.Tensor:
     """y = x W^T + bias for W given by the arrays of a `PanelCSRMatrix` (bitmap and segment_sums: those of an int8
     matrix, for its batch-1 kernel; None to derive them here)."""
     # with no autograd kernel registered, PyTorch would run this and only warn, at backward, that the gradients
@@ -47,8 +47,11 @@ def _panel_csr_linear_cpu(x: torch.Tensor, values: torch.Tensor, col_indices: to
     _check_layout(values, col_indices, segment_nnz, segment_ptr, row_nnz_prefix, rows, cols, panel_width)
     # the arrays' contents are not validated per call (SparseLinear's buffers are, when the layer is built); the
     # checks above are the cheap ones that keep the kernels inside the arrays they are given
+    if activation_bits not in ACTIVATION_BITS or (activation_bits != 16 and scales is None):
+        raise ValueError(f"activation_bits must be one of {ACTIVATION_BITS} for int8 values and 16 for float32 "
+                         f"values, got {activation_bits!r}")
     matrix = PanelCSRMatrix((rows, cols), panel_width, values, col_indices, segment_nnz, segment_ptr,
-                            row_nnz_prefix, scales)
+                            row_nnz_prefix, scales, activation_bits)
     if bitmap is not None and segment_sums is not None:  # derived once by the layer, not per call
         matrix.__dict__["bitmap"] = bitmap
         matrix.__dict__["segment_sums"] = segment_sums
@@ -62,7 +65,8 @@ _LIBRARY.impl("panel_csr_linear", _panel_csr_linear_cpu, "CPU")
 def _panel_csr_linear_shape(x: torch.Tensor, values: torch.Tensor, col_indices: torch.Tensor,
                             segment_nnz: torch.Tensor, segment_ptr: torch.Tensor, row_nnz_prefix: torch.Tensor,
                             scales: torch.Tensor | None, bitmap: torch.Tensor | None, segment_sums: torch.Tensor | None,
-                            bias: torch.Tensor | None, rows: int, cols: int, panel_width: int) -> torch.Tensor:
+                            bias: torch.Tensor | None, rows: int, cols: int, panel_width: int,
+                            activation_bits: int = 16) -> torch.Tensor:
     return x.new_empty((*x.shape[:-1], rows), dtype=torch.float32)
 
 

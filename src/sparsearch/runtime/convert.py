@@ -39,7 +39,7 @@ from torch import nn
 
 from sparsearch.engine.replaceable import reason_to_keep_dense, replace_module, shared_parameters
 from sparsearch.kernels.cpu import get_backend, sparse_linear
-from sparsearch.kernels.format import PanelCSRMatrix
+from sparsearch.kernels.format import ACTIVATION_BITS, PanelCSRMatrix
 from sparsearch.kernels.modules import SparseLinear, linear_like
 from sparsearch.runtime.conv import SparseConv1d, SparseConv2d, sparse_conv_for
 from sparsearch.runtime.storage import compact_state, write_sparse_file
@@ -148,7 +148,8 @@ def _too_dense(name: str, layer_type: str, shape: tuple[int, ...], density: floa
 
 def _decide_weight(name: str, layer_type: str, weight: torch.Tensor, bias: torch.Tensor | None,
                    batch_sizes: Sequence[int], min_speedup: float, max_density: float,
-                   repeats: int, int8: bool = False) -> tuple[LayerDecision, SparseLinear | None]:
+                   repeats: int, int8: bool = False, int8_activation_bits: int = 16
+                   ) -> tuple[LayerDecision, SparseLinear | None]:
     """Time a [out, in] weight dense against sparse and decide (see the module docstring)."""
     weight = weight.detach().float().contiguous()
     density, shape = _density(weight), tuple(weight.shape)
@@ -157,7 +158,7 @@ def _decide_weight(name: str, layer_type: str, weight: torch.Tensor, bias: torch
         return too_dense, None
     matrix = PanelCSRMatrix.from_dense(weight)
     if int8:
-        matrix = matrix.quantize()
+        matrix = matrix.quantize(int8_activation_bits)
     bias = None if bias is None else bias.detach().float().contiguous()
     decision = _time_layer(name, layer_type, shape, density, batch_sizes, lambda x: F.linear(x, weight, bias),
                            lambda x: sparse_linear(x, matrix, bias), lambda batch: torch.randn(batch, shape[1]),
@@ -376,9 +377,12 @@ def _second_look(reference: Any, converted: nn.Module, sample_input: Any,
 
 def convert_with_report(model: nn.Module, sample_input: Any = None, *, batch_sizes: Sequence[int] = (1, 64, 256),
                         min_speedup: float = 1.05, max_density: float = 0.7, repeats: int = 5,
-                        tolerance: float | None = None, int8: bool = False,
+                        tolerance: float | None = None, int8: bool = False, int8_activation_bits: int = 16,
                         inplace: bool = False) -> tuple[nn.Module, ConversionReport]:
     """Like `convert`, and also return the per-layer `ConversionReport`."""
+    if int8_activation_bits not in ACTIVATION_BITS or (int8_activation_bits != 16 and not int8):
+        raise ValueError(f"int8_activation_bits must be one of {ACTIVATION_BITS}, and other than 16 only with "
+                         f"int8=True; got {int8_activation_bits!r} with int8={int8}")
     tolerance = (INT8_TOLERANCE if int8 else FP32_TOLERANCE) if tolerance is None else tolerance
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -424,7 +428,7 @@ def convert_with_report(model: nn.Module, sample_input: Any = None, *, batch_siz
                 decisions.append(LayerDecision(name, layer_type, tuple(weight.shape), density, False, reason))
                 continue
             decision, sparse = _decide_weight(name, layer_type, weight, bias, batch_sizes, min_speedup,
-                                              max_density, repeats, int8)
+                                              max_density, repeats, int8, int8_activation_bits)
             decisions.append(decision)
             _sort_timed(decision, (name, module, sparse), replacements, near_misses, sample_input is not None)
         elif sparse_conv_for(module) is not None:
@@ -507,7 +511,7 @@ def convert_with_report(model: nn.Module, sample_input: Any = None, *, batch_siz
 
 def convert(model: nn.Module, sample_input: Any = None, *, batch_sizes: Sequence[int] = (1, 64, 256),
             min_speedup: float = 1.05, max_density: float = 0.7, repeats: int = 5, tolerance: float | None = None,
-            int8: bool = False, inplace: bool = False) -> nn.Module:
+            int8: bool = False, int8_activation_bits: int = 16, inplace: bool = False) -> nn.Module:
     """Return an inference copy of `model` whose Linear and Conv1d/Conv2d layers use sparse kernels where faster.
 
     A layer goes sparse only if its non-zeros are at most `max_density` of the weight and the sparse kernel
@@ -515,25 +519,30 @@ def convert(model: nn.Module, sample_input: Any = None, *, batch_sizes: Sequence
     `sample_input` (a tensor, a tuple of positional arguments or a dict of keyword arguments) is what the
     model is called with to check outputs (to `tolerance`, relative to max(1, |output|)) and whole-model speed;
     without it, those checks are skipped (with a warning) and convolutions stay dense (they are timed on inputs
-    of the size they see in it). `int8=True` stores the sparse layers' values as
-    int8 with one float32 scale per segment, a row within a panel (timed as such; default tolerance 5e-2 instead
-    of 1e-4). Masked models need nothing special: the exact zeros in the weights are the mask. The result is in
-    eval mode with gradients off. A bare layer (an `nn.Linear` or convolution as the model itself) is returned as
-    its replacement, even with `inplace=True` (a module cannot replace itself).
+    of the size they see in it). `int8=True` stores the sparse layers' values as int8 with one float32 scale per
+    segment, a row within a panel (timed as such; default tolerance 5e-2 instead of 1e-4);
+    `int8_activation_bits=8` makes their batch-1 kernel quantise each input to 8 bits instead of 16 (W8A8: faster,
+    less exact; see `PanelCSRMatrix.quantize`). Masked models need nothing special: the exact zeros in the weights
+    are the mask. The result is in eval mode with gradients off. A bare layer (an `nn.Linear` or convolution as the
+    model itself) is returned as its replacement, even with `inplace=True` (a module cannot replace itself).
     """
     converted, _ = convert_with_report(model, sample_input, batch_sizes=batch_sizes, min_speedup=min_speedup,
                                        max_density=max_density, repeats=repeats, tolerance=tolerance, int8=int8,
+                                       int8_activation_bits=int8_activation_bits,
                                        inplace=inplace)
     return converted
 
 
-def to_int8(model: nn.Module) -> nn.Module:
+def to_int8(model: nn.Module, activation_bits: int = 16) -> nn.Module:
     """A copy of a converted model whose `SparseLinear` layers hold int8 values with a scale per segment (the same
-    layers, without re-timing them: for comparing int8 with float32 on the same decisions)."""
+    layers, without re-timing them: for comparing int8 with float32 on the same decisions); `activation_bits`: see
+    `PanelCSRMatrix.quantize`."""
+    if activation_bits not in ACTIVATION_BITS:
+        raise ValueError(f"activation_bits must be one of {ACTIVATION_BITS}, got {activation_bits!r}")
     quantized = copy.deepcopy(model)
     for name, module in list(quantized.named_modules()):
         if isinstance(module, SparseLinear):
-            replace_module(quantized, name, SparseLinear(module.matrix.quantize(), module.bias))
+            replace_module(quantized, name, SparseLinear(module.matrix.quantize(activation_bits), module.bias))
     return quantized
 
 

@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from sparsearch.engine.replaceable import reason_to_keep_dense, replace_module, shared_parameters
-from sparsearch.kernels.format import INT8_SCALES, PanelCSRMatrix
+from sparsearch.kernels.format import ACTIVATION_BITS, INT8_SCALES, PanelCSRMatrix
 from sparsearch.kernels.modules import SparseLinear, linear_like
 from sparsearch.runtime.conv import SparseConv1d, SparseConv2d, sparse_conv_for
 
@@ -54,6 +54,7 @@ def _entry(matrix: PanelCSRMatrix, execute: str, weight_shape: tuple[int, ...]) 
              "weight_shape": list(weight_shape)}
     if matrix.is_int8:
         entry["int8_scales"] = INT8_SCALES
+        entry["int8_activation_bits"] = matrix.activation_bits
     return entry
 
 
@@ -161,10 +162,14 @@ def read_sparse_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[st
                 raise ValueError(f"{str(path)!r} lacks the int8 scales {_key(prefix, 'scales')!r} of sparse entry "
                                  f"{prefix!r}")
             scales = tensors.pop(_key(prefix, "scales"))
+        activation_bits = info.get("int8_activation_bits", 16) if scales is not None else 16  # 16: files before
+        if activation_bits not in ACTIVATION_BITS:
+            raise ValueError(f"{str(path)!r}: sparse entry {prefix!r} has int8_activation_bits {activation_bits!r}; "
+                             f"this sparsearch reads one of {ACTIVATION_BITS}")
         try:
             shape = (int(info["shape"][0]), int(info["shape"][1]))
             matrix = PanelCSRMatrix.from_arrays(shape, int(info["panel_width"]), *(tensors.pop(k) for k in keys),
-                                                scales=scales)
+                                                scales=scales, activation_bits=activation_bits)
             matrix.validate()
             weight_shape = [int(d) for d in info["weight_shape"]]
             if info["execute"] not in ("sparse", "dense") or math.prod(weight_shape) != shape[0] * shape[1]:

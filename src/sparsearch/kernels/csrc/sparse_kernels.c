@@ -508,7 +508,8 @@ typedef struct {
     const uint64_t* bitmap;  /* matvec: per-segment column bitmaps, or NULL */
     const int32_t* segment_sums;  /* matvec with bitmap: per segment (row-major), the sum of its q, see
                                    * PanelCSRMatrix.segment_sums */
-    const uint8_t *xq_hi, *xq_lo;  /* matvec, int8 with bitmap: x quantised (see quantise_x16), x_scale per unit */
+    const uint8_t *xq_hi, *xq_lo;  /* matvec, int8 with bitmap: x quantised (see quantise_x16, and quantise_x8,
+                                    * which leaves xq_lo NULL), x_scale per unit */
     float x_scale;
     int64_t ldy;  /* row stride of yt: batch, or the padded batch when the kernel transposes x itself */
     int tiled;    /* X^T is the kernel's own padded, tiled copy of x */
@@ -644,6 +645,33 @@ static void matvec_chunk(const void* ctx, int64_t chunk, int64_t chunks) {
         q += n_;                                                                                               \
     } while (0)
 
+/* With 8-bit activations (x quantised to one byte, offset 128; see quantise_x8): one vpdpbusd per word instead of
+ * two, and one load of x less. Four sets of accumulators, as one product per word would otherwise wait on vpdpbusd's
+ * latency. The same bound holds: a segment's products sum to at most 65535 * 255 * 127 < 2^31 in magnitude. */
+#define BITMAP_WORD8(w, acc)                                                                                   \
+    do {                                                                                                       \
+        uint64_t m_ = bits[w];                                                                                 \
+        int n_ = __builtin_popcountll(m_);                                                                     \
+        __m512i q8_ = _mm512_maskz_expand_epi8(m_, q + 64 <= q_end ? _mm512_loadu_si512(q)                    \
+                                                       : _mm512_maskz_loadu_epi8(_bzhi_u64(~0ULL, n_), q));     \
+        acc = _mm512_dpbusd_epi32(acc, _mm512_loadu_si512(xb + 64 * (w)), q8_);                                \
+        q += n_;                                                                                               \
+    } while (0)
+
+static inline ALWAYS_INLINE int64_t segment_dot8(const uint64_t* bits, const int8_t* q, const int8_t* q_end,
+                                                 const uint8_t* xb, int64_t words) {
+    __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
+    int64_t w = 0;
+    for (; w + 4 <= words; w += 4) {
+        BITMAP_WORD8(w, a0);
+        BITMAP_WORD8(w + 1, a1);
+        BITMAP_WORD8(w + 2, a2);
+        BITMAP_WORD8(w + 3, a3);
+    }
+    for (; w < words; w++) BITMAP_WORD8(w, a0);
+    return (int64_t)_mm512_reduce_add_epi32(_mm512_add_epi32(_mm512_add_epi32(a0, a1), _mm512_add_epi32(a2, a3)));
+}
+
 static void matvec_chunk_bitmap(const void* ctx, int64_t chunk, int64_t chunks) {
     const linear_args* a = ctx;
     int64_t first, last;
@@ -656,6 +684,12 @@ static void matvec_chunk_bitmap(const void* ctx, int64_t chunk, int64_t chunks) 
             if (i + 1 < last) __builtin_prefetch(a->q + a->seg_ptr[p * rows + i + 1]);  /* the next row's values */
             const int8_t* q = a->q + a->seg_ptr[p * rows + i];
             const uint64_t* bits = a->bitmap + (i * a->panels + p) * words;
+            if (!a->xq_lo) {  /* 8-bit activations: the sum of q * (x8 + 128), minus 128 times the sum of q */
+                int64_t dot = segment_dot8(bits, q, q_end, a->xq_hi + p * words * 64, words) -
+                              128 * (int64_t)a->segment_sums[i * a->panels + p];
+                total += (float)dot * a->scales[p * rows + i];
+                continue;
+            }
             const uint8_t *hi = a->xq_hi + p * words * 64, *lo = a->xq_lo + p * words * 64;
             /* two sets of accumulators, for even and odd words: vpdpbusd has a latency of 5 cycles, and one set was
              * bound by it */
@@ -696,6 +730,27 @@ static float quantise_x16(const float* x, int64_t ncols, int64_t panels, int64_t
             v = (v > 32767 ? 32767 : v < -32767 ? -32767 : v) + 32768;
             hi[p * padded + j] = (uint8_t)(v >> 8);
             lo[p * padded + j] = (uint8_t)(v & 255);
+        }
+    return scale;
+}
+
+/* x as x8 = round(x / scale), |x8| <= 127, with one scale per call, stored as x8 + 128 (unsigned, as vpdpbusd
+ * wants), in panels padded to whole 64-column words: the dynamic per-input 8-bit activations of "W8A8" int8
+ * inference. Returns the scale, or 0 if x is not finite. */
+static float quantise_x8(const float* x, int64_t ncols, int64_t panels, int64_t panel_width, uint8_t* xb) {
+    float top = 0.0f;
+    for (int64_t j = 0; j < ncols; j++) {
+        float v = x[j] < 0 ? -x[j] : x[j];
+        if (!(v <= 3.0e38f)) return 0.0f;  /* inf or NaN */
+        top = v > top ? v : top;
+    }
+    float scale = top > 0 ? top / 127.0f : 1.0f, inverse = 1.0f / scale;
+    int64_t padded = (panel_width + 63) / 64 * 64;
+    for (int64_t p = 0; p < panels; p++)
+        for (int64_t j = 0; j < padded; j++) {
+            int64_t c = p * panel_width + j;
+            long v = (j < panel_width && c < ncols) ? __builtin_lrintf(x[c] * inverse) : 0;
+            xb[p * padded + j] = (uint8_t)((v > 127 ? 127 : v < -127 ? -127 : v) + 128);
         }
     return scale;
 }
@@ -845,11 +900,12 @@ void panel_csr_sddmm(int64_t rows, int64_t panels, int64_t panel_width, const in
     run_parallel(sddmm_chunk, &a, chunks, threads);
 }
 
-/* y[rows] = W x (+ bias) for a single contiguous input vector (memory-bound: bytes per non-zero matter). */
+/* y[rows] = W x (+ bias) for a single contiguous input vector. int8 weights with bitmaps (and this library built
+ * with the bitmap kernel) quantise x per call to `activation_bits` (16 or 8) bits; other paths compute with float x. */
 void panel_csr_matvec(int64_t rows, int64_t panels, int64_t panel_width, const int64_t* seg_ptr,
                       const int64_t* row_nnz_prefix, const uint16_t* cols, const void* values,
                       const float* scales, const float* bias, const float* x, float* y, int threads,
-                      const uint64_t* bitmap, const int32_t* segment_sums, int64_t ncols) {
+                      const uint64_t* bitmap, const int32_t* segment_sums, int64_t ncols, int activation_bits) {
     linear_args a = {.rows = rows, .panels = panels, .panel_width = panel_width, .batch = 1, .seg_ptr = seg_ptr,
                      .row_nnz_prefix = row_nnz_prefix, .cols = cols, .values = scales ? NULL : values,
                      .scales = scales, .bias = bias, .x = x, .q = scales ? values : NULL, .y = y};
@@ -861,10 +917,12 @@ void panel_csr_matvec(int64_t rows, int64_t panels, int64_t panel_width, const i
 #if defined(MATVEC_BITMAP)
     if (bitmap && segment_sums && a.q) {
         size_t padded = (size_t)(panels * ((panel_width + 63) / 64) * 64);
-        xq = aligned_alloc(64, 2 * padded);
-        if (xq && (a.x_scale = quantise_x16(x, ncols, panels, panel_width, xq, xq + padded)) > 0) {
+        int eight = activation_bits == 8;
+        xq = aligned_alloc(64, (eight ? 1 : 2) * padded);
+        if (xq && (a.x_scale = eight ? quantise_x8(x, ncols, panels, panel_width, xq)
+                                     : quantise_x16(x, ncols, panels, panel_width, xq, xq + padded)) > 0) {
             a.xq_hi = xq;
-            a.xq_lo = xq + padded;
+            a.xq_lo = eight ? NULL : xq + padded;
             a.bitmap = bitmap;
             a.segment_sums = segment_sums;
             fn = matvec_chunk_bitmap;
@@ -874,6 +932,7 @@ void panel_csr_matvec(int64_t rows, int64_t panels, int64_t panel_width, const i
     (void)bitmap;
     (void)segment_sums;
     (void)ncols;
+    (void)activation_bits;
 #endif
     run_parallel(fn, &a, threads > 1 ? (int64_t)threads * CHUNKS_PER_THREAD : 1, threads);
     free(xq);
