@@ -345,7 +345,10 @@ def to_markdown(payload: dict) -> str:
                   f"{small['gb_per_s']['dense']:.1f}: batch 1 is bound by instructions per non-zero (fp32: three loads "
                   f"each) and, for int8, per 64-column bitmap word, not by bandwidth; int8 is "
                   f"{small['ms']['fp32_sparse'] / small['ms']['int8_sparse']:.2f}x fp32 at {small['size']} and "
-                  f"{large['ms']['fp32_sparse'] / large['ms']['int8_sparse']:.2f}x at {large['size']}."]
+                  f"{large['ms']['fp32_sparse'] / large['ms']['int8_sparse']:.2f}x at {large['size']}; with 8-bit "
+                  f"inputs (one dot product per word instead of two) "
+                  f"{small['ms']['fp32_sparse'] / small['ms']['int8_sparse_a8']:.2f}x and "
+                  f"{large['ms']['fp32_sparse'] / large['ms']['int8_sparse_a8']:.2f}x."]
     layer1 = next(r for r in payload["layer"] if r["batch"] == 1 and r["condition"] == "quiet")["ms"]
     ratio = layer1["fp32_sparse"] / layer1["int8_sparse"]
     ratio_a8 = layer1["fp32_sparse"] / layer1["int8_sparse_a8"]
