@@ -1,7 +1,9 @@
-"""When to wake a second thread: all-MiniLM-L6-v2 at 90%, one sentence per call, every layer on the sparse kernels,
-with the kernels' `PARALLEL_GRAIN` (multiply-adds per extra thread) at 2^16 (the value before 2026-11-30), 2^19
-(now) and so large that every call runs on one thread; the pruned model run dense beside them; and both models
-with PyTorch itself on one thread (`torch.set_num_threads(1)` around each call). One run, interleaved per call in
+"""When to use a second thread: all-MiniLM-L6-v2 at 90%, one sentence per call, every layer on the sparse kernels,
+with a call's second thread from the kernels' own pool (woken per call) at a grain (multiply-adds per extra thread) of
+2^16 or 2^19 (`PARALLEL_GRAIN`), or, where the library is built on PyTorch's libgomp, from PyTorch's OpenMP team for
+calls below `OPENMP_MAX_WORK` (already running between PyTorch's ops) at a grain of 2^16 or 2^19 (`OPENMP_GRAIN`),
+or never (one thread); the pruned model run dense beside them; and both models with PyTorch itself on one thread
+(`torch.set_num_threads(1)` around each call). One run, interleaved per call in
 balanced cycles (runtime_common.interleaved_times), on 8 stdlib docstring sentences (11 to 33 tokens).
 
 Each layer alone is faster on two threads from a few hundred thousand multiply-adds on (runtime_small_layers.md),
@@ -25,7 +27,8 @@ from runtime_transformers import SETTINGS, all_sparse, pruned_copy, shuffled_sen
 from sparsearch.kernels import cpu as kernels
 from sparsearch.oneshot import load_pretrained
 
-GRAINS = {"2^16": 1 << 16, "2^19": 1 << 19, "one thread": 1 << 62}
+GRAINS = {"2^16": 1 << 16, "2^19": 1 << 19}
+ONE_THREAD = 1 << 62
 
 
 def main() -> None:
@@ -37,14 +40,19 @@ def main() -> None:
     model.eval()
     inputs = [dict(tokenizer([t], return_tensors="pt")) for t in shuffled_sentences()[:8]]
     pruned = pruned_copy(model, SETTINGS["90%"], tokenizer.vocab_size)
-    default_grain = kernels.PARALLEL_GRAIN
+    defaults = kernels.PARALLEL_GRAIN, kernels.OPENMP_GRAIN
     threads = torch.get_num_threads()
+    backend = kernels.get_backend()
+    openmp = getattr(backend, "openmp", False)
     with torch.no_grad():
         sparse = all_sparse(pruned, inputs[0])
         turns: dict[str, int] = {}
 
-        def call(name: str, net: torch.nn.Module, grain: int, torch_threads: int = threads) -> None:
-            kernels.PARALLEL_GRAIN = grain
+        def call(name: str, net: torch.nn.Module, grain: int = defaults[0], torch_threads: int = threads,
+                 team: bool = False) -> None:
+            kernels.PARALLEL_GRAIN = kernels.OPENMP_GRAIN = grain
+            if openmp:
+                backend.allow_openmp(team)
             turns[name] = (turns.get(name, -1) + 1) % len(inputs)
             torch.set_num_threads(torch_threads)
             try:
@@ -52,22 +60,29 @@ def main() -> None:
             finally:
                 torch.set_num_threads(threads)
 
-        candidates = {"dense": lambda: call("dense", pruned, default_grain)}
-        candidates |= {f"sparse, grain {label}": lambda label=label, grain=grain: call(label, sparse, grain)
-                       for label, grain in GRAINS.items()}
+        candidates = {"dense": lambda: call("dense", pruned)}
+        for label, grain in GRAINS.items():
+            candidates[f"sparse, pool, grain {label}"] = lambda label=label, grain=grain: call(label, sparse, grain)
+            if openmp:
+                candidates[f"sparse, OpenMP team for small calls, grain {label}"] = (
+                    lambda label=label, grain=grain: call(label + " team", sparse, grain, team=True))
+        candidates["sparse, one thread"] = lambda: call("one", sparse, ONE_THREAD)
         # PyTorch's own ops (attention, LayerNorm, GELU) on one thread too: the whole model on one core
-        candidates["dense, PyTorch on 1 thread"] = lambda: call("dense 1", pruned, default_grain, 1)
-        candidates["sparse, one thread, PyTorch on 1 thread"] = lambda: call("sparse 1", sparse,
-                                                                              GRAINS["one thread"], 1)
+        candidates["dense, PyTorch on 1 thread"] = lambda: call("dense 1", pruned, torch_threads=1)
+        candidates["sparse, one thread, PyTorch on 1 thread"] = lambda: call("sparse 1", sparse, ONE_THREAD, 1)
         try:
             medians, best = interleaved_times(candidates, min_rounds=40, max_rounds=2000, budget_s=args.budget)
         finally:
-            kernels.PARALLEL_GRAIN = default_grain
+            kernels.PARALLEL_GRAIN, kernels.OPENMP_GRAIN = defaults
+            if openmp:
+                backend.allow_openmp(True)
     rows = [{"candidate": name, "median_ms": medians[name] * 1e3, "best_ms": best[name] * 1e3,
              "speedup_median": medians["dense"] / medians[name], "speedup_best": best["dense"] / best[name]}
             for name in candidates]
     lines = ["all-MiniLM-L6-v2 pruned to 90% (one-shot magnitude), one sentence per call (8 sentences, 11 to 33 "
-             "tokens), every Linear on the sparse kernels; the kernels' PARALLEL_GRAIN set per candidate; 'PyTorch "
+             "tokens), every Linear on the sparse kernels; the grain (multiply-adds per extra thread) and where a "
+             "call's second thread comes from (the kernels' pool, or PyTorch's OpenMP team for calls below "
+             "OPENMP_MAX_WORK) set per candidate; 'PyTorch "
              "on 1 thread': `torch.set_num_threads(1)` around the call (the others run on "
              f"{threads} threads). Produced by benchmarks/runtime_parallel_grain.py.\n",
              "| candidate | median ms | best ms | speed-up over dense (median, best) |", "|---|---|---|---|"]

@@ -117,13 +117,15 @@ def test_batch_minor_layout_matches_dense(backend, batch):
                                rtol=1e-4, atol=1e-3)
 
 
-def _child_result(queue, matrix, x):
-    # only the sparse kernel runs in the child: torch's own OpenMP ops can hang after a fork
-    queue.put(sparse_linear(x, matrix, threads=2).tolist())
+def _child_result(queue, matrix, inputs):
+    # only the sparse kernels run in the child: torch's own OpenMP ops can hang after a fork; a small call (which the
+    # parent ran on OpenMP) and a large one (the pool)
+    queue.put([sparse_linear(x, matrix, threads=2).tolist() for x in inputs])
 
 
 def test_thread_pool_is_correct_from_concurrent_callers_and_after_fork():
-    """The C kernels' own thread pool: callers in several Python threads at once, and a forked child."""
+    """The C kernels' threads (own pool, OpenMP team): callers in several Python threads at once, and a forked child
+    (which must not wait for the parent's OpenMP team: GNU libgomp is not fork-safe)."""
     import multiprocessing
     from concurrent.futures import ThreadPoolExecutor
 
@@ -131,18 +133,20 @@ def test_thread_pool_is_correct_from_concurrent_callers_and_after_fork():
     weight = torch.randn(512, 1024) * (torch.rand(512, 1024) > 0.8)
     matrix = PanelCSRMatrix.from_dense(weight)
     inputs = [torch.randn(batch, 1024) for batch in (1, 64, 1, 200, 64, 3, 1, 128)]
+    sparse_linear(inputs[0], matrix, threads=2)  # a small call: on PyTorch's OpenMP team before forking, if built so
     with ThreadPoolExecutor(4) as pool:
         outputs = list(pool.map(lambda x: sparse_linear(x, matrix, threads=2), inputs * 3))
     for x, y in zip(inputs * 3, outputs, strict=True):
         torch.testing.assert_close(y, F.linear(x, weight), rtol=1e-4, atol=1e-4)
     context = multiprocessing.get_context("fork")
     queue = context.Queue()
-    child = context.Process(target=_child_result, args=(queue, matrix, inputs[1]))
+    child = context.Process(target=_child_result, args=(queue, matrix, inputs[:2]))
     child.start()
-    result = torch.tensor(queue.get(timeout=60))
+    results = queue.get(timeout=60)
     child.join(timeout=60)
     assert child.exitcode == 0
-    torch.testing.assert_close(result, F.linear(inputs[1], weight), rtol=1e-4, atol=1e-4)
+    for x, result in zip(inputs[:2], results, strict=True):
+        torch.testing.assert_close(torch.tensor(result), F.linear(x, weight), rtol=1e-4, atol=1e-4)
 
 
 def test_a_deep_copied_matrix_computes_from_its_own_arrays():
@@ -155,3 +159,46 @@ def test_a_deep_copied_matrix_computes_from_its_own_arrays():
     clone = copy.deepcopy(matrix)
     matrix.values.zero_()  # the source changes; the copy must not follow it
     torch.testing.assert_close(sparse_linear(x, clone), F.linear(x, weight), rtol=1e-4, atol=1e-4)
+
+
+def test_small_calls_on_pytorchs_openmp_team_compute_what_the_pool_does():
+    """Where the library is built on PyTorch's libgomp, calls below OPENMP_MAX_WORK run on PyTorch's OpenMP team: the
+    same results as on the kernels' own pool, float32 and int8, batch 1 and batches around a vector."""
+    from sparsearch.kernels.cpu import get_backend
+
+    backend = get_backend("c")
+    weight = masked_weight(700, 1500, 0.9, seed=3, empty_row=True, dense_row=True)
+    matrices = (PanelCSRMatrix.from_dense(weight), PanelCSRMatrix.from_dense(weight).quantize(),
+                PanelCSRMatrix.from_dense(weight).quantize(activation_bits=8))
+    inputs = [torch.randn(batch, 1500, generator=torch.Generator().manual_seed(batch)) for batch in (1, 11, 33)]
+    results = {}
+    try:
+        for allowed in (True, False):
+            backend.allow_openmp(allowed)
+            results[allowed] = [sparse_linear(x, m, backend="c", threads=2) for m in matrices for x in inputs]
+    finally:
+        backend.allow_openmp(True)
+    for got, expected in zip(results[True], results[False], strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(results[True][1], F.linear(inputs[1], weight), rtol=1e-4, atol=1e-3)
+
+
+def test_openmp_is_built_only_on_pytorchs_own_libgomp():
+    """-fopenmp would otherwise bring a second OpenMP runtime, whose idle threads spin beside PyTorch's: in a fresh
+    process, loading the kernels and running a small call maps no OpenMP runtime that PyTorch had not loaded."""
+    import subprocess
+    import sys
+
+    script = (
+        "from pathlib import Path\nimport torch\n"
+        "from sparsearch.kernels import cpu\nfrom sparsearch.runtime import PanelCSRMatrix, sparse_linear\n"
+        "runtimes = lambda: {l.split()[-1] for l in Path('/proc/self/maps').read_text().splitlines() "
+        "if 'gomp' in l.split()[-1] or 'libomp' in l.split()[-1]}\n"
+        "before = runtimes()\nbackend = cpu.get_backend('c')\n"
+        "assert backend.openmp == cpu._shares_pytorch_libgomp(), backend.openmp\n"
+        "m = PanelCSRMatrix.from_dense(torch.randn(300, 300) * (torch.rand(300, 300) > 0.9))\n"
+        "sparse_linear(torch.randn(64, 300), m, threads=2)\n"
+        "assert runtimes() == before, (before, runtimes())\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr

@@ -1,14 +1,16 @@
 """CPU kernels for `PanelCSRMatrix` and the function `sparse_linear` that dispatches to them.
 
 Two backends compute the same thing:
-- "c": csrc/sparse_kernels.c (vectorised, own thread pool), compiled once with the system C compiler for this machine
-  (-O3 -march=native) and cached under $SPARSEARCH_CACHE (default ~/.cache/sparsearch, as for data); called
-  through ctypes on tensor data pointers, so no build step needs torch. Chosen by measurement: 1.1 to 2.4x faster
+- "c": csrc/sparse_kernels.c (vectorised; own thread pool, and PyTorch's OpenMP team for small calls), compiled once
+  with the system C compiler for this machine (-O3 -march=native, and -fopenmp where PyTorch's OpenMP runtime is GNU
+  libgomp: `_shares_pytorch_libgomp`) and cached under $SPARSEARCH_CACHE (default ~/.cache/sparsearch, as for data);
+  called through ctypes on tensor data pointers, so no build step needs torch. Chosen by measurement: 1.1 to 2.4x faster
   than the numba version of the same algorithm on 4096x4096 (benchmarks/results/runtime_kernels.md).
 - "numba": the same algorithm in numba, used when no C compiler is available.
 Set SPARSEARCH_KERNEL_BACKEND=c|numba to force one. Both use up to `torch.get_num_threads()` threads; the C
-kernels run each layer on their own thread pool (not OpenMP: see csrc/sparse_kernels.c for why) and on one
-thread when they measure that to be faster for that layer and batch size (a busy machine).
+kernels run calls below a millisecond or so on PyTorch's OpenMP team (already running between PyTorch's ops) and
+larger ones on their own thread pool (which copes with a busy machine: see csrc/sparse_kernels.c), and each layer
+on one thread when they measure that to be faster for that layer and batch size (a busy machine).
 """
 
 from __future__ import annotations
@@ -39,6 +41,13 @@ _BACKENDS = ("c", "numba")
 # dense model with this grain (its layers then run on one thread up to about 33 tokens) against 1.47x with 1 << 16,
 # which parallelised calls whose kernels alone were faster on two threads (benchmarks/runtime_parallel_grain.py).
 PARALLEL_GRAIN = 1 << 19
+# The same where the C library runs small calls on PyTorch's OpenMP team (`_CBackend.openmp`): its second thread is
+# already running, so a call pays for it from fewer multiply-adds on (MiniLM at 90%, one sentence, forced onto the team
+# with grains 2^13 to 2^17: 1.93x-2.10x the dense model against 1.72x-1.89x on the pool with 2^19, in the same runs;
+# benchmarks/runtime_parallel_grain.py compares them in the model). Calls of OPENMP_MAX_WORK or more use the pool
+# whatever the build (the constant of csrc/sparse_kernels.c).
+OPENMP_GRAIN = 1 << 16
+OPENMP_MAX_WORK = 1 << 22
 # int8 at batch 1 reads column bitmaps (a cost per 64 columns) instead of indices (a cost per non-zero) from this
 # density on. Measured on 4096x4096, one thread (bitmap int8 against the index loop, float32): 1.24x faster at 90%
 # sparsity, 0.81x at 95%, 0.98x at 97%: the bitmap's fixed cost per word wins only when words hold enough weights.
@@ -65,17 +74,32 @@ def _cache_dir() -> Path:
     return root / "kernels"
 
 
+def _shares_pytorch_libgomp() -> bool:
+    """Whether PyTorch's OpenMP runtime is GNU libgomp under its plain soname, already loaded: a library built with
+    -fopenmp then binds to that same runtime, so its parallel regions run on PyTorch's team. (Where a wheel bundles a
+    renamed copy, libgomp-<hash>.so.1, -fopenmp code would start a second team of spinning threads: not used there.)"""
+    maps = Path("/proc/self/maps")
+    if not maps.exists():
+        return False
+    names = {Path(line.split()[-1]).name for line in maps.read_text(errors="replace").splitlines() if "/" in line}
+    return "libgomp.so.1" in names and "parallel backend: OpenMP" in torch.__config__.parallel_info()
+
+
 def _compile_library() -> Path:
     """Compile the C kernels for this machine once; concurrent processes race safely via atomic rename."""
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         raise RuntimeError("no C compiler found (set CC or install gcc)")
     source = _SOURCE.read_bytes()
-    # extra flags after -march=native, e.g. "-mno-avx512f" to build (and test) the AVX2 or scalar code paths
+    # extra flags after -march=native, e.g. "-mno-avx512f" to build (and test) the AVX2 or scalar code paths, or
+    # "-fno-openmp" to keep every call on the kernels' own pool
     extra = os.environ.get("SPARSEARCH_KERNEL_CFLAGS", "").split()
-    flag_sets = (["-O3", "-march=native", *extra, "-pthread"], ["-O3", *extra, "-pthread"])
+    openmp = ["-fopenmp"] if _shares_pytorch_libgomp() else []
+    candidates = [["-O3", "-march=native", *openmp, *extra, "-pthread"], ["-O3", "-march=native", *extra, "-pthread"],
+                  ["-O3", *extra, "-pthread"]]
+    flag_sets = [flags for i, flags in enumerate(candidates) if flags not in candidates[:i]]
     key = hashlib.sha256(source + compiler.encode() + _cpu_fingerprint().encode()
-                         + " ".join(extra).encode()).hexdigest()[:16]
+                         + " ".join(openmp + extra).encode()).hexdigest()[:16]
     target = _cache_dir() / f"sparse_kernels_{key}.so"
     if target.exists():
         return target
@@ -109,7 +133,18 @@ class _CBackend:
             fn.restype = None
         lib.panel_csr_matvec_isa.restype = ctypes.c_char_p
         self.isa = lib.panel_csr_matvec_isa().decode()  # the vector code the batch-1 kernel was built with
+        lib.panel_csr_allow_openmp.argtypes = [c_int]
         self._lib = lib
+
+    @property
+    def openmp(self) -> bool:
+        """Whether small calls run on PyTorch's OpenMP team (built with -fopenmp, allowed, not in a forked child)."""
+        return bool(self._lib.panel_csr_uses_openmp())
+
+    def allow_openmp(self, allowed: bool) -> None:
+        """Let small calls use PyTorch's OpenMP team (True, the default) or keep every call on the kernels' own pool
+        (False): for comparing the two."""
+        self._lib.panel_csr_allow_openmp(int(allowed))
 
     def linear(self, m: PanelCSRMatrix, bias: torch.Tensor | None, x: torch.Tensor, batch: int, threads: int,
                out_shape: tuple[int, ...]) -> torch.Tensor:
@@ -151,7 +186,7 @@ class _CBackend:
         x_step, out_step = x.stride(0) * 4, out.stride(0) * 4  # bytes per image
         x_ptr, out_ptr = x.data_ptr(), out.data_ptr()
         bias_ptr = None if bias is None else bias.data_ptr()
-        threads = _threads_for(m.nnz * batch)
+        threads = _threads_for(m.nnz * batch, self)
         kernel, args = self._lib.panel_csr_linear, m.kernel_args
         for n in range(images):
             kernel(*args, bias_ptr, None, 0, x_ptr + n * x_step, ldx, batch, m.cols, out_ptr + n * out_step, None,
@@ -239,8 +274,10 @@ def get_backend(name: str | None = None) -> _CBackend | _NumbaBackend:
         return _NumbaBackend()
 
 
-def _threads_for(work: int) -> int:
-    return max(1, min(torch.get_num_threads(), work // PARALLEL_GRAIN))
+def _threads_for(work: int, kernels: object = None) -> int:
+    """Threads for a call of `work` multiply-adds on `kernels` (see PARALLEL_GRAIN and OPENMP_GRAIN)."""
+    openmp = work < OPENMP_MAX_WORK and getattr(kernels, "openmp", False)
+    return max(1, min(torch.get_num_threads(), work // (OPENMP_GRAIN if openmp else PARALLEL_GRAIN)))
 
 
 
@@ -271,7 +308,8 @@ def sparse_linear(x: torch.Tensor, matrix: PanelCSRMatrix, bias: torch.Tensor | 
     if threads is not None and (not isinstance(threads, int) or threads < 1):
         raise ValueError(f"threads must be a positive int or None, got {threads!r}")
     kernels = get_backend(backend)
-    threads = min(_threads_for(matrix.nnz * batch), threads) if threads else _threads_for(matrix.nnz * batch)
+    most = _threads_for(matrix.nnz * batch, kernels)
+    threads = min(most, threads) if threads else most
     if batch == 1:
         y = torch.empty(out_shape, dtype=torch.float32)
         kernels.matvec(matrix, bias, x if x.is_contiguous() else x.contiguous(), y, threads)
@@ -297,7 +335,7 @@ def sparse_matmul_t(matrix: PanelCSRMatrix, xt: torch.Tensor, bias: torch.Tensor
     if batch == 0 or matrix.rows == 0:
         return xt.new_zeros(matrix.rows, batch) + (0 if bias is None else bias[:, None])
     kernels = get_backend(backend)
-    threads = _threads_for(matrix.nnz * batch)
+    threads = _threads_for(matrix.nnz * batch, kernels)
     if batch == 1:  # a single column is a matrix-vector product: the memory-bound kernel is faster
         y = torch.empty(matrix.rows, dtype=torch.float32)
         kernels.matvec(matrix, bias, xt.detach()[:, 0].contiguous(), y, threads)

@@ -8,7 +8,8 @@
  * Batched kernel: works on transposed activations X^T (cols x batch, row stride ldx) and writes Y^T
  * (rows x batch, row stride ldy), so every non-zero w_ij becomes a broadcast FMA over a contiguous run of the
  * batch. 64 floats of the batch are kept in registers at a time. Threads take nnz-balanced row chunks from a
- * shared counter (see "Thread pool" below: why not OpenMP).
+ * shared counter, for small calls on PyTorch's OpenMP team and otherwise on the library's own pool (see "Thread pool"
+ * below).
  * When the kernel transposes the input itself, it stores X^T as batch tiles of 64 (tile t: cols x 64,
  * contiguous): with a plain cols x batch layout and batch > 64 the 256 bytes a tile reads from each 1 KB row
  * (batch 256) fall into a quarter of the L2 cache sets, and a panel's activations no longer stay in L2.
@@ -17,6 +18,9 @@
  */
 #include <pthread.h>
 #include <stdatomic.h>
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -36,8 +40,9 @@ typedef float vec16 __attribute__((vector_size(64), aligned(4)));
 
 
 /* ---- Thread pool ----------------------------------------------------------------------------------------
- * Why not OpenMP: on a CPU shared with other busy processes, an OpenMP parallel region ends with a barrier that
- * waits for every thread of the team, including one the OS has not scheduled at all during the region, and
+ * Why not OpenMP for every call (small calls do use it, see run_chunks): on a CPU shared with other busy processes,
+ * an OpenMP parallel region ends with a barrier that waits for every thread of the team, including one the OS has
+ * not scheduled at all during the region, and
  * its threads spin while they wait, taking the CPU from the thread being waited for. With one competing busy
  * process on 2 cores, that made the 4096x4096 kernel at batch 64 13x slower (dense F.linear: 2.4x slower).
  * Here the calling thread always works, helper threads join when the OS runs them and sleep (no spinning) when
@@ -79,18 +84,23 @@ static struct {
 } pool = {.lock = PTHREAD_MUTEX_INITIALIZER, .job = PTHREAD_MUTEX_INITIALIZER, .wake = PTHREAD_COND_INITIALIZER,
             .done = PTHREAD_COND_INITIALIZER};
 
-/* fork() copies only the calling thread: the child starts with no helpers and fresh locks. */
+/* fork() copies only the calling thread: the child starts with no helpers and fresh locks, and without OpenMP (GNU
+ * libgomp is not fork-safe: a region in the child waits for the parent's team forever). */
+static int openmp_usable = 1;
 static void before_fork(void) { pthread_mutex_lock(&pool.lock); }
 static void after_fork_parent(void) { pthread_mutex_unlock(&pool.lock); }
 static void after_fork_child(void) {
+    openmp_usable = 0;
     pthread_mutex_init(&pool.lock, NULL);
     pthread_mutex_init(&pool.job, NULL);
     pthread_cond_init(&pool.wake, NULL);
     pthread_cond_init(&pool.done, NULL);
     pool.helpers = 0;
 }
-static pthread_once_t fork_handlers_once = PTHREAD_ONCE_INIT;
-static void install_fork_handlers(void) { pthread_atfork(before_fork, after_fork_parent, after_fork_child); }
+/* at load, not at the pool's first use: a process whose layers only ever ran on OpenMP must still mark its child */
+__attribute__((constructor)) static void install_fork_handlers(void) {
+    pthread_atfork(before_fork, after_fork_parent, after_fork_child);
+}
 
 /* Claim and run chunks of the job whose claim word carries generation `gen`; returns when none are left. */
 static void work_on(uint64_t gen, int is_caller) {
@@ -133,7 +143,6 @@ static void run_parallel(chunk_fn fn, const void* ctx, int64_t chunks, int threa
         return;
     }
     if (threads - 1 > MAX_HELPERS) threads = MAX_HELPERS + 1;
-    pthread_once(&fork_handlers_once, install_fork_handlers);
     pthread_mutex_lock(&pool.lock);
     while (pool.helpers < threads - 1) {
         pthread_t thread;
@@ -159,6 +168,54 @@ static void run_parallel(chunk_fn fn, const void* ctx, int64_t chunks, int threa
         pthread_mutex_unlock(&pool.lock);
     }
     pthread_mutex_unlock(&pool.job);
+}
+
+/* ---- Small calls on PyTorch's OpenMP team -----------------------------------------------------------------
+ * Built with -fopenmp only where PyTorch's own libgomp is loaded under its plain soname (sparsearch/kernels/cpu.py),
+ * so the library binds to that runtime and its regions run on PyTorch's team, whose workers spin for a while after
+ * each of PyTorch's ops. Inside a model, a layer between two PyTorch ops then finds its second thread running, where
+ * the pool's helper must be woken (26 to 94 us median on the benchmark VM, a tenth of a small layer's call or more)
+ * and then shares a core with that spinning worker. A region ends with a barrier that waits for every thread of the
+ * team, started or not, which is what makes OpenMP slow next to a busy process (see the pool's comment): so only
+ * calls below OPENMP_MAX_WORK multiply-adds (a millisecond or so) use it, and for those the per-layer choice between
+ * one thread and two (below) still falls back to one thread when the machine is busy; larger calls, where a wake-up
+ * costs little, keep the pool. */
+#define OPENMP_MAX_WORK (1LL << 22)
+#if defined(_OPENMP)
+static void run_openmp(chunk_fn fn, const void* ctx, int64_t chunks, int threads) {
+    atomic_llong next = 0;
+#pragma omp parallel num_threads(threads)
+    for (;;) {
+        long long chunk = atomic_fetch_add(&next, 1);
+        if (chunk >= chunks) break;
+        fn(ctx, chunk, chunks);
+    }
+}
+#endif
+
+static int openmp_allowed = 1;
+/* 1 if small calls run on PyTorch's OpenMP team (built with -fopenmp, not in a forked child, allowed). */
+int panel_csr_uses_openmp(void) {
+#if defined(_OPENMP)
+    return openmp_usable && openmp_allowed;
+#else
+    return 0;
+#endif
+}
+/* Let small calls use PyTorch's OpenMP team (1, the default) or keep every call on the pool (0): for comparisons. */
+void panel_csr_allow_openmp(int allowed) { openmp_allowed = allowed != 0; }
+
+/* Run the chunks of a call of `work` multiply-adds: on OpenMP if it is small (see above), else on the pool. */
+static void run_chunks(chunk_fn fn, const void* ctx, int64_t chunks, int threads, double work) {
+#if defined(_OPENMP)
+    if (threads > 1 && chunks > 1 && work < (double)OPENMP_MAX_WORK && panel_csr_uses_openmp()) {
+        run_openmp(fn, ctx, chunks, threads);
+        return;
+    }
+#else
+    (void)work;
+#endif
+    run_parallel(fn, ctx, chunks, threads);
 }
 
 /* Rows [first, last) for chunk t of n so that each thread gets about the same number of non-zeros. */
@@ -793,14 +850,15 @@ void panel_csr_linear(int64_t rows, int64_t panels, int64_t panel_width, const i
     threads = choose_threads(values, batch, threads, &slot);
     double start = now_ns();
     int64_t chunks = threads > 1 ? (int64_t)threads * CHUNKS_PER_THREAD : 1;
+    double work = (double)row_nnz_prefix[rows] * (double)batch;
     if (a.tiled) {
         /* a small input is transposed by the caller alone: waking the pool costs more than the copy */
         int64_t col_blocks = (ncols + 31) / 32, elements = ncols * batch;
-        run_parallel(transpose_chunk, &a, col_blocks < chunks ? col_blocks : chunks,
-                     elements < SERIAL_TRANSPOSE_ELEMENTS ? 1 : threads);
+        run_chunks(transpose_chunk, &a, col_blocks < chunks ? col_blocks : chunks,
+                   elements < SERIAL_TRANSPOSE_ELEMENTS ? 1 : threads, work);
     }
-    run_parallel(linear_chunk, &a, chunks, threads);
-    record_time(slot, values, batch, threads > 1, now_ns() - start, (double)row_nnz_prefix[rows] * (double)batch);
+    run_chunks(linear_chunk, &a, chunks, threads, work);
+    record_time(slot, values, batch, threads > 1, now_ns() - start, work);
 }
 
 /* ---- Gradient of the stored values (training through the kernels) ---------------------------------------
@@ -934,7 +992,7 @@ void panel_csr_matvec(int64_t rows, int64_t panels, int64_t panel_width, const i
     (void)ncols;
     (void)activation_bits;
 #endif
-    run_parallel(fn, &a, threads > 1 ? (int64_t)threads * CHUNKS_PER_THREAD : 1, threads);
+    run_chunks(fn, &a, threads > 1 ? (int64_t)threads * CHUNKS_PER_THREAD : 1, threads, (double)row_nnz_prefix[rows]);
     free(xq);
     record_time(slot, values, 1, threads > 1, now_ns() - start, (double)row_nnz_prefix[rows]);
 }
