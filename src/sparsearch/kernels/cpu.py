@@ -42,10 +42,10 @@ _BACKENDS = ("c", "numba")
 # which parallelised calls whose kernels alone were faster on two threads (benchmarks/runtime_parallel_grain.py).
 PARALLEL_GRAIN = 1 << 19
 # The same where the C library runs small calls on PyTorch's OpenMP team (`_CBackend.openmp`): its second thread is
-# already running, so a call pays for it from fewer multiply-adds on (MiniLM at 90%, one sentence, forced onto the team
-# with grains 2^13 to 2^17: 1.93x-2.10x the dense model against 1.72x-1.89x on the pool with 2^19, in the same runs;
-# benchmarks/runtime_parallel_grain.py compares them in the model). Calls of OPENMP_MAX_WORK or more use the pool
-# whatever the build (the constant of csrc/sparse_kernels.c).
+# already running, so a call pays for it from fewer multiply-adds on. MiniLM at 90%, one sentence per call
+# (benchmarks/runtime_parallel_grain.py, two runs): 1.89x and 1.88x the dense model with the team and 2^16, 1.81x and
+# 1.88x with the team and 2^19, 1.77x and 1.77x on the pool with 2^19 (the default before), 1.81x and 1.79x on one
+# thread. Calls of OPENMP_MAX_WORK or more use the pool whatever the build (the constant of csrc/sparse_kernels.c).
 OPENMP_GRAIN = 1 << 16
 OPENMP_MAX_WORK = 1 << 22
 # int8 at batch 1 reads column bitmaps (a cost per 64 columns) instead of indices (a cost per non-zero) from this
