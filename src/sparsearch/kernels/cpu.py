@@ -8,9 +8,10 @@ Two backends compute the same thing:
   than the numba version of the same algorithm on 4096x4096 (benchmarks/results/runtime_kernels.md).
 - "numba": the same algorithm in numba, used when no C compiler is available.
 Set SPARSEARCH_KERNEL_BACKEND=c|numba to force one. Both use up to `torch.get_num_threads()` threads; the C
-kernels run calls below a millisecond or so on PyTorch's OpenMP team (already running between PyTorch's ops) and
-larger ones on their own thread pool (which copes with a busy machine: see csrc/sparse_kernels.c), and each layer
-on one thread when they measure that to be faster for that layer and batch size (a busy machine).
+kernels run calls below a millisecond or so on PyTorch's OpenMP team where they share its libgomp (that team is
+already running between PyTorch's ops) and other calls on their own thread pool (which copes with a busy machine:
+see csrc/sparse_kernels.c), and each layer on one thread when they measure that to be faster for that layer and batch
+size (a busy machine).
 """
 
 from __future__ import annotations

@@ -29,6 +29,13 @@ INT8_SCALES = "segment"  # what one int8 scale covers; recorded in files (storag
 ACTIVATION_BITS = (16, 8)
 
 
+def check_activation_bits(bits: object, is_int8: bool = True) -> None:
+    """Raise ValueError unless `bits` is one of ACTIVATION_BITS (int8 values) or 16 (float32 values)."""
+    if bits not in ACTIVATION_BITS or (bits != 16 and not is_int8):
+        raise ValueError(f"activation_bits must be one of {ACTIVATION_BITS} for int8 values and 16 for float32 "
+                         f"values, got {bits!r} ({'int8' if is_int8 else 'float32'})")
+
+
 def default_panel_width(cols: int) -> int:
     """Panel width for a layer with `cols` input features: one panel up to 1024 columns, else balanced panels."""
     if cols <= DEFAULT_MAX_PANEL_WIDTH:
@@ -101,8 +108,7 @@ class PanelCSRMatrix:
         inference, faster (one dot-product instruction per 64 columns instead of two) at the cost of an input error up
         to 1/254 of the input's largest |value|, which an input with outlier features feels most. Batches of several
         rows compute with float32 inputs either way."""
-        if activation_bits not in ACTIVATION_BITS:
-            raise ValueError(f"activation_bits must be one of {ACTIVATION_BITS}, got {activation_bits!r}")
+        check_activation_bits(activation_bits)
         if self.is_int8:
             return self if self.activation_bits == activation_bits else replace(self, activation_bits=activation_bits)
         segments = self._segment_of_entry
@@ -276,9 +282,7 @@ class PanelCSRMatrix:
                                  f"{self.scales.dtype} {tuple(self.scales.shape)}")
             if not bool(torch.isfinite(self.scales).all()):
                 raise ValueError("scales must be finite")
-        if self.activation_bits not in ACTIVATION_BITS or (self.activation_bits != 16 and not self.is_int8):
-            raise ValueError(f"activation_bits must be one of {ACTIVATION_BITS} for int8 values and 16 for float32 "
-                             f"values, got {self.activation_bits!r} ({'int8' if self.is_int8 else 'float32'})")
+        check_activation_bits(self.activation_bits, self.is_int8)
         counts = self.segment_nnz.to(torch.int64)
         panel_widths = torch.clamp(cols - torch.arange(panels) * self.panel_width, max=self.panel_width)
         if bool((counts > panel_widths[:, None]).any()):

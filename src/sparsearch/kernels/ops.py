@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from sparsearch.kernels.cpu import sparse_linear
-from sparsearch.kernels.format import ACTIVATION_BITS, PanelCSRMatrix
+from sparsearch.kernels.format import PanelCSRMatrix, check_activation_bits
 
 # Defined with torch.library.Library rather than the @custom_op decorator: the decorator's wrapper (an autograd
 # kernel that checks every input for requires_grad, then redispatches) cost 42 us a call against 14 us for the
@@ -47,9 +47,7 @@ def _panel_csr_linear_cpu(x: torch.Tensor, values: torch.Tensor, col_indices: to
     _check_layout(values, col_indices, segment_nnz, segment_ptr, row_nnz_prefix, rows, cols, panel_width)
     # the arrays' contents are not validated per call (SparseLinear's buffers are, when the layer is built); the
     # checks above are the cheap ones that keep the kernels inside the arrays they are given
-    if activation_bits not in ACTIVATION_BITS or (activation_bits != 16 and scales is None):
-        raise ValueError(f"activation_bits must be one of {ACTIVATION_BITS} for int8 values and 16 for float32 "
-                         f"values, got {activation_bits!r}")
+    check_activation_bits(activation_bits, scales is not None)
     matrix = PanelCSRMatrix((rows, cols), panel_width, values, col_indices, segment_nnz, segment_ptr,
                             row_nnz_prefix, scales, activation_bits)
     if bitmap is not None and segment_sums is not None:  # derived once by the layer, not per call

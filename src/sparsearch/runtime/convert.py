@@ -39,7 +39,7 @@ from torch import nn
 
 from sparsearch.engine.replaceable import reason_to_keep_dense, replace_module, shared_parameters
 from sparsearch.kernels.cpu import get_backend, sparse_linear
-from sparsearch.kernels.format import ACTIVATION_BITS, PanelCSRMatrix
+from sparsearch.kernels.format import ACTIVATION_BITS, PanelCSRMatrix, check_activation_bits
 from sparsearch.kernels.modules import SparseLinear, linear_like
 from sparsearch.runtime.conv import SparseConv1d, SparseConv2d, sparse_conv_for
 from sparsearch.runtime.storage import compact_state, write_sparse_file
@@ -537,8 +537,7 @@ def to_int8(model: nn.Module, activation_bits: int = 16) -> nn.Module:
     """A copy of a converted model whose `SparseLinear` layers hold int8 values with a scale per segment (the same
     layers, without re-timing them: for comparing int8 with float32 on the same decisions); `activation_bits`: see
     `PanelCSRMatrix.quantize`."""
-    if activation_bits not in ACTIVATION_BITS:
-        raise ValueError(f"activation_bits must be one of {ACTIVATION_BITS}, got {activation_bits!r}")
+    check_activation_bits(activation_bits)
     quantized = copy.deepcopy(model)
     for name, module in list(quantized.named_modules()):
         if isinstance(module, SparseLinear):
