@@ -18,9 +18,6 @@
  */
 #include <pthread.h>
 #include <stdatomic.h>
-#if defined(_OPENMP)
-#include <omp.h>
-#endif
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -42,9 +39,9 @@ typedef float vec16 __attribute__((vector_size(64), aligned(4)));
 /* ---- Thread pool ----------------------------------------------------------------------------------------
  * Why not OpenMP for every call (small calls do use it, see run_chunks): on a CPU shared with other busy processes,
  * an OpenMP parallel region ends with a barrier that waits for every thread of the team, including one the OS has
- * not scheduled at all during the region, and
- * its threads spin while they wait, taking the CPU from the thread being waited for. With one competing busy
- * process on 2 cores, that made the 4096x4096 kernel at batch 64 13x slower (dense F.linear: 2.4x slower).
+ * not scheduled at all during the region, and its threads spin while they wait, taking the CPU from the thread being
+ * waited for. With one competing busy process on 2 cores, that made the 4096x4096 kernel at batch 64 13x slower
+ * (dense F.linear: 2.4x slower).
  * Here the calling thread always works, helper threads join when the OS runs them and sleep (no spinning) when
  * there is no work, and the caller waits only for chunks a helper has actually started, never for a helper
  * that has not shown up. Chunks are claimed from one atomic word that also holds the job's generation, so a
