@@ -562,8 +562,8 @@ typedef struct {
     const uint64_t* bitmap;  /* matvec: per-segment column bitmaps, or NULL */
     const int32_t* segment_sums;  /* matvec with bitmap: per segment (row-major), the sum of its q, see
                                    * PanelCSRMatrix.segment_sums */
-    const uint8_t *xq_hi, *xq_lo;  /* matvec, int8 with bitmap: x quantised (see quantise_x16, and quantise_x8,
-                                    * which leaves xq_lo NULL), x_scale per unit */
+    const uint8_t *xq_hi, *xq_lo;  /* matvec, int8 with bitmap: x quantised (see quantise_input; 8 bits
+                                    * leave xq_lo NULL), x_scale per unit */
     float x_scale;
     int64_t ldy;  /* row stride of yt: batch, or the padded batch when the kernel transposes x itself */
     int tiled;    /* X^T is the kernel's own padded, tiled copy of x */
@@ -673,7 +673,6 @@ static void matvec_chunk(const void* ctx, int64_t chunk, int64_t chunks) {
  * is made exact in int64 and scaled once. */
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VBMI2__) && defined(__AVX512VNNI__)
 #define MATVEC_BITMAP 1
-#define X16_MAX 32767.0f
 
 /* Word w of the segment: its n non-zeros (a load of 64 values, masked to n at the end of the array, then the
  * register form of vpexpandb: the memory form measured slower here) into their column lanes, times x's high and
@@ -688,29 +687,25 @@ static void matvec_chunk(const void* ctx, int64_t chunk, int64_t chunks) {
  * benchmarks/runtime_int8.py 1.42x, 1.57x and 1.83x in three runs against 1.65x, 1.65x and 1.59x without: within
  * this machine's spread, so not kept. 256-bit expands and dot products (two per word, in case the 512-bit ones lowered
  * the clock of both cores): 1.18x-1.45x against 1.69x-2.02x for this code, one and two threads, same harness. */
+static inline ALWAYS_INLINE __m512i expand_word(uint64_t mask, const int8_t** q, const int8_t* q_end) {
+    int n = __builtin_popcountll(mask);
+    __m512i q8 = _mm512_maskz_expand_epi8(mask, *q + 64 <= q_end ? _mm512_loadu_si512(*q)
+                                                                : _mm512_maskz_loadu_epi8(_bzhi_u64(~0ULL, n), *q));
+    *q += n;
+    return q8;
+}
 #define BITMAP_WORD(w, acc_hi, acc_lo)                                                                         \
     do {                                                                                                       \
-        uint64_t m_ = bits[w];                                                                                 \
-        int n_ = __builtin_popcountll(m_);                                                                     \
-        __m512i q8_ = _mm512_maskz_expand_epi8(m_, q + 64 <= q_end ? _mm512_loadu_si512(q)                    \
-                                                       : _mm512_maskz_loadu_epi8(_bzhi_u64(~0ULL, n_), q));     \
+        __m512i q8_ = expand_word(bits[w], &q, q_end);                                                         \
         acc_hi = _mm512_dpbusd_epi32(acc_hi, _mm512_loadu_si512(hi + 64 * (w)), q8_);                          \
         acc_lo = _mm512_dpbusd_epi32(acc_lo, _mm512_loadu_si512(lo + 64 * (w)), q8_);                          \
-        q += n_;                                                                                               \
     } while (0)
 
-/* With 8-bit activations (x quantised to one byte, offset 128; see quantise_x8): one vpdpbusd per word instead of
+/* With 8-bit activations (x quantised to one byte, offset 128; see quantise_input): one vpdpbusd per word instead of
  * two, and one load of x less. Four sets of accumulators, as one product per word would otherwise wait on vpdpbusd's
  * latency. The same bound holds: a segment's products sum to at most 65535 * 255 * 127 < 2^31 in magnitude. */
-#define BITMAP_WORD8(w, acc)                                                                                   \
-    do {                                                                                                       \
-        uint64_t m_ = bits[w];                                                                                 \
-        int n_ = __builtin_popcountll(m_);                                                                     \
-        __m512i q8_ = _mm512_maskz_expand_epi8(m_, q + 64 <= q_end ? _mm512_loadu_si512(q)                    \
-                                                       : _mm512_maskz_loadu_epi8(_bzhi_u64(~0ULL, n_), q));     \
-        acc = _mm512_dpbusd_epi32(acc, _mm512_loadu_si512(xb + 64 * (w)), q8_);                                \
-        q += n_;                                                                                               \
-    } while (0)
+#define BITMAP_WORD8(w, acc) \
+    (acc = _mm512_dpbusd_epi32(acc, _mm512_loadu_si512(xb + 64 * (w)), expand_word(bits[w], &q, q_end)))
 
 static inline ALWAYS_INLINE int64_t segment_dot8(const uint64_t* bits, const int8_t* q, const int8_t* q_end,
                                                  const uint8_t* xb, int64_t words) {
@@ -764,47 +759,32 @@ static void matvec_chunk_bitmap(const void* ctx, int64_t chunk, int64_t chunks) 
     }
 }
 
-/* x as int16 x16 = round(x / scale) with one scale per call, stored as the high and low bytes of x16 + 32768 (both
- * unsigned, as vpdpbusd wants), in panels padded to whole 64-column words. Returns the scale, or 0 if x is not
+/* x as xq = round(x / scale), |xq| <= 2^(bits-1) - 1, with one scale per call, stored unsigned as vpdpbusd wants, in
+ * panels padded to whole 64-column words: for 16 bits, the high and low bytes of xq + 32768 in hi and lo; for 8 bits
+ * (the dynamic per-input activations of "W8A8" int8 inference), xq + 128 in hi. Returns the scale, or 0 if x is not
  * finite (the caller then uses the CSR kernel, which propagates inf and NaN as float arithmetic does). */
-static float quantise_x16(const float* x, int64_t ncols, int64_t panels, int64_t panel_width, uint8_t* hi,
-                          uint8_t* lo) {
+static float quantise_input(const float* x, int64_t ncols, int64_t panels, int64_t panel_width, int bits, uint8_t* hi,
+                            uint8_t* lo) {
+    const long most = bits == 8 ? 127 : 32767;
     float top = 0.0f;
     for (int64_t j = 0; j < ncols; j++) {
         float v = x[j] < 0 ? -x[j] : x[j];
         if (!(v <= 3.0e38f)) return 0.0f;  /* inf or NaN */
         top = v > top ? v : top;
     }
-    float scale = top > 0 ? top / X16_MAX : 1.0f, inverse = 1.0f / scale;
+    float scale = top > 0 ? top / (float)most : 1.0f, inverse = 1.0f / scale;
     int64_t padded = (panel_width + 63) / 64 * 64;
     for (int64_t p = 0; p < panels; p++)
         for (int64_t j = 0; j < padded; j++) {
             int64_t c = p * panel_width + j;
             long v = (j < panel_width && c < ncols) ? __builtin_lrintf(x[c] * inverse) : 0;
-            v = (v > 32767 ? 32767 : v < -32767 ? -32767 : v) + 32768;
-            hi[p * padded + j] = (uint8_t)(v >> 8);
-            lo[p * padded + j] = (uint8_t)(v & 255);
-        }
-    return scale;
-}
-
-/* x as x8 = round(x / scale), |x8| <= 127, with one scale per call, stored as x8 + 128 (unsigned, as vpdpbusd
- * wants), in panels padded to whole 64-column words: the dynamic per-input 8-bit activations of "W8A8" int8
- * inference. Returns the scale, or 0 if x is not finite. */
-static float quantise_x8(const float* x, int64_t ncols, int64_t panels, int64_t panel_width, uint8_t* xb) {
-    float top = 0.0f;
-    for (int64_t j = 0; j < ncols; j++) {
-        float v = x[j] < 0 ? -x[j] : x[j];
-        if (!(v <= 3.0e38f)) return 0.0f;  /* inf or NaN */
-        top = v > top ? v : top;
-    }
-    float scale = top > 0 ? top / 127.0f : 1.0f, inverse = 1.0f / scale;
-    int64_t padded = (panel_width + 63) / 64 * 64;
-    for (int64_t p = 0; p < panels; p++)
-        for (int64_t j = 0; j < padded; j++) {
-            int64_t c = p * panel_width + j;
-            long v = (j < panel_width && c < ncols) ? __builtin_lrintf(x[c] * inverse) : 0;
-            xb[p * padded + j] = (uint8_t)((v > 127 ? 127 : v < -127 ? -127 : v) + 128);
+            v = (v > most ? most : v < -most ? -most : v) + most + 1;
+            if (bits == 8) {
+                hi[p * padded + j] = (uint8_t)v;
+            } else {
+                hi[p * padded + j] = (uint8_t)(v >> 8);
+                lo[p * padded + j] = (uint8_t)(v & 255);
+            }
         }
     return scale;
 }
@@ -974,8 +954,8 @@ void panel_csr_matvec(int64_t rows, int64_t panels, int64_t panel_width, const i
         size_t padded = (size_t)(panels * ((panel_width + 63) / 64) * 64);
         int eight = activation_bits == 8;
         xq = aligned_alloc(64, (eight ? 1 : 2) * padded);
-        if (xq && (a.x_scale = eight ? quantise_x8(x, ncols, panels, panel_width, xq)
-                                     : quantise_x16(x, ncols, panels, panel_width, xq, xq + padded)) > 0) {
+        if (xq && (a.x_scale = quantise_input(x, ncols, panels, panel_width, eight ? 8 : 16, xq,
+                                              eight ? NULL : xq + padded)) > 0) {
             a.xq_hi = xq;
             a.xq_lo = eight ? NULL : xq + padded;
             a.bitmap = bitmap;
