@@ -50,7 +50,7 @@ def main() -> None:
 
         def call(name: str, net: torch.nn.Module, grain: int = defaults[0], torch_threads: int = threads,
                  team: bool = False) -> None:
-            kernels.PARALLEL_GRAIN = kernels.OPENMP_GRAIN = grain
+            kernels.set_grains(grain, grain)
             if openmp:
                 backend.allow_openmp(team)
             turns[name] = (turns.get(name, -1) + 1) % len(inputs)
@@ -73,7 +73,7 @@ def main() -> None:
         try:
             medians, best = interleaved_times(candidates, min_rounds=40, max_rounds=2000, budget_s=args.budget)
         finally:
-            kernels.PARALLEL_GRAIN, kernels.OPENMP_GRAIN = defaults
+            kernels.set_grains(*defaults)
             if openmp:
                 backend.allow_openmp(True)
     rows = [{"candidate": name, "median_ms": medians[name] * 1e3, "best_ms": best[name] * 1e3,

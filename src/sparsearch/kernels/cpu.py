@@ -119,6 +119,15 @@ def _compile_library() -> Path:
     raise RuntimeError("compiling the sparse kernels failed:\n" + "\n".join(errors))
 
 
+class _SparseLayer(ctypes.Structure):
+    """`sparse_layer` of csrc/sparse_kernels.c: a matrix's sizes and array addresses, passed as one pointer."""
+
+    _fields_ = [("rows", ctypes.c_int64), ("panels", ctypes.c_int64), ("panel_width", ctypes.c_int64),
+                ("cols", ctypes.c_int64), ("seg_ptr", ctypes.c_void_p), ("row_nnz_prefix", ctypes.c_void_p),
+                ("col_indices", ctypes.c_void_p), ("values", ctypes.c_void_p), ("scales", ctypes.c_void_p),
+                ("bitmap", ctypes.c_void_p), ("segment_sums", ctypes.c_void_p), ("activation_bits", ctypes.c_int64)]
+
+
 class _CBackend:
     name = "c"
 
@@ -135,6 +144,11 @@ class _CBackend:
         lib.panel_csr_matvec_isa.restype = ctypes.c_char_p
         self.isa = lib.panel_csr_matvec_isa().decode()  # the vector code the batch-1 kernel was built with
         lib.panel_csr_allow_openmp.argtypes = [c_int]
+        lib.sparse_layer_forward.argtypes = [ptr, ptr, ptr, i64, ptr, c_int]
+        lib.sparse_layer_forward.restype = None
+        lib.panel_csr_set_grains.argtypes = [i64, i64]
+        lib.panel_csr_set_grains.restype = None
+        lib.panel_csr_set_grains(PARALLEL_GRAIN, OPENMP_GRAIN)
         self._lib = lib
 
     @property
@@ -146,6 +160,32 @@ class _CBackend:
         """Let small calls use PyTorch's OpenMP team (True, the default) or keep every call on the kernels' own pool
         (False): for comparing the two."""
         self._lib.panel_csr_allow_openmp(int(allowed))
+
+    def _layer(self, m: PanelCSRMatrix) -> int:
+        """Address of m's `sparse_layer` descriptor (csrc/sparse_kernels.c), built on first use and kept with m
+        (whose arrays it points into; a matrix never changes its arrays, a copy or unpickled one builds its own)."""
+        cached = m.__dict__.get("_c_layer")
+        if cached is None:
+            bitmap = self.isa == "avx512-vnni-bitmap" and uses_bitmap(m)
+            layer = _SparseLayer(*m.kernel_args[:3], m.cols, *m.kernel_args[3:8],
+                                 m.bitmap.data_ptr() if bitmap else None,
+                                 m.segment_sums.data_ptr() if bitmap else None, m.activation_bits)
+            cached = m.__dict__["_c_layer"] = (layer, ctypes.addressof(layer))
+        return cached[1]
+
+    def forward(self, m: PanelCSRMatrix, bias: torch.Tensor | None, x: torch.Tensor, batch: int, max_threads: int,
+                out_shape: tuple[int, ...]) -> torch.Tensor:
+        """y (out_shape, contiguous) = x W^T + b for x holding `batch` rows of m.cols floats, any strides; the
+        library picks up to max_threads threads (see _threads_for)."""
+        if not x.is_contiguous():
+            if batch > 1:
+                return self.linear(m, bias, x, batch, min(_threads_for(m.nnz * batch, self), max_threads), out_shape)
+            x = x.contiguous()
+        # one pointer for the matrix, the thread rule in C: the fewest conversions ctypes makes per call
+        y = torch.empty(out_shape, dtype=torch.float32)
+        self._lib.sparse_layer_forward(self._layer(m), None if bias is None else bias.data_ptr(), x.data_ptr(), batch,
+                                       y.data_ptr(), max_threads)
+        return y
 
     def linear(self, m: PanelCSRMatrix, bias: torch.Tensor | None, x: torch.Tensor, batch: int, threads: int,
                out_shape: tuple[int, ...]) -> torch.Tensor:
@@ -226,6 +266,15 @@ class _NumbaBackend:
         numba.set_num_threads(count)
         return count
 
+    def forward(self, m: PanelCSRMatrix, bias: torch.Tensor | None, x: torch.Tensor, batch: int, max_threads: int,
+                out_shape: tuple[int, ...]) -> torch.Tensor:
+        threads = min(_threads_for(m.nnz * batch, self), max_threads)
+        if batch > 1:
+            return self.linear(m, bias, x, batch, threads, out_shape)
+        y = torch.empty(out_shape, dtype=torch.float32)
+        self.matvec(m, bias, x if x.is_contiguous() else x.contiguous(), y, threads)
+        return y
+
     def linear(self, m: PanelCSRMatrix, bias: torch.Tensor | None, x: torch.Tensor, batch: int, threads: int,
                out_shape: tuple[int, ...]) -> torch.Tensor:
         xt = x.reshape(batch, m.cols).t().contiguous()
@@ -276,9 +325,25 @@ def get_backend(name: str | None = None) -> _CBackend | _NumbaBackend:
 
 
 def _threads_for(work: int, kernels: object = None) -> int:
-    """Threads for a call of `work` multiply-adds on `kernels` (see PARALLEL_GRAIN and OPENMP_GRAIN)."""
+    """Threads for a call of `work` multiply-adds on `kernels` (see PARALLEL_GRAIN and OPENMP_GRAIN; the C
+    library's sparse_layer_forward applies the same rule itself)."""
     openmp = work < OPENMP_MAX_WORK and getattr(kernels, "openmp", False)
     return max(1, min(torch.get_num_threads(), work // (OPENMP_GRAIN if openmp else PARALLEL_GRAIN)))
+
+
+def set_grains(parallel: int, openmp: int) -> None:
+    """Set PARALLEL_GRAIN and OPENMP_GRAIN (multiply-adds per extra thread) for every backend, the C library's
+    included: for experiments such as benchmarks/runtime_parallel_grain.py."""
+    for name, value in (("parallel", parallel), ("openmp", openmp)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} grain must be a positive int (multiply-adds per extra thread), got {value!r}")
+    global PARALLEL_GRAIN, OPENMP_GRAIN
+    PARALLEL_GRAIN, OPENMP_GRAIN = parallel, openmp
+    try:
+        library = get_backend("c")._lib  # one library per process: every _CBackend shares its settings
+    except (RuntimeError, OSError):  # no C compiler: the numba backend reads the constants above
+        return
+    library.panel_csr_set_grains(parallel, openmp)
 
 
 
@@ -308,14 +373,8 @@ def sparse_linear(x: torch.Tensor, matrix: PanelCSRMatrix, bias: torch.Tensor | 
         return x.new_zeros(out_shape) + (0 if bias is None else bias)
     if threads is not None and (not isinstance(threads, int) or threads < 1):
         raise ValueError(f"threads must be a positive int or None, got {threads!r}")
-    kernels = get_backend(backend)
-    most = _threads_for(matrix.nnz * batch, kernels)
-    threads = min(most, threads) if threads else most
-    if batch == 1:
-        y = torch.empty(out_shape, dtype=torch.float32)
-        kernels.matvec(matrix, bias, x if x.is_contiguous() else x.contiguous(), y, threads)
-        return y
-    return kernels.linear(matrix, bias, x, batch, threads, out_shape)
+    most = torch.get_num_threads()
+    return get_backend(backend).forward(matrix, bias, x, batch, min(most, threads) if threads else most, out_shape)
 
 
 def sparse_matmul_t(matrix: PanelCSRMatrix, xt: torch.Tensor, bias: torch.Tensor | None = None,

@@ -765,27 +765,42 @@ static void matvec_chunk_bitmap(const void* ctx, int64_t chunk, int64_t chunks) 
  * finite (the caller then uses the CSR kernel, which propagates inf and NaN as float arithmetic does). */
 static float quantise_input(const float* x, int64_t ncols, int64_t panels, int64_t panel_width, int bits, uint8_t* hi,
                             uint8_t* lo) {
-    const long most = bits == 8 ? 127 : 32767;
-    float top = 0.0f;
-    for (int64_t j = 0; j < ncols; j++) {
-        float v = x[j] < 0 ? -x[j] : x[j];
-        if (!(v <= 3.0e38f)) return 0.0f;  /* inf or NaN */
-        top = v > top ? v : top;
+    /* 16 columns at a time (AVX-512 is there wherever this kernel is): the scalar loop called lrintf once per
+     * column, 19 us a call at 4096 columns against 0.75 us now (best of 2000, same inputs, same bytes out), about 3%
+     * of the 4096x4096 int8 product at 90% sparsity */
+    const int most = bits == 8 ? 127 : 32767;
+    const __m512 huge = _mm512_set1_ps(3.0e38f);
+    __m512 top16 = _mm512_setzero_ps();
+    __mmask16 bad = 0;
+    for (int64_t j = 0; j < ncols; j += 16) {
+        __mmask16 live = ncols - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (ncols - j)) - 1);
+        __m512 v = _mm512_abs_ps(_mm512_maskz_loadu_ps(live, x + j));
+        bad |= _mm512_cmp_ps_mask(v, huge, _CMP_NLE_UQ);  /* inf or NaN */
+        top16 = _mm512_max_ps(top16, v);
     }
+    if (bad) return 0.0f;
+    float top = _mm512_reduce_max_ps(top16);
     float scale = top > 0 ? top / (float)most : 1.0f, inverse = 1.0f / scale;
+    const __m512 inv = _mm512_set1_ps(inverse);
+    const __m512i lowest = _mm512_set1_epi32(-most), highest = _mm512_set1_epi32(most);
+    const __m512i offset = _mm512_set1_epi32(most + 1), low_byte = _mm512_set1_epi32(255);
     int64_t padded = (panel_width + 63) / 64 * 64;
-    for (int64_t p = 0; p < panels; p++)
-        for (int64_t j = 0; j < padded; j++) {
-            int64_t c = p * panel_width + j;
-            long v = (j < panel_width && c < ncols) ? __builtin_lrintf(x[c] * inverse) : 0;
-            v = (v > most ? most : v < -most ? -most : v) + most + 1;
+    for (int64_t p = 0; p < panels; p++) {
+        int64_t valid = ncols - p * panel_width < panel_width ? ncols - p * panel_width : panel_width;
+        for (int64_t j = 0; j < padded; j += 16) {
+            int64_t left = valid - j;
+            __mmask16 live = left >= 16 ? (__mmask16)0xFFFF : left > 0 ? (__mmask16)((1u << left) - 1) : 0;
+            /* rounds to nearest even, as lrintf does in the default rounding mode */
+            __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(live, x + p * panel_width + j), inv));
+            v = _mm512_add_epi32(_mm512_min_epi32(_mm512_max_epi32(v, lowest), highest), offset);
             if (bits == 8) {
-                hi[p * padded + j] = (uint8_t)v;
+                _mm_storeu_si128((__m128i*)(hi + p * padded + j), _mm512_cvtepi32_epi8(v));
             } else {
-                hi[p * padded + j] = (uint8_t)(v >> 8);
-                lo[p * padded + j] = (uint8_t)(v & 255);
+                _mm_storeu_si128((__m128i*)(hi + p * padded + j), _mm512_cvtepi32_epi8(_mm512_srli_epi32(v, 8)));
+                _mm_storeu_si128((__m128i*)(lo + p * padded + j), _mm512_cvtepi32_epi8(_mm512_and_si512(v, low_byte)));
             }
         }
+    }
     return scale;
 }
 #endif
@@ -972,4 +987,44 @@ void panel_csr_matvec(int64_t rows, int64_t panels, int64_t panel_width, const i
     run_chunks(fn, &a, threads > 1 ? (int64_t)threads * CHUNKS_PER_THREAD : 1, threads, (double)row_nnz_prefix[rows]);
     free(xq);
     record_time(slot, values, 1, threads > 1, now_ns() - start, (double)row_nnz_prefix[rows]);
+}
+
+/* ---- One call per layer ------------------------------------------------------------------------------------
+ * A layer as the kernels read it, filled once per matrix by the Python side, so that a forward call passes one
+ * pointer instead of the matrix's eleven sizes and arrays: ctypes converts every argument of every call (18 arguments
+ * cost 6.0 us a call against 2.5 us for 6, empty C functions, median of 5000 calls on the benchmark machine), and a
+ * transformer at one sentence makes dozens of such calls. The number of threads is chosen here too, by the rule of
+ * sparsearch.kernels.cpu._threads_for with the grains it pushes (set_grains). */
+typedef struct {
+    int64_t rows, panels, panel_width, cols;
+    const int64_t *seg_ptr, *row_nnz_prefix;
+    const uint16_t* col_indices;
+    const void* values;
+    const float* scales;            /* int8 values: one scale per segment; else NULL */
+    const uint64_t* bitmap;         /* int8 batch-1 bitmap kernel (with segment_sums), or NULL */
+    const int32_t* segment_sums;
+    int64_t activation_bits;
+} sparse_layer;
+
+static int64_t parallel_grain = 1 << 19, openmp_grain = 1 << 16;
+void panel_csr_set_grains(int64_t parallel, int64_t openmp) {
+    parallel_grain = parallel > 0 ? parallel : 1;
+    openmp_grain = openmp > 0 ? openmp : 1;
+}
+
+/* y (batch x rows, contiguous) = x W^T + bias for x holding `batch` contiguous rows of m->cols floats, on at most
+ * max_threads threads. */
+void sparse_layer_forward(const sparse_layer* m, const float* bias, const float* x, int64_t batch, float* y,
+                          int max_threads) {
+    int64_t work = m->row_nnz_prefix[m->rows] * batch;
+    int64_t grain = work < OPENMP_MAX_WORK && panel_csr_uses_openmp() ? openmp_grain : parallel_grain;
+    int64_t threads = work / grain;
+    threads = threads < 1 ? 1 : threads < max_threads ? threads : max_threads;
+    if (batch == 1)
+        panel_csr_matvec(m->rows, m->panels, m->panel_width, m->seg_ptr, m->row_nnz_prefix, m->col_indices, m->values,
+                         m->scales, bias, x, y, (int)threads, m->bitmap, m->segment_sums, m->cols,
+                         (int)m->activation_bits);
+    else
+        panel_csr_linear(m->rows, m->panels, m->panel_width, m->seg_ptr, m->row_nnz_prefix, m->col_indices, m->values,
+                         m->scales, bias, x, m->cols, NULL, 0, batch, m->cols, NULL, y, (int)threads);
 }
