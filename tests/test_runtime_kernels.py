@@ -204,3 +204,47 @@ def test_openmp_is_built_only_on_pytorchs_own_libgomp():
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
+
+
+def test_the_c_library_applies_the_python_thread_rule_at_any_grain():
+    """sparse_layer_forward picks its threads in C from the grains set_grains pushes: the same count as _threads_for
+    for every work size around the grains and OPENMP_MAX_WORK, and the same results at extreme grains."""
+    from sparsearch.kernels import cpu
+
+    backend = cpu.get_backend("c")
+    defaults = cpu.PARALLEL_GRAIN, cpu.OPENMP_GRAIN
+    weight = masked_weight(300, 700, 0.9, seed=5, empty_row=True, dense_row=True)
+    matrices = (PanelCSRMatrix.from_dense(weight), PanelCSRMatrix.from_dense(weight).quantize(activation_bits=8))
+    inputs = [torch.randn(batch, 700, generator=torch.Generator().manual_seed(batch)) for batch in (1, 9)]
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for grains in ((1 << 16, 1 << 12), (1, 1), (1 << 40, 1 << 40), defaults):
+            cpu.set_grains(*grains)
+            for most in (1, 2, 3):
+                torch.set_num_threads(most)
+                for work in (0, 1, 4095, 4096, 65535, 65536, 1 << 19, cpu.OPENMP_MAX_WORK - 1, cpu.OPENMP_MAX_WORK,
+                             1 << 30):
+                    assert backend._lib.panel_csr_threads_for(work, most) == cpu._threads_for(work, backend), \
+                        (grains, most, work)
+            torch.set_num_threads(threads)
+            results.append([sparse_linear(x, m, backend="c") for m in matrices for x in inputs])
+    finally:
+        torch.set_num_threads(threads)
+        cpu.set_grains(*defaults)
+    for run in results[1:]:
+        for got, expected in zip(run, results[0], strict=True):
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(results[0][1], F.linear(inputs[1], weight), rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5, True, "64"])
+def test_set_grains_refuses_what_is_not_a_positive_int(bad):
+    from sparsearch.kernels import cpu
+
+    before = cpu.PARALLEL_GRAIN, cpu.OPENMP_GRAIN
+    with pytest.raises(ValueError, match=f"parallel grain must be a positive int.*got {bad!r}"):
+        cpu.set_grains(bad, 1 << 16)
+    with pytest.raises(ValueError, match=f"openmp grain must be a positive int.*got {bad!r}"):
+        cpu.set_grains(1 << 19, bad)
+    assert (cpu.PARALLEL_GRAIN, cpu.OPENMP_GRAIN) == before

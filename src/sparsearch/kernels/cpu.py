@@ -148,6 +148,8 @@ class _CBackend:
         lib.sparse_layer_forward.restype = None
         lib.panel_csr_set_grains.argtypes = [i64, i64]
         lib.panel_csr_set_grains.restype = None
+        lib.panel_csr_threads_for.argtypes = [i64, c_int]
+        lib.panel_csr_threads_for.restype = c_int
         lib.panel_csr_set_grains(PARALLEL_GRAIN, OPENMP_GRAIN)
         self._lib = lib
 

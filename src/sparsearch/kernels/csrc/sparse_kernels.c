@@ -1012,19 +1012,23 @@ void panel_csr_set_grains(int64_t parallel, int64_t openmp) {
     openmp_grain = openmp > 0 ? openmp : 1;
 }
 
+/* Threads for a call of `work` multiply-adds, at most max_threads (tests compare it with the Python rule). */
+int panel_csr_threads_for(int64_t work, int max_threads) {
+    int64_t grain = work < OPENMP_MAX_WORK && panel_csr_uses_openmp() ? openmp_grain : parallel_grain;
+    int64_t threads = work / grain;
+    return threads < 1 ? 1 : threads < max_threads ? (int)threads : max_threads;
+}
+
 /* y (batch x rows, contiguous) = x W^T + bias for x holding `batch` contiguous rows of m->cols floats, on at most
  * max_threads threads. */
 void sparse_layer_forward(const sparse_layer* m, const float* bias, const float* x, int64_t batch, float* y,
                           int max_threads) {
-    int64_t work = m->row_nnz_prefix[m->rows] * batch;
-    int64_t grain = work < OPENMP_MAX_WORK && panel_csr_uses_openmp() ? openmp_grain : parallel_grain;
-    int64_t threads = work / grain;
-    threads = threads < 1 ? 1 : threads < max_threads ? threads : max_threads;
+    int threads = panel_csr_threads_for(m->row_nnz_prefix[m->rows] * batch, max_threads);
     if (batch == 1)
         panel_csr_matvec(m->rows, m->panels, m->panel_width, m->seg_ptr, m->row_nnz_prefix, m->col_indices, m->values,
-                         m->scales, bias, x, y, (int)threads, m->bitmap, m->segment_sums, m->cols,
+                         m->scales, bias, x, y, threads, m->bitmap, m->segment_sums, m->cols,
                          (int)m->activation_bits);
     else
         panel_csr_linear(m->rows, m->panels, m->panel_width, m->seg_ptr, m->row_nnz_prefix, m->col_indices, m->values,
-                         m->scales, bias, x, m->cols, NULL, 0, batch, m->cols, NULL, y, (int)threads);
+                         m->scales, bias, x, m->cols, NULL, 0, batch, m->cols, NULL, y, threads);
 }
