@@ -172,7 +172,8 @@ class _CBackend:
             layer = _SparseLayer(*m.kernel_args[:3], m.cols, *m.kernel_args[3:8],
                                  m.bitmap.data_ptr() if bitmap else None,
                                  m.segment_sums.data_ptr() if bitmap else None, m.activation_bits)
-            cached = m.__dict__["_c_layer"] = (layer, ctypes.addressof(layer))
+            # setdefault: threads building it at once all use the one stored, which m keeps alive
+            cached = m.__dict__.setdefault("_c_layer", (layer, ctypes.addressof(layer)))
         return cached[1]
 
     def forward(self, m: PanelCSRMatrix, bias: torch.Tensor | None, x: torch.Tensor, batch: int, max_threads: int,
@@ -346,7 +347,6 @@ def set_grains(parallel: int, openmp: int) -> None:
     except (RuntimeError, OSError):  # no C compiler: the numba backend reads the constants above
         return
     library.panel_csr_set_grains(parallel, openmp)
-
 
 
 def sparse_linear(x: torch.Tensor, matrix: PanelCSRMatrix, bias: torch.Tensor | None = None,
