@@ -13,7 +13,8 @@ median and the range:
    runtime_int8.py: int8 sparse with 16- and 8-bit inputs against float32 sparse, and the smallest output cosine of
    each to float32 sparse over 32 Gaussian rows (target: >= 1.8x with cosine >= 0.99).
 
-Run: python benchmarks/runtime_targets.py [--runs 5] [--budget 15] (about 1.5 minutes a run on 2 cores)
+Run: python benchmarks/runtime_targets.py [--runs 5] [--budget 15] [--threads 2] (about a minute a run on 2 cores;
+--threads other than 2, for both models and the kernels, writes runtime_targets_<n>thread.md)
 """
 
 from __future__ import annotations
@@ -162,7 +163,8 @@ def main() -> None:
     info = machine()
     info["torch_threads"] = args.threads
     payload = {"machine": info, "runs": runs, "targets": targets(runs)}
-    write_results("runtime_targets", payload, to_markdown(payload))
+    write_results("runtime_targets" + ("" if args.threads == 2 else f"_{args.threads}thread"), payload,
+                  to_markdown(payload))
     print(to_markdown(payload))
 
 
