@@ -136,10 +136,8 @@ class _CBackend:
         i64, ptr, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
         lib.panel_csr_linear.argtypes = [i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, ptr, i64, i64, i64,
                                          ptr, ptr, c_int]
-        lib.panel_csr_matvec.argtypes = [i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, c_int, ptr, ptr,
-                                         i64, c_int]
         lib.panel_csr_sddmm.argtypes = [i64, i64, i64, ptr, ptr, ptr, ptr, i64, ptr, i64, i64, i64, ptr, c_int]
-        for fn in (lib.panel_csr_linear, lib.panel_csr_matvec, lib.panel_csr_sddmm):
+        for fn in (lib.panel_csr_linear, lib.panel_csr_sddmm):
             fn.restype = None
         lib.panel_csr_matvec_isa.restype = ctypes.c_char_p
         self.isa = lib.panel_csr_matvec_isa().decode()  # the vector code the batch-1 kernel was built with
@@ -235,15 +233,6 @@ class _CBackend:
         for n in range(images):
             kernel(*args, bias_ptr, None, 0, x_ptr + n * x_step, ldx, batch, m.cols, out_ptr + n * out_step, None,
                    threads)
-
-    def matvec(self, m: PanelCSRMatrix, bias: torch.Tensor | None, x: torch.Tensor, y: torch.Tensor,
-               threads: int) -> None:
-        use_bitmap = self.isa == "avx512-vnni-bitmap" and uses_bitmap(m)
-        bitmap = m.bitmap.data_ptr() if use_bitmap else None
-        segment_sums = m.segment_sums.data_ptr() if use_bitmap else None
-        self._lib.panel_csr_matvec(
-            *m.kernel_args, None if bias is None else bias.data_ptr(),
-            x.data_ptr(), y.data_ptr(), threads, bitmap, segment_sums, m.cols, m.activation_bits)
 
     def sddmm(self, m: PanelCSRMatrix, x: torch.Tensor, g: torch.Tensor, threads: int) -> torch.Tensor:
         """For every stored non-zero (i, j), in storage order: sum over the rows b of g[b, i] x[b, j] (x: [batch,
@@ -397,14 +386,11 @@ def sparse_matmul_t(matrix: PanelCSRMatrix, xt: torch.Tensor, bias: torch.Tensor
     if batch == 0 or matrix.rows == 0:
         return xt.new_zeros(matrix.rows, batch) + (0 if bias is None else bias[:, None])
     kernels = get_backend(backend)
-    threads = _threads_for(matrix.nnz * batch, kernels)
     if batch == 1:  # a single column is a matrix-vector product: the memory-bound kernel is faster
-        y = torch.empty(matrix.rows, dtype=torch.float32)
-        kernels.matvec(matrix, bias, xt.detach()[:, 0].contiguous(), y, threads)
-        return y[:, None]
+        return kernels.forward(matrix, bias, xt.detach()[:, 0], 1, torch.get_num_threads(), (matrix.rows, 1))
     if xt.stride(1) != 1:
         xt = xt.contiguous()
-    return kernels.matmul_t(matrix, bias, xt.detach(), threads)
+    return kernels.matmul_t(matrix, bias, xt.detach(), _threads_for(matrix.nnz * batch, kernels))
 
 
 def sparse_linear_values_grad(x: torch.Tensor, grad_output: torch.Tensor, matrix: PanelCSRMatrix,
