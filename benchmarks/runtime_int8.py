@@ -16,10 +16,12 @@
    output head), and whether int8's greedy tokens are float32's.
 4. The trained 4-layer GPT-2 of `oneshot_train_gpt.py` (benchmarks/out/oneshot_gpt), when present: held-out
    perplexity of float32 sparse and int8 sparse at 90%.
-Each int8 point also runs with 8-bit inputs (`quantize(activation_bits=8)`, W8A8: the batch-1 kernel's one-row
-inputs quantised to 8 bits instead of 16); since only one-row calls use them, their accuracy is measured with every
-sparse layer fed one row at a time (`one_row_at_a_time`): MiniLM's embeddings and the trained GPT-2's perplexity on
-real activations, and the 4096x4096 layer's outputs on inputs with and without outlier features.
+'int8 sparse' here has 16-bit inputs (`quantize(16)`: the batch-1 kernel's one-row inputs quantised to 16 bits), and
+each int8 point also runs with 8-bit inputs (`quantize(activation_bits=8)`, W8A8); since only one-row calls use
+them, their accuracy is measured with every sparse layer fed one row at a time (`one_row_at_a_time`): MiniLM's
+embeddings and the trained GPT-2's perplexity on real activations, and the 4096x4096 layer's outputs on inputs with
+and without outlier features, also for the default `quantize()` ("auto": 8 or 16 bits chosen per input; its speed
+is in runtime_targets.py).
 Run: python benchmarks/runtime_int8.py [--threads N] (about 4 minutes on 2 quiet cores)
 """
 
@@ -84,7 +86,7 @@ def bytes_read(matrix: PanelCSRMatrix) -> int:
 def layer_points(budget: float) -> list[dict]:
     weight, bias = weight_at(0.9), torch.randn(4096)
     fp32 = PanelCSRMatrix.from_dense(weight)
-    int8, int8_a8 = fp32.quantize(), fp32.quantize(activation_bits=8)
+    int8, int8_a8 = fp32.quantize(16), fp32.quantize(activation_bits=8)
     linear = torch.nn.Linear(4096, 4096)
     with torch.no_grad():
         linear.weight.copy_(weight)
@@ -125,7 +127,7 @@ def layer_accuracy() -> dict:
     result = {}
     for name, inputs in (("gaussian", plain), ("outliers", outliers)):
         reference = torch.cat([sparse_linear(row[None], fp32, bias) for row in inputs])
-        for bits in (16, 8):
+        for bits in (16, 8, "auto"):
             matrix = fp32.quantize(activation_bits=bits)
             got = torch.cat([sparse_linear(row[None], matrix, bias) for row in inputs])
             result[f"{name}_a{bits}"] = float(F.cosine_similarity(got, reference, dim=1).min())
@@ -141,7 +143,7 @@ def batch_1_cost(budget: float) -> list[dict]:
         weight = torch.randn(size, size, generator=generator)
         weight *= torch.rand(size, size, generator=generator) >= 0.9
         fp32 = PanelCSRMatrix.from_dense(weight)
-        int8, int8_a8 = fp32.quantize(), fp32.quantize(activation_bits=8)
+        int8, int8_a8 = fp32.quantize(16), fp32.quantize(activation_bits=8)
         x = torch.randn(1, size)
         load = [round(v, 2) for v in os.getloadavg()]
         med, best = interleaved_times({"dense": lambda x=x, w=weight: F.linear(x, w),
@@ -181,7 +183,7 @@ def minilm(budget: float) -> dict:
     singles = [tokenizer([t], return_tensors="pt") for t in texts[64:72]]
     pruned = pruned_copy(model, {"sparsity": 0.9}, tokenizer.vocab_size)
     fp32, _, report = convert_transformers(pruned, tokenizer=tokenizer, batch_sizes=(16,), repeats=3)
-    int8 = to_int8(fp32)
+    int8 = to_int8(fp32, activation_bits=16)
     dynamic = torch.ao.quantization.quantize_dynamic(pruned, {torch.nn.Linear}, dtype=torch.qint8)
     reference, dense_reference = embeddings(fp32, batches), embeddings(pruned, batches)
     cosine = {"int8_sparse_vs_fp32_sparse": float((embeddings(int8, batches) * reference).sum(-1).mean()),
@@ -189,7 +191,7 @@ def minilm(budget: float) -> dict:
               "dynamic_int8_vs_dense": float((embeddings(dynamic, batches) * dense_reference).sum(-1).mean())}
     with one_row_at_a_time():  # the batch-1 kernels' input quantisation, on MiniLM's real activations
         row_reference = embeddings(fp32, batches)
-        for bits in (16, 8):
+        for bits in (16, 8, "auto"):
             rows = embeddings(to_int8(fp32, activation_bits=bits), batches)
             cosine[f"one_row_int8_a{bits}_vs_fp32_sparse"] = float((rows * row_reference).sum(-1).min())
     # each model takes the sentences in the same order (a turn counter per model: with one shared counter, four
@@ -213,7 +215,7 @@ def decoder(budget: float) -> dict:
     pruned = pruned_copy(decoder_model(), {"sparsity": 0.9}, VOCAB)
     prompt = torch.randint(0, VOCAB, (1, 8), generator=torch.Generator().manual_seed(1))
     fp32 = all_sparse(pruned, {"input_ids": prompt})
-    int8, int8_a8 = to_int8(fp32), to_int8(fp32, activation_bits=8)
+    int8, int8_a8 = to_int8(fp32, activation_bits=16), to_int8(fp32, activation_bits=8)
     dynamic = torch.ao.quantization.quantize_dynamic(pruned, {torch.nn.Linear}, dtype=torch.qint8)
     models = {"dense": pruned, "fp32_sparse": fp32, "int8_sparse": int8, "int8_sparse_a8": int8_a8,
               "dynamic_int8_dense": dynamic}
@@ -244,9 +246,9 @@ def gpt_perplexity() -> dict | None:
     pruned = pruned_copy(model, {"sparsity": 0.9}, tokenizer.vocab_size)
     fp32, _, _ = convert_transformers(pruned, tokenizer=tokenizer, batch_sizes=(16,), repeats=1, min_speedup=1e-9)
     result = {"dense_pruned": perplexity(pruned, evaluation), "fp32_sparse": perplexity(fp32, evaluation),
-              "int8_sparse": perplexity(to_int8(fp32), evaluation)}
+              "int8_sparse": perplexity(to_int8(fp32, activation_bits=16), evaluation)}
     with one_row_at_a_time():  # every token through the batch-1 kernels, as generation runs them
-        for bits in (16, 8):
+        for bits in (16, 8, "auto"):
             result[f"one_row_int8_a{bits}"] = perplexity(to_int8(fp32, activation_bits=bits), evaluation)
     return result
 
@@ -325,15 +327,19 @@ def to_markdown(payload: dict) -> str:
         lines.append(f"dense (pruned) {gpt['dense_pruned']:.3f}, float32 sparse {gpt['fp32_sparse']:.3f}, "
                      f"int8 sparse {gpt['int8_sparse']:.3f}; every token through the batch-1 kernels (one row at "
                      f"a time): int8 {gpt['one_row_int8_a16']:.3f}, int8 with 8-bit inputs "
-                     f"{gpt['one_row_int8_a8']:.3f}.")
+                     f"{gpt['one_row_int8_a8']:.3f}, int8 with 8 or 16 bits chosen per input (the default) "
+                     f"{gpt['one_row_int8_aauto']:.3f}.")
     acc = payload["layer_accuracy"]
     lines += ["", "## Accuracy of the batch-1 kernels' input quantisation\n",
               "Smallest output cosine to float32 sparse over 32 one-row inputs, the 4096x4096 layer at 90%: "
-              f"Gaussian inputs: int8 {acc['gaussian_a16']:.6f}, int8 with 8-bit inputs {acc['gaussian_a8']:.6f}; "
-              f"inputs with 1% outlier features 20x larger: int8 {acc['outliers_a16']:.6f}, with 8-bit inputs "
-              f"{acc['outliers_a8']:.6f}. MiniLM, every sparse layer fed one row at a time, smallest embedding "
-              f"cosine to float32 sparse over 64 sentences: int8 {m['cosine']['one_row_int8_a16_vs_fp32_sparse']:.5f}, "
-              f"with 8-bit inputs {m['cosine']['one_row_int8_a8_vs_fp32_sparse']:.5f}."]
+              f"Gaussian inputs: int8 {acc['gaussian_a16']:.6f}, int8 with 8-bit inputs {acc['gaussian_a8']:.6f}, "
+              f"8 or 16 bits chosen per input (the default) {acc['gaussian_aauto']:.6f}; inputs with 1% outlier "
+              f"features 20x larger: int8 {acc['outliers_a16']:.6f}, with 8-bit inputs {acc['outliers_a8']:.6f}, "
+              f"chosen per input {acc['outliers_aauto']:.6f}. MiniLM, every sparse layer fed one row at a time, "
+              f"smallest embedding cosine to float32 sparse over 64 sentences: int8 "
+              f"{m['cosine']['one_row_int8_a16_vs_fp32_sparse']:.5f}, with 8-bit inputs "
+              f"{m['cosine']['one_row_int8_a8_vs_fp32_sparse']:.5f}, chosen per input "
+              f"{m['cosine']['one_row_int8_aauto_vs_fp32_sparse']:.5f}."]
     cost = {r["size"]: r for r in payload["batch_1_cost"]}
     if cost:
         small, large = cost[min(cost)], cost[max(cost)]

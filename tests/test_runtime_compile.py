@@ -33,16 +33,19 @@ def attention_model_with_sparse_mlp() -> tuple[nn.Module, nn.Module]:
     return model, sparse
 
 
-def test_an_exported_int8_layer_keeps_its_8_bit_activations():
-    """activation_bits is an argument of the operator: an exported one-row call computes as the eager layer does."""
+@pytest.mark.parametrize(("activation_bits", "code"), [(8, 8), (16, 16), ("auto", 0)])
+def test_an_exported_int8_layer_keeps_its_activation_bits(activation_bits, code):
+    """activation_bits is an argument of the operator ("auto" as 0): an exported one-row call computes as the eager
+    layer does."""
     torch.manual_seed(0)
     weight = torch.randn(64, 300) * (torch.rand(64, 300) < 0.1)
-    layer = SparseLinear(PanelCSRMatrix.from_dense(weight).quantize(activation_bits=8))
+    layer = SparseLinear(PanelCSRMatrix.from_dense(weight).quantize(activation_bits=activation_bits))
     x = torch.randn(1, 300)
     with torch.no_grad():
         exported = torch.export.export(layer, (x,))
         nodes = [node for node in exported.graph.nodes if node.target is torch.ops.sparsearch.panel_csr_linear.default]
-        assert [node.args[-1] for node in nodes] == [8]
+        # the 14th argument; left out of the graph where it is the schema's default (16)
+        assert [node.args[13] if len(node.args) > 13 else 16 for node in nodes] == [code]
         torch.testing.assert_close(exported.module()(x), layer(x), rtol=0, atol=0)
 
 

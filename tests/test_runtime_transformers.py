@@ -156,8 +156,10 @@ def test_cli_int8_with_8_bit_activations_round_trips_and_refuses_other_bits(tmp_
     with torch.no_grad():
         step = loaded(ids[:, :1]).logits  # one token: the batch-1 kernel with 8-bit inputs
         torch.testing.assert_close(step, model(ids[:, :1]).logits, rtol=0, atol=5e-2)
-    for args, message in ((["--int8", "--int8-activation-bits", "4"], "int8_activation_bits must be one of (16, 8)"),
-                          (["--int8-activation-bits", "8"], "other than 16 only with int8=True")):
+    for args, message in ((["--int8", "--int8-activation-bits", "4"],
+                           "int8_activation_bits must be one of ('auto', 16, 8)"),
+                          (["--int8", "--int8-activation-bits", "eight"], "got 'eight'"),
+                          (["--int8-activation-bits", "16"], "other than 'auto' only with int8=True")):
         result = CliRunner().invoke(app, ["convert", str(source), "-o", str(tmp_path / "never"), *args])
         assert result.exit_code == 2 and message in result.output, result.output
         assert not (tmp_path / "never").exists()

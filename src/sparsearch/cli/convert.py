@@ -37,9 +37,10 @@ def convert_command(
     max_density: Annotated[float, typer.Option(help="Layers denser than this stay dense without timing.")] = 0.7,
     int8: Annotated[bool, typer.Option("--int8", help="Sparse values as int8 with a scale per segment (a row "
                                                       "within a column panel; transformers directories).")] = False,
-    int8_activation_bits: Annotated[int, typer.Option(
-        help="With --int8: bits of each one-row input (a decoder's generation step) in the int8 kernel: 16, or 8 "
-             "(W8A8: faster, less exact).")] = 16,
+    int8_activation_bits: Annotated[str, typer.Option(
+        help="With --int8: bits of each one-row input (a decoder's generation step) in the int8 kernel: auto (8 "
+             "unless that moves the input by more than 2% of its norm, then 16), 8 (W8A8: fastest, least exact) "
+             "or 16.")] = "auto",
 ) -> None:
     """Make a pruned model run on sparse kernels where they are measured faster on this CPU.
 
@@ -48,15 +49,16 @@ def convert_command(
     outputs checked against the original."""
     with user_errors():
         sizes = _batch_sizes(batch_sizes)
+        bits = int(int8_activation_bits) if int8_activation_bits.isdigit() else int8_activation_bits
         if model_file.is_dir():
             check_output_dir(out)
             with console.status(f"timing dense vs sparse layers of {model_file}"):
                 model, tokenizer, report = convert_transformers(model_file, batch_sizes=sizes, min_speedup=min_speedup,
                                                                 max_density=max_density, int8=int8,
-                                                                int8_activation_bits=int8_activation_bits)
+                                                                int8_activation_bits=bits)
             size = save_transformers(model, out, source_dir=model_file, tokenizer=tokenizer, report=report)
         else:
-            if int8 or int8_activation_bits != 16:
+            if int8 or bits != "auto":
                 raise ValueError("--int8 is for transformers model directories; a state dict file has no model "
                                  "to check the int8 outputs against")
             with console.status(f"timing dense vs sparse layers of {model_file}"):

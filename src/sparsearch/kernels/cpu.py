@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sparsearch.kernels.format import PanelCSRMatrix
+from sparsearch.kernels.format import PanelCSRMatrix, activation_bits_code
 
 _SOURCE = Path(__file__).with_name("csrc") / "sparse_kernels.c"
 _BACKENDS = ("c", "numba")
@@ -169,7 +169,8 @@ class _CBackend:
             bitmap = self.isa == "avx512-vnni-bitmap" and uses_bitmap(m)
             layer = _SparseLayer(*m.kernel_args[:3], m.cols, *m.kernel_args[3:8],
                                  m.bitmap.data_ptr() if bitmap else None,
-                                 m.segment_sums.data_ptr() if bitmap else None, m.activation_bits)
+                                 m.segment_sums.data_ptr() if bitmap else None,
+                                 activation_bits_code(m.activation_bits))
             # setdefault: threads building it at once all use the one stored, which m keeps alive
             cached = m.__dict__.setdefault("_c_layer", (layer, ctypes.addressof(layer)))
         return cached[1]

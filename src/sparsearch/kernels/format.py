@@ -24,16 +24,27 @@ import torch
 DEFAULT_MAX_PANEL_WIDTH = 1024
 MAX_PANEL_WIDTH = 65535
 INT8_SCALES = "segment"  # what one int8 scale covers; recorded in files (storage.py)
-# Input precision of the int8 batch-1 kernel: 16 (the default, exact to 1/65534 of the input's largest |value|) or 8
-# (dynamic 8-bit activations as in "W8A8" int8 inference: one dot-product instruction per 64 columns instead of two)
-ACTIVATION_BITS = (16, 8)
+# Input precision of the int8 batch-1 kernel: 16 (exact to 1/65534 of the input's largest |value|), 8 (dynamic 8-bit
+# activations as in "W8A8" int8 inference: one dot-product instruction per 64 columns instead of two), or "auto" (the
+# default): 8 for an input that rounding to 8 bits moves by at most 2% of its norm, else 16 (see `quantize`)
+ACTIVATION_BITS = ("auto", 16, 8)
 
 
 def check_activation_bits(bits: object, is_int8: bool = True) -> None:
     """Raise ValueError unless `bits` is one of ACTIVATION_BITS (int8 values) or 16 (float32 values)."""
-    if bits not in ACTIVATION_BITS or (bits != 16 and not is_int8):
+    if isinstance(bits, bool) or bits not in ACTIVATION_BITS or (bits != 16 and not is_int8):
         raise ValueError(f"activation_bits must be one of {ACTIVATION_BITS} for int8 values and 16 for float32 "
                          f"values, got {bits!r} ({'int8' if is_int8 else 'float32'})")
+
+
+def activation_bits_code(bits: int | str) -> int:
+    """`bits` as the C kernels and the `panel_csr_linear` operator take it: 16, 8, or 0 for "auto"."""
+    return 0 if bits == "auto" else int(bits)
+
+
+def activation_bits_from_code(code: int) -> int | str:
+    """The inverse of `activation_bits_code`."""
+    return "auto" if code == 0 else code
 
 
 def default_panel_width(cols: int) -> int:
@@ -60,7 +71,7 @@ class PanelCSRMatrix:
     segment_ptr: torch.Tensor  # int64 [panels * rows + 1]
     row_nnz_prefix: torch.Tensor  # int64 [rows + 1]
     scales: torch.Tensor | None = None  # float32 [panels, rows] (one per segment) when values are int8
-    activation_bits: int = 16  # int8 only: see ACTIVATION_BITS and `quantize`
+    activation_bits: int | str = 16  # int8 only: see ACTIVATION_BITS and `quantize`
 
     def __reduce__(self) -> tuple:
         # copied and pickled (torch.save of a whole model) as its stored arrays, rebuilt on the other side: the
@@ -100,14 +111,16 @@ class PanelCSRMatrix:
         rows = max(self.rows, 1)
         return segment % rows, (segment // rows) * self.panel_width + self.col_indices.to(torch.int64)
 
-    def quantize(self, activation_bits: int = 16) -> PanelCSRMatrix:
+    def quantize(self, activation_bits: int | str = "auto") -> PanelCSRMatrix:
         """This matrix with int8 values and a float32 scale per segment (symmetric, largest |weight| -> 127).
 
         `activation_bits`: how the batch-1 kernel (one input row per call, e.g. a decoder's generation steps)
-        quantises each input, with one scale per call: 16 (default) or 8, the dynamic int8 activations of W8A8
-        inference, faster (one dot-product instruction per 64 columns instead of two) at the cost of an input error up
-        to 1/254 of the input's largest |value|, which an input with outlier features feels most. Batches of several
-        rows compute with float32 inputs either way."""
+        quantises each input, with one scale per call: 16; 8, the dynamic int8 activations of W8A8 inference, faster
+        (one dot-product instruction per 64 columns instead of two) at the cost of an input error up to 1/254 of the
+        input's largest |value|, which an input with outlier features feels most; or "auto" (default): 8 bits for an
+        input whose 8-bit rounding moves it by at most 2% of its norm (Gaussian inputs lose about 1%), 16 for one
+        with outliers, decided per call from the input alone (one pass over it). Batches of several rows compute
+        with float32 inputs either way."""
         check_activation_bits(activation_bits)
         if self.is_int8:
             return self if self.activation_bits == activation_bits else replace(self, activation_bits=activation_bits)
@@ -244,7 +257,7 @@ class PanelCSRMatrix:
     @classmethod
     def from_arrays(cls, shape: tuple[int, int], panel_width: int, values: torch.Tensor,
                     col_indices: torch.Tensor, segment_nnz: torch.Tensor,
-                    scales: torch.Tensor | None = None, activation_bits: int = 16) -> PanelCSRMatrix:
+                    scales: torch.Tensor | None = None, activation_bits: int | str = 16) -> PanelCSRMatrix:
         """Assemble from the stored arrays and derive the offsets; call `validate` on untrusted input."""
         counts = segment_nnz.to(torch.int64)
         segment_ptr = torch.zeros(counts.numel() + 1, dtype=torch.int64)

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from sparsearch.kernels.cpu import sparse_linear, sparse_linear_values_grad, uses_bitmap
-from sparsearch.kernels.format import PanelCSRMatrix
+from sparsearch.kernels.format import PanelCSRMatrix, activation_bits_code
 from sparsearch.kernels.ops import panel_csr_linear
 
 
@@ -144,7 +144,7 @@ class SparseLinear(nn.Module):
         return panel_csr_linear(x, values, buffers["col_indices"], buffers["segment_nnz"], matrix.segment_ptr,
                                 matrix.row_nnz_prefix, buffers["scales"], matrix.bitmap if bitmap else None,
                                 matrix.segment_sums if bitmap else None, bias, matrix.rows, matrix.cols,
-                                matrix.panel_width, matrix.activation_bits)
+                                matrix.panel_width, activation_bits_code(matrix.activation_bits))
 
     def to_dense_linear(self) -> nn.Linear:
         """The equivalent dense `nn.Linear` (for comparisons and for exporting to tools without sparse support)."""
@@ -158,7 +158,12 @@ class SparseLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, nnz={self.nnz}, "
                 f"density={self._matrix.density:.3f}, bias={self.bias is not None}"
-                + (f", int8 (batch-1 inputs in {self._matrix.activation_bits} bits)" if self._matrix.is_int8 else ""))
+                + (f", int8 (batch-1 inputs in {_input_bits(self._matrix.activation_bits)})" if self._matrix.is_int8
+                   else ""))
+
+
+def _input_bits(activation_bits: int | str) -> str:
+    return "8 or 16 bits, chosen per input" if activation_bits == "auto" else f"{activation_bits} bits"
 
 
 def linear_like(module: nn.Module) -> tuple[str, torch.Tensor, torch.Tensor | None] | None:

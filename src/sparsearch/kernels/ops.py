@@ -7,6 +7,7 @@ compiled graph, so the code between the layers (attention, norms, activations) i
 go through it: the dispatcher's way back into Python costs about 14 us a call, half the kernel of a small layer.
 
 Inference only (no autograd formula): `SparseLinear` uses its autograd Function when gradients are wanted.
+`activation_bits` is the int8 batch-1 input precision as `format.activation_bits_code` writes it (0: "auto").
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from sparsearch.kernels.cpu import sparse_linear
-from sparsearch.kernels.format import PanelCSRMatrix, check_activation_bits
+from sparsearch.kernels.format import PanelCSRMatrix, activation_bits_from_code, check_activation_bits
 
 # Defined with torch.library.Library rather than the @custom_op decorator: the decorator's wrapper (an autograd
 # kernel that checks every input for requires_grad, then redispatches) cost 42 us a call against 14 us for the
@@ -47,9 +48,10 @@ def _panel_csr_linear_cpu(x: torch.Tensor, values: torch.Tensor, col_indices: to
     _check_layout(values, col_indices, segment_nnz, segment_ptr, row_nnz_prefix, rows, cols, panel_width)
     # the arrays' contents are not validated per call (SparseLinear's buffers are, when the layer is built); the
     # checks above are the cheap ones that keep the kernels inside the arrays they are given
-    check_activation_bits(activation_bits, scales is not None)
+    bits = activation_bits_from_code(activation_bits)  # 0: "auto"
+    check_activation_bits(bits, scales is not None)
     matrix = PanelCSRMatrix((rows, cols), panel_width, values, col_indices, segment_nnz, segment_ptr,
-                            row_nnz_prefix, scales, activation_bits)
+                            row_nnz_prefix, scales, bits)
     if bitmap is not None and segment_sums is not None:  # derived once by the layer, not per call
         matrix.__dict__["bitmap"] = bitmap
         matrix.__dict__["segment_sums"] = segment_sums

@@ -148,7 +148,7 @@ def _too_dense(name: str, layer_type: str, shape: tuple[int, ...], density: floa
 
 def _decide_weight(name: str, layer_type: str, weight: torch.Tensor, bias: torch.Tensor | None,
                    batch_sizes: Sequence[int], min_speedup: float, max_density: float,
-                   repeats: int, int8: bool = False, int8_activation_bits: int = 16
+                   repeats: int, int8: bool = False, int8_activation_bits: int | str = "auto"
                    ) -> tuple[LayerDecision, SparseLinear | None]:
     """Time a [out, in] weight dense against sparse and decide (see the module docstring)."""
     weight = weight.detach().float().contiguous()
@@ -377,11 +377,12 @@ def _second_look(reference: Any, converted: nn.Module, sample_input: Any,
 
 def convert_with_report(model: nn.Module, sample_input: Any = None, *, batch_sizes: Sequence[int] = (1, 64, 256),
                         min_speedup: float = 1.05, max_density: float = 0.7, repeats: int = 5,
-                        tolerance: float | None = None, int8: bool = False, int8_activation_bits: int = 16,
+                        tolerance: float | None = None, int8: bool = False, int8_activation_bits: int | str = "auto",
                         inplace: bool = False) -> tuple[nn.Module, ConversionReport]:
     """Like `convert`, and also return the per-layer `ConversionReport`."""
-    if int8_activation_bits not in ACTIVATION_BITS or (int8_activation_bits != 16 and not int8):
-        raise ValueError(f"int8_activation_bits must be one of {ACTIVATION_BITS}, and other than 16 only with "
+    if isinstance(int8_activation_bits, bool) or int8_activation_bits not in ACTIVATION_BITS \
+            or (int8_activation_bits != "auto" and not int8):
+        raise ValueError(f"int8_activation_bits must be one of {ACTIVATION_BITS}, and other than 'auto' only with "
                          f"int8=True; got {int8_activation_bits!r} with int8={int8}")
     tolerance = (INT8_TOLERANCE if int8 else FP32_TOLERANCE) if tolerance is None else tolerance
     if not isinstance(model, nn.Module):
@@ -511,7 +512,7 @@ def convert_with_report(model: nn.Module, sample_input: Any = None, *, batch_siz
 
 def convert(model: nn.Module, sample_input: Any = None, *, batch_sizes: Sequence[int] = (1, 64, 256),
             min_speedup: float = 1.05, max_density: float = 0.7, repeats: int = 5, tolerance: float | None = None,
-            int8: bool = False, int8_activation_bits: int = 16, inplace: bool = False) -> nn.Module:
+            int8: bool = False, int8_activation_bits: int | str = "auto", inplace: bool = False) -> nn.Module:
     """Return an inference copy of `model` whose Linear and Conv1d/Conv2d layers use sparse kernels where faster.
 
     A layer goes sparse only if its non-zeros are at most `max_density` of the weight and the sparse kernel
@@ -521,8 +522,9 @@ def convert(model: nn.Module, sample_input: Any = None, *, batch_sizes: Sequence
     without it, those checks are skipped (with a warning) and convolutions stay dense (they are timed on inputs
     of the size they see in it). `int8=True` stores the sparse layers' values as int8 with one float32 scale per
     segment, a row within a panel (timed as such; default tolerance 5e-2 instead of 1e-4);
-    `int8_activation_bits=8` makes their batch-1 kernel quantise each input to 8 bits instead of 16 (W8A8: faster,
-    less exact; see `PanelCSRMatrix.quantize`). Masked models need nothing special: the exact zeros in the weights
+    `int8_activation_bits` is how their batch-1 kernel quantises each input: "auto" (8 bits unless that moves the
+    input by more than 2% of its norm, then 16), 8 (W8A8: fastest, least exact) or 16; see
+    `PanelCSRMatrix.quantize`. Masked models need nothing special: the exact zeros in the weights
     are the mask. The result is in eval mode with gradients off. A bare layer (an `nn.Linear` or convolution as the
     model itself) is returned as its replacement, even with `inplace=True` (a module cannot replace itself).
     """
@@ -533,7 +535,7 @@ def convert(model: nn.Module, sample_input: Any = None, *, batch_sizes: Sequence
     return converted
 
 
-def to_int8(model: nn.Module, activation_bits: int = 16) -> nn.Module:
+def to_int8(model: nn.Module, activation_bits: int | str = "auto") -> nn.Module:
     """A copy of a converted model whose `SparseLinear` layers hold int8 values with a scale per segment (the same
     layers, without re-timing them: for comparing int8 with float32 on the same decisions); `activation_bits`: see
     `PanelCSRMatrix.quantize`."""

@@ -108,13 +108,14 @@ def convert_transformers(model_or_path: nn.Module | str | Path, *, tokenizer: An
                          sample_input: dict[str, torch.Tensor] | None = None,
                          batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES, min_speedup: float = 1.05,
                          max_density: float = 0.7, repeats: int = 5, tolerance: float | None = None,
-                         int8: bool = False, int8_activation_bits: int = 16) -> tuple[nn.Module, Any, ConversionReport]:
+                         int8: bool = False, int8_activation_bits: int | str = "auto"
+                         ) -> tuple[nn.Module, Any, ConversionReport]:
     """(converted model, tokenizer, report) for a transformers model or model directory with zeros in its weights.
 
     `sample_input` (the tokenizer's tensors) is what the outputs are checked and the whole model timed on; the
     default (`sample_inputs`) is a sentence, or one token per sequence for a decoder that generates: pass your own
     for another use (a decoder serving long prompts, say). `int8=True` stores the sparse layers' values as int8
-    with a scale per segment, and `int8_activation_bits=8` quantises their one-row inputs to 8 bits (see
+    with a scale per segment, and `int8_activation_bits` sets how their one-row inputs are quantised (see
     `convert`). Raises ValueError for a directory that is not a transformers model
     and for a model whose Linear/Conv1D weights have no layer at or below `max_density` (nothing to gain: prune it
     first, e.g. `sparsearch prune`).

@@ -761,14 +761,21 @@ static void matvec_chunk_bitmap(const void* ctx, int64_t chunk, int64_t chunks) 
 
 /* x as xq = round(x / scale), |xq| <= 2^(bits-1) - 1, with one scale per call, stored unsigned as vpdpbusd wants, in
  * panels padded to whole 64-column words: for 16 bits, the high and low bytes of xq + 32768 in hi and lo; for 8 bits
- * (the dynamic per-input activations of "W8A8" int8 inference), xq + 128 in hi. Returns the scale, or 0 if x is not
- * finite (the caller then uses the CSR kernel, which propagates inf and NaN as float arithmetic does). */
-static float quantise_input(const float* x, int64_t ncols, int64_t panels, int64_t panel_width, int bits, uint8_t* hi,
-                            uint8_t* lo) {
+ * (the dynamic per-input activations of "W8A8" int8 inference), xq + 128 in hi. *bits is 16, 8, or 0 (ACTIVATION_AUTO):
+ * 8 when rounding x to 8 bits moves it by at most AUTO_8BIT_ERROR of its norm, else 16; *bits is set to the bits used.
+ * Returns the scale, or 0 if x is not finite (the caller then uses the CSR kernel, which propagates inf and NaN as
+ * float arithmetic does). */
+#define ACTIVATION_AUTO 0
+/* 2%: the input keeps a cosine of at least 0.9998 with itself rounded. Gaussian inputs lose 0.8-1.2% at 768 to 4096
+ * columns (max|x| / 127 steps against a norm sqrt(n) sigma), so they take the faster 8-bit kernel; an input with
+ * outlier features loses more (1% of features 20x larger: ~6%, output cosine 0.9975 in benchmarks/runtime_int8.py)
+ * and keeps 16 bits. */
+#define AUTO_8BIT_ERROR 0.02f
+static float quantise_input(const float* x, int64_t ncols, int64_t panels, int64_t panel_width, int* bits_used,
+                            uint8_t* hi, uint8_t* lo) {
     /* 16 columns at a time (AVX-512 is there wherever this kernel is): the scalar loop called lrintf once per
      * column, 19 us a call at 4096 columns against 0.75 us now (best of 2000, same inputs, same bytes out), about 3%
      * of the 4096x4096 int8 product at 90% sparsity */
-    const int most = bits == 8 ? 127 : 32767;
     const __m512 huge = _mm512_set1_ps(3.0e38f);
     __m512 top16 = _mm512_setzero_ps();
     __mmask16 bad = 0;
@@ -780,6 +787,23 @@ static float quantise_input(const float* x, int64_t ncols, int64_t panels, int64
     }
     if (bad) return 0.0f;
     float top = _mm512_reduce_max_ps(top16);
+    if (*bits_used == ACTIVATION_AUTO) {  /* one more pass: the 8-bit rounding's error against x's norm */
+        float scale8 = top > 0 ? top / 127.0f : 1.0f;
+        const __m512 inv8 = _mm512_set1_ps(1.0f / scale8), step = _mm512_set1_ps(scale8);
+        __m512 error = _mm512_setzero_ps(), norm = error;
+        for (int64_t j = 0; j < ncols; j += 16) {
+            __mmask16 live = ncols - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (ncols - j)) - 1);
+            __m512 v = _mm512_maskz_loadu_ps(live, x + j);
+            __m512 rounded = _mm512_mul_ps(_mm512_roundscale_ps(_mm512_mul_ps(v, inv8), _MM_FROUND_TO_NEAREST_INT |
+                                                                                        _MM_FROUND_NO_EXC), step);
+            __m512 d = _mm512_sub_ps(v, rounded);
+            error = _mm512_fmadd_ps(d, d, error);
+            norm = _mm512_fmadd_ps(v, v, norm);
+        }
+        *bits_used = _mm512_reduce_add_ps(error) <= AUTO_8BIT_ERROR * AUTO_8BIT_ERROR * _mm512_reduce_add_ps(norm)
+                     ? 8 : 16;
+    }
+    const int bits = *bits_used, most = bits == 8 ? 127 : 32767;
     float scale = top > 0 ? top / (float)most : 1.0f, inverse = 1.0f / scale;
     const __m512 inv = _mm512_set1_ps(inverse);
     const __m512i lowest = _mm512_set1_epi32(-most), highest = _mm512_set1_epi32(most);
@@ -951,7 +975,8 @@ void panel_csr_sddmm(int64_t rows, int64_t panels, int64_t panel_width, const in
 }
 
 /* y[rows] = W x (+ bias) for a single contiguous input vector. int8 weights with bitmaps (and this library built
- * with the bitmap kernel) quantise x per call to `activation_bits` (16 or 8) bits; other paths compute with float x. */
+ * with the bitmap kernel) quantise x per call to `activation_bits` (16, 8, or 0: chosen per input, see
+ * quantise_input) bits; other paths compute with float x. */
 void panel_csr_matvec(int64_t rows, int64_t panels, int64_t panel_width, const int64_t* seg_ptr,
                       const int64_t* row_nnz_prefix, const uint16_t* cols, const void* values,
                       const float* scales, const float* bias, const float* x, float* y, int threads,
@@ -967,12 +992,11 @@ void panel_csr_matvec(int64_t rows, int64_t panels, int64_t panel_width, const i
 #if defined(MATVEC_BITMAP)
     if (bitmap && segment_sums && a.q) {
         size_t padded = (size_t)(panels * ((panel_width + 63) / 64) * 64);
-        int eight = activation_bits == 8;
-        xq = aligned_alloc(64, (eight ? 1 : 2) * padded);
-        if (xq && (a.x_scale = quantise_input(x, ncols, panels, panel_width, eight ? 8 : 16, xq,
-                                              eight ? NULL : xq + padded)) > 0) {
+        int bits = activation_bits == 8 || activation_bits == 16 ? activation_bits : ACTIVATION_AUTO;
+        xq = aligned_alloc(64, (bits == 8 ? 1 : 2) * padded);
+        if (xq && (a.x_scale = quantise_input(x, ncols, panels, panel_width, &bits, xq, xq + padded)) > 0) {
             a.xq_hi = xq;
-            a.xq_lo = eight ? NULL : xq + padded;
+            a.xq_lo = bits == 8 ? NULL : xq + padded;
             a.bitmap = bitmap;
             a.segment_sums = segment_sums;
             fn = matvec_chunk_bitmap;
