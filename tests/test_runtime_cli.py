@@ -48,3 +48,13 @@ def test_convert_command_reports_bad_input_without_traceback(tmp_path):
     source.write_bytes(b"not a safetensors file")
     result = runner.invoke(app, ["convert", str(source), "-o", str(tmp_path / "o")])
     assert result.exit_code == 2 and "not a readable safetensors file" in result.output
+
+
+def test_int8_options_on_a_state_dict_file_are_refused_before_anything_is_written(tmp_path):
+    source = tmp_path / "model.safetensors"
+    save_file(pruned_mlp().state_dict(), str(source))
+    for args, given in ((["--int8"], "--int8:"), (["--int8-activation-bits", "8"], "--int8-activation-bits 8:")):
+        result = runner.invoke(app, ["convert", str(source), "-o", str(tmp_path / "never.safetensors"), *args])
+        assert result.exit_code == 2 and given in result.output and "model directories" in result.output, \
+            result.output
+        assert not (tmp_path / "never.safetensors").exists()

@@ -59,8 +59,9 @@ def convert_command(
             size = save_transformers(model, out, source_dir=model_file, tokenizer=tokenizer, report=report)
         else:
             if int8 or bits != "auto":
-                raise ValueError("--int8 is for transformers model directories; a state dict file has no model "
-                                 "to check the int8 outputs against")
+                given = "--int8" if int8 else f"--int8-activation-bits {int8_activation_bits}"
+                raise ValueError(f"{given}: --int8 and --int8-activation-bits are for transformers model "
+                                 "directories; a state dict file has no model to check the int8 outputs against")
             with console.status(f"timing dense vs sparse layers of {model_file}"):
                 report, size = convert_file(model_file, out, batch_sizes=sizes, min_speedup=min_speedup,
                                             max_density=max_density)
