@@ -216,20 +216,20 @@ def decoder(budget: float) -> dict:
     prompt = torch.randint(0, VOCAB, (1, 8), generator=torch.Generator().manual_seed(1))
     fp32 = all_sparse(pruned, {"input_ids": prompt})
     int8, int8_a8 = to_int8(fp32, activation_bits=16), to_int8(fp32, activation_bits=8)
+    int8_auto = to_int8(fp32)  # the default: 8 or 16 bits chosen per input
+    quantised = {"int8_sparse": int8, "int8_sparse_a8": int8_a8, "int8_sparse_auto": int8_auto}
     dynamic = torch.ao.quantization.quantize_dynamic(pruned, {torch.nn.Linear}, dtype=torch.qint8)
-    models = {"dense": pruned, "fp32_sparse": fp32, "int8_sparse": int8, "int8_sparse_a8": int8_a8,
-              "dynamic_int8_dense": dynamic}
+    models = {"dense": pruned, "fp32_sparse": fp32, **quantised, "dynamic_int8_dense": dynamic}
     med, _ = interleaved_times({name: partial(generate, model, prompt) for name, model in models.items()},
                                min_rounds=5, max_rounds=60, budget_s=budget)
     expected = generate(fp32, prompt)
     with one_row_at_a_time():  # the prompt's rows through the batch-1 kernels, as the generation steps run
         reference = fp32(prompt).logits
-        difference = {name: float((model(prompt).logits - reference).abs().max())
-                      for name, model in (("int8_sparse", int8), ("int8_sparse_a8", int8_a8))}
+        difference = {name: float((model(prompt).logits - reference).abs().max()) for name, model in quantised.items()}
     result = {"tokens_per_s_batch_1": {k: NEW_TOKENS / v for k, v in med.items()},
               "max_abs_logit_difference_vs_fp32": difference,
               "same_greedy_tokens_vs_fp32": {name: bool(torch.equal(generate(model, prompt), expected))
-                                             for name, model in (("int8_sparse", int8), ("int8_sparse_a8", int8_a8))},
+                                             for name, model in quantised.items()},
               "load_average": [round(v, 2) for v in os.getloadavg()]}
     print(result, flush=True)
     return result
@@ -316,8 +316,10 @@ def to_markdown(payload: dict) -> str:
         lines += [f"| {label} | {t[key]:.1f} | {t[key] / t['dense']:.2f}x |" for key, label in
                   (("dense", "dense (pruned)"), ("fp32_sparse", "float32 sparse"), ("int8_sparse", "int8 sparse"),
                    ("int8_sparse_a8", "int8 sparse, 8-bit inputs"),
+                   ("int8_sparse_auto", "int8 sparse, 8 or 16 bits per input (the default)"),
                    ("dynamic_int8_dense", "quantize_dynamic (dense; the output head only, the blocks are Conv1D)"))]
-        for key, label in (("int8_sparse", "int8 sparse"), ("int8_sparse_a8", "int8 sparse with 8-bit inputs")):
+        for key, label in (("int8_sparse", "int8 sparse"), ("int8_sparse_a8", "int8 sparse with 8-bit inputs"),
+                           ("int8_sparse_auto", "int8 sparse with 8 or 16 bits per input")):
             lines.append(f"\n{label} over float32 sparse: {t[key] / t['fp32_sparse']:.2f}x; largest logit "
                          f"difference, the prompt one row at a time: "
                          f"{d['max_abs_logit_difference_vs_fp32'][key]:.2e}; same greedy tokens: "
