@@ -254,13 +254,19 @@ static void balanced_rows(const int64_t* row_nnz_prefix, int64_t rows, int t, in
  * the same as 64; the same blocks converted by GCC's vectorised loop (up to 15 scalar conversions at the end)
  * 1.12-1.14. */
 #define INT8_BLOCK 64
+#if defined(__AVX512F__)
+/* The first `left` of 16 lanes (none if left <= 0, all if left >= 16): the mask of a loop's last, partial vector. */
+static inline ALWAYS_INLINE __mmask16 first_lanes(int64_t left) {
+    return left >= 16 ? (__mmask16)0xFFFF : left > 0 ? (__mmask16)((1u << left) - 1) : 0;
+}
+#endif
 static inline ALWAYS_INLINE void dequantise_block(const int8_t* q, int64_t n, float scale, float* w) {
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
     /* 16 at a time with a masked load at the end: a segment of a small layer holds a few dozen non-zeros, and
      * GCC's vectorised loop finished them with up to 15 scalar conversions */
     const __m512 s = _mm512_set1_ps(scale);
     for (int64_t j = 0; j < n; j += 16) {
-        __mmask16 live = n - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - j)) - 1);
+        __mmask16 live = first_lanes(n - j);
         __m128i bytes = _mm_maskz_loadu_epi8(live, q + j);
         _mm512_store_ps(w + j, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes)), s));
     }
@@ -780,7 +786,7 @@ static float quantise_input(const float* x, int64_t ncols, int64_t panels, int64
     __m512 top16 = _mm512_setzero_ps();
     __mmask16 bad = 0;
     for (int64_t j = 0; j < ncols; j += 16) {
-        __mmask16 live = ncols - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (ncols - j)) - 1);
+        __mmask16 live = first_lanes(ncols - j);
         __m512 v = _mm512_abs_ps(_mm512_maskz_loadu_ps(live, x + j));
         bad |= _mm512_cmp_ps_mask(v, huge, _CMP_NLE_UQ);  /* inf or NaN */
         top16 = _mm512_max_ps(top16, v);
@@ -792,7 +798,7 @@ static float quantise_input(const float* x, int64_t ncols, int64_t panels, int64
         const __m512 inv8 = _mm512_set1_ps(1.0f / scale8), step = _mm512_set1_ps(scale8);
         __m512 error = _mm512_setzero_ps(), norm = error;
         for (int64_t j = 0; j < ncols; j += 16) {
-            __mmask16 live = ncols - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (ncols - j)) - 1);
+            __mmask16 live = first_lanes(ncols - j);
             __m512 v = _mm512_maskz_loadu_ps(live, x + j);
             __m512 rounded = _mm512_mul_ps(_mm512_roundscale_ps(_mm512_mul_ps(v, inv8), _MM_FROUND_TO_NEAREST_INT |
                                                                                         _MM_FROUND_NO_EXC), step);
@@ -812,8 +818,7 @@ static float quantise_input(const float* x, int64_t ncols, int64_t panels, int64
     for (int64_t p = 0; p < panels; p++) {
         int64_t valid = ncols - p * panel_width < panel_width ? ncols - p * panel_width : panel_width;
         for (int64_t j = 0; j < padded; j += 16) {
-            int64_t left = valid - j;
-            __mmask16 live = left >= 16 ? (__mmask16)0xFFFF : left > 0 ? (__mmask16)((1u << left) - 1) : 0;
+            __mmask16 live = first_lanes(valid - j);
             /* rounds to nearest even, as lrintf does in the default rounding mode */
             __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(live, x + p * panel_width + j), inv));
             v = _mm512_add_epi32(_mm512_min_epi32(_mm512_max_epi32(v, lowest), highest), offset);
