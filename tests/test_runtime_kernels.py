@@ -78,6 +78,25 @@ def test_large_layer_uses_all_threads_and_stays_correct(backend):
                                rtol=1e-4, atol=1e-3)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bias_form", ["float64", "strided", "parameter"])
+@pytest.mark.parametrize("batch_shape", [(), (1,), (1, 16), (70,)])
+def test_any_bias_tensor_gives_the_dense_result(backend, bias_form, batch_shape):
+    """The kernels read the bias by pointer: one that is not float32 or not contiguous is converted first, and one
+    that requires a gradient (a trainable layer's, called under no_grad) is read as it is."""
+    weight = masked_weight(48, 96, 0.9, seed=11, empty_row=True, dense_row=False)
+    matrix = PanelCSRMatrix.from_dense(weight)
+    values = torch.randn(96)
+    bias = {"float64": values[:48].double(), "strided": values[::2],
+            "parameter": torch.nn.Parameter(values[:48].clone())}[bias_form]
+    x = torch.randn(*batch_shape, 96)
+    with torch.no_grad():
+        got = sparse_linear(x, matrix, bias, backend=backend)
+        expected = F.linear(x, weight, bias.float())
+    assert not got.requires_grad
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
 def test_bad_inputs_raise_clear_errors():
     matrix = PanelCSRMatrix.from_dense(torch.eye(4))
     with pytest.raises(ValueError, match="in_features=4"):
