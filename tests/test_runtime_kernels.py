@@ -105,6 +105,12 @@ def test_bad_inputs_raise_clear_errors():
         sparse_linear(torch.randn(2, 4, dtype=torch.float64), matrix)
     with pytest.raises(TypeError, match=r"torch\.Tensor"):
         sparse_linear([[1.0] * 4], matrix)
+    # a bias of another size was read past its end (or partly ignored) before it was checked
+    for bad_bias, shown in ((torch.randn(3), r"\(3,\)"), (torch.randn(2, 4), r"\(2, 4\)"), ([0.0] * 4, "list")):
+        with pytest.raises(ValueError, match=rf"bias must be a tensor of shape \(4,\).*{shown}"):
+            sparse_linear(torch.randn(2, 4), matrix, bad_bias)
+        with pytest.raises(ValueError, match=rf"bias must be a tensor of shape \(4,\).*{shown}"):
+            sparse_matmul_t(matrix, torch.randn(4, 2), bad_bias)
     with pytest.raises(ValueError, match="panel_width"):
         PanelCSRMatrix.from_dense(torch.eye(4), panel_width=0)
     with pytest.raises(ValueError, match="2-D"):

@@ -370,9 +370,12 @@ def sparse_linear(x: torch.Tensor, matrix: PanelCSRMatrix, bias: torch.Tensor | 
     rows, cols = matrix.shape
     if not shape or shape[-1] != cols:
         raise ValueError(f"input's last dimension must be in_features={cols}, got shape {tuple(shape)}")
-    # the kernels read the bias through its pointer: any float32 contiguous tensor will do, requires_grad or not
-    if bias is not None and (bias.dtype is not torch.float32 or not bias.is_contiguous()):
-        bias = bias.detach().to(torch.float32).contiguous()
+    # the kernels read the bias through its pointer (`rows` floats): any float32 contiguous tensor of that shape will
+    # do, requires_grad or not
+    if bias is not None:
+        _check_bias(bias, rows)
+        if bias.dtype is not torch.float32 or not bias.is_contiguous():
+            bias = bias.detach().to(torch.float32).contiguous()
     if threads is not None and (not isinstance(threads, int) or threads < 1):
         raise ValueError(f"threads must be a positive int or None, got {threads!r}")
     elements = x.numel()
@@ -380,6 +383,13 @@ def sparse_linear(x: torch.Tensor, matrix: PanelCSRMatrix, bias: torch.Tensor | 
         return x.new_zeros((*shape[:-1], rows)) + (0 if bias is None else bias.detach())
     most = torch.get_num_threads()
     return get_backend(backend).forward(matrix, bias, x, elements // cols, min(most, threads) if threads else most)
+
+
+def _check_bias(bias: object, rows: int) -> None:
+    # the kernels read `rows` floats from the bias's pointer whatever its size: a shorter one would be read past its end
+    if not isinstance(bias, torch.Tensor) or bias.shape != (rows,):
+        raise ValueError(f"bias must be a tensor of shape ({rows},) (out_features), got "
+                         f"{tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__}")
 
 
 def sparse_matmul_t(matrix: PanelCSRMatrix, xt: torch.Tensor, bias: torch.Tensor | None = None,
@@ -395,6 +405,7 @@ def sparse_matmul_t(matrix: PanelCSRMatrix, xt: torch.Tensor, bias: torch.Tensor
     if xt.shape[0] != matrix.cols:
         raise ValueError(f"xt's first dimension must be in_features={matrix.cols}, got shape {tuple(xt.shape)}")
     if bias is not None:
+        _check_bias(bias, matrix.rows)
         bias = bias.detach().to(torch.float32).contiguous()
     batch = xt.shape[1]
     if batch == 0 or matrix.rows == 0:
