@@ -220,7 +220,8 @@ def test_bitmap_kernel_is_exact_at_its_overflow_bound(sign, activation_bits):
 
 @pytest.mark.parametrize(("cflags", "isa"), [("-mno-avx512f", "scalar"), ("-mno-avx512f -mno-avx2", "scalar")])
 def test_kernels_built_without_avx512_compute_the_same(tmp_path, cflags, isa):
-    """The C kernels compile and agree without AVX-512 (the bitmap kernel needs AVX-512 VBMI2 + VNNI)."""
+    """The C kernels compile and agree without AVX-512 (the int8 bitmap kernel needs AVX-512 VBMI2 + VNNI, the float32
+    one AVX-512F: a float32 matrix dense enough for it computes with the index loop)."""
     import os
     import subprocess
     import sys
@@ -229,9 +230,13 @@ def test_kernels_built_without_avx512_compute_the_same(tmp_path, cflags, isa):
         "import torch, torch.nn.functional as F\n"
         "from sparsearch.runtime import PanelCSRMatrix, sparse_linear\nfrom sparsearch.kernels import cpu as kernels\n"
         f"assert kernels.get_backend().isa == {isa!r}, kernels.get_backend().isa\n"
+        "assert not kernels.get_backend().float_bitmap\n"
         "g = torch.Generator().manual_seed(0)\n"
         "w = torch.randn(70, 1500, generator=g) * (torch.rand(70, 1500, generator=g) > 0.9)\n"
-        "for m in (PanelCSRMatrix.from_dense(w), PanelCSRMatrix.from_dense(w).quantize()):\n"
+        "half = torch.randn(70, 1500, generator=g) * (torch.rand(70, 1500, generator=g) > 0.5)\n"
+        "matrices = (PanelCSRMatrix.from_dense(w), PanelCSRMatrix.from_dense(w).quantize(),\n"
+        "            PanelCSRMatrix.from_dense(half))\n"
+        "for m in matrices:\n"
         "    for batch in (1, 5, 70):\n"
         "        x = torch.randn(batch, 1500, generator=g)\n"
         "        torch.testing.assert_close(sparse_linear(x, m), F.linear(x, m.to_dense()), rtol=1e-4, atol=1e-3)\n"

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from sparsearch.kernels import cpu
 from sparsearch.runtime import PanelCSRMatrix, sparse_linear, sparse_matmul_t
 
 BACKENDS = ["c", "numba"]
@@ -95,6 +96,60 @@ def test_any_bias_tensor_gives_the_dense_result(backend, bias_form, batch_shape)
         expected = F.linear(x, weight, bias.float())
     assert not got.requires_grad
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("panel_width", [None, 7, 100, 700])
+@pytest.mark.parametrize("density", [0.2, 0.5, 1.0])
+def test_float32_bitmap_kernel_agrees_with_the_index_loop(monkeypatch, panel_width, density):
+    """Batch 1 from FLOAT_BITMAP_MIN_DENSITY on reads column bitmaps (with AVX-512): the same products as the index
+    loop, partial last words and several panels included; inf and NaN at a weight's column propagate, at a column
+    without weights they are never read (as in the index loop)."""
+    if not cpu.get_backend("c").float_bitmap:
+        pytest.skip("the float32 bitmap kernel needs AVX-512")
+    generator = torch.Generator().manual_seed(3)
+    weight = torch.randn(67, 1500, generator=generator) * (torch.rand(67, 1500, generator=generator) < density)
+    weight[:, 5] = 0  # a column with no weights at all
+    weight[3] = 0  # and an empty row
+    bitmap, loop = PanelCSRMatrix.from_dense(weight, panel_width), PanelCSRMatrix.from_dense(weight, panel_width)
+    assert cpu.uses_bitmap(bitmap)
+    monkeypatch.setattr(cpu, "FLOAT_BITMAP_MIN_DENSITY", 2.0)  # the second one's layer is built without its bitmap
+    x, bias = torch.randn(1500, generator=generator), torch.randn(67, generator=generator)
+    loop_y = sparse_linear(x, loop, bias, backend="c")
+    monkeypatch.setattr(cpu, "FLOAT_BITMAP_MIN_DENSITY", 0.18)
+    bitmap_y = sparse_linear(x, bitmap, bias, backend="c")
+    assert ctypes_layer(bitmap).bitmap and not ctypes_layer(loop).bitmap
+    torch.testing.assert_close(bitmap_y, loop_y, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(bitmap_y, F.linear(x, weight, bias), rtol=1e-4, atol=1e-3)
+    special = x.clone()
+    special[5] = float("nan")  # no weight reads it
+    column = int(weight[0].nonzero()[0])
+    special[column] = float("inf")
+    for y in (sparse_linear(special, bitmap, bias, backend="c"), sparse_linear(special, loop, bias, backend="c")):
+        assert torch.isinf(y[0]) or torch.isnan(y[0])  # inf times the weight (NaN where +inf and -inf meet)
+        reads_column = weight[:, column] != 0
+        assert torch.isfinite(y[~reads_column]).all()
+
+
+def ctypes_layer(matrix: PanelCSRMatrix) -> object:
+    """The C descriptor the backend built for `matrix` (see _CBackend._layer)."""
+    return matrix.__dict__["_c_layer"][0]
+
+
+def test_the_operator_refuses_a_bitmap_of_the_wrong_size_and_survives_a_wrong_one():
+    from sparsearch.kernels.ops import panel_csr_linear
+
+    weight = torch.randn(20, 300) * (torch.rand(20, 300) < 0.5)
+    m = PanelCSRMatrix.from_dense(weight)
+    args = (m.values, m.col_indices, m.segment_nnz, m.segment_ptr, m.row_nnz_prefix, None)
+    x = torch.randn(1, 300)
+    with torch.no_grad():
+        torch.testing.assert_close(panel_csr_linear(x, *args, m.bitmap, None, None, 20, 300, m.panel_width),
+                                   F.linear(x, weight), rtol=1e-4, atol=1e-4)
+        with pytest.raises(ValueError, match=r"bitmap of torch.int64 x 99, expected contiguous torch.int64 x 100"):
+            panel_csr_linear(x, *args, m.bitmap[:99], None, None, 20, 300, m.panel_width)
+        # every bit set: each segment claims 300 weights; the kernel stops at the end of the values it was given
+        all_set = torch.full_like(m.bitmap, -1)
+        assert panel_csr_linear(x, *args, all_set, None, None, 20, 300, m.panel_width).shape == (1, 20)
 
 
 def test_bad_inputs_raise_clear_errors():

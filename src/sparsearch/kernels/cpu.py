@@ -52,12 +52,17 @@ OPENMP_MAX_WORK = 1 << 22
 # density on. Measured on 4096x4096, one thread (bitmap int8 against the index loop, float32): 1.24x faster at 90%
 # sparsity, 0.81x at 95%, 0.98x at 97%: the bitmap's fixed cost per word wins only when words hold enough weights.
 BITMAP_MIN_DENSITY = 0.08
+# The same for float32 weights (one masked expand and FMA per 16 columns instead of three loads per non-zero, see
+# csrc/sparse_kernels.c). Bitmap time over index-loop time, batch 1, 4096x4096 and the MiniLM and GPT-2 shapes, one
+# and two threads (medians of interleaved calls, 2026-11-30): density 0.12: 1.12-1.62; 0.15: 0.91-1.09; 0.2:
+# 0.73-0.91; 0.3: 0.64-1.09 (one outlier; the others 0.64-0.71); 0.5: 0.47-0.99.
+FLOAT_BITMAP_MIN_DENSITY = 0.18
 
 
 def uses_bitmap(matrix: PanelCSRMatrix) -> bool:
-    """Whether the int8 batch-1 kernel reads this matrix's column bitmaps (where the C library was built with the
-    bitmap kernel, see BITMAP_MIN_DENSITY)."""
-    return matrix.is_int8 and matrix.density >= BITMAP_MIN_DENSITY
+    """Whether the batch-1 kernel reads this matrix's column bitmaps (where the C library was built with the bitmap
+    kernel for its value type, see BITMAP_MIN_DENSITY and FLOAT_BITMAP_MIN_DENSITY)."""
+    return matrix.density >= (BITMAP_MIN_DENSITY if matrix.is_int8 else FLOAT_BITMAP_MIN_DENSITY)
 
 
 def _cpu_fingerprint() -> str:
@@ -139,7 +144,8 @@ class _CBackend:
         for fn in (lib.panel_csr_linear, lib.panel_csr_sddmm):
             fn.restype = None
         lib.panel_csr_matvec_isa.restype = ctypes.c_char_p
-        self.isa = lib.panel_csr_matvec_isa().decode()  # the vector code the batch-1 kernel was built with
+        self.isa = lib.panel_csr_matvec_isa().decode()  # the vector code the int8 batch-1 kernel was built with
+        self.float_bitmap = bool(lib.panel_csr_float_bitmap())  # float32 batch 1 can read bitmaps (AVX-512)
         lib.panel_csr_allow_openmp.argtypes = [c_int]
         lib.sparse_layer_forward.argtypes = [ptr, ptr, ptr, i64, ptr, c_int]
         lib.sparse_layer_forward.restype = None
@@ -165,10 +171,10 @@ class _CBackend:
         (whose arrays it points into; a matrix never changes its arrays, a copy or unpickled one builds its own)."""
         cached = m.__dict__.get("_c_layer")
         if cached is None:
-            bitmap = self.isa == "avx512-vnni-bitmap" and uses_bitmap(m)
+            bitmap = uses_bitmap(m) and (self.isa == "avx512-vnni-bitmap" if m.is_int8 else self.float_bitmap)
             layer = _SparseLayer(*m.kernel_args[:3], m.cols, *m.kernel_args[3:8],
                                  m.bitmap.data_ptr() if bitmap else None,
-                                 m.segment_sums.data_ptr() if bitmap else None,
+                                 m.segment_sums.data_ptr() if bitmap and m.is_int8 else None,
                                  activation_bits_code(m.activation_bits))
             # setdefault: threads building it at once all use the one stored, which m keeps alive
             cached = m.__dict__.setdefault("_c_layer", (layer, ctypes.addressof(layer)))

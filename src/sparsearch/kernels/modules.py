@@ -73,7 +73,7 @@ class SparseLinear(nn.Module):
         self.register_buffer("scales", matrix.scales)  # None (not in the state dict) unless the values are int8
         self._matrix = matrix
         if uses_bitmap(matrix):  # derived now: inside a torch.compile trace their computation would join the graph
-            _ = matrix.bitmap, matrix.segment_sums
+            _ = matrix.bitmap, matrix.segment_sums if matrix.is_int8 else None
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -143,8 +143,8 @@ class SparseLinear(nn.Module):
         bitmap = uses_bitmap(matrix)
         return panel_csr_linear(x, values, buffers["col_indices"], buffers["segment_nnz"], matrix.segment_ptr,
                                 matrix.row_nnz_prefix, buffers["scales"], matrix.bitmap if bitmap else None,
-                                matrix.segment_sums if bitmap else None, bias, matrix.rows, matrix.cols,
-                                matrix.panel_width, activation_bits_code(matrix.activation_bits))
+                                matrix.segment_sums if bitmap and matrix.is_int8 else None, bias, matrix.rows,
+                                matrix.cols, matrix.panel_width, activation_bits_code(matrix.activation_bits))
 
     def to_dense_linear(self) -> nn.Linear:
         """The equivalent dense `nn.Linear` (for comparisons and for exporting to tools without sparse support)."""

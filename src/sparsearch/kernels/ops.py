@@ -33,8 +33,8 @@ def _panel_csr_linear_cpu(x: torch.Tensor, values: torch.Tensor, col_indices: to
                           scales: torch.Tensor | None, bitmap: torch.Tensor | None,
                           segment_sums: torch.Tensor | None, bias: torch.Tensor | None, rows: int, cols: int,
                           panel_width: int, activation_bits: int = 16) -> torch.Tensor:
-    """y = x W^T + bias for W given by the arrays of a `PanelCSRMatrix` (bitmap and segment_sums: those of an int8
-    matrix, for its batch-1 kernel; None to derive them here)."""
+    """y = x W^T + bias for W given by the arrays of a `PanelCSRMatrix` (bitmap, and for int8 segment_sums: for the
+    batch-1 bitmap kernels; None to derive them here)."""
     # with no autograd kernel registered, PyTorch would run this and only warn, at backward, that the gradients
     # through it are missing: refuse here instead (the check costs well under a microsecond)
     if torch.is_grad_enabled() and (x.requires_grad or values.requires_grad
@@ -52,8 +52,11 @@ def _panel_csr_linear_cpu(x: torch.Tensor, values: torch.Tensor, col_indices: to
     check_activation_bits(bits, scales is not None)
     matrix = PanelCSRMatrix((rows, cols), panel_width, values, col_indices, segment_nnz, segment_ptr,
                             row_nnz_prefix, scales, bits)
-    if bitmap is not None and segment_sums is not None:  # derived once by the layer, not per call
+    # derived once by the layer, not per call (a float32 matrix has no segment sums)
+    if bitmap is not None:
+        _check_bitmap(bitmap, rows, cols, panel_width)
         matrix.__dict__["bitmap"] = bitmap
+    if segment_sums is not None:
         matrix.__dict__["segment_sums"] = segment_sums
     return sparse_linear(x, matrix, bias)
 
@@ -97,3 +100,12 @@ def _check_layout(values: torch.Tensor, col_indices: torch.Tensor, segment_nnz: 
                         f"{rows + 1}")
     if problems:
         raise ValueError("sparsearch::panel_csr_linear got arrays that do not fit together: " + "; ".join(problems))
+
+
+def _check_bitmap(bitmap: torch.Tensor, rows: int, cols: int, panel_width: int) -> None:
+    """Raise ValueError unless `bitmap` has the type and length of the layout's (one int64 word per 64 columns of
+    every segment): the kernel reads that many words."""
+    words = max(-(-cols // panel_width), 1) * rows * -(-panel_width // 64)
+    if bitmap.dtype != torch.int64 or bitmap.numel() != words or not bitmap.is_contiguous():
+        raise ValueError(f"sparsearch::panel_csr_linear got a bitmap of {bitmap.dtype} x {bitmap.numel()}, expected "
+                         f"contiguous torch.int64 x {words} for a {rows}x{cols} layout with panel_width {panel_width}")
