@@ -194,6 +194,44 @@ def test_layers_close_alone_are_tried_together_in_the_whole_model(monkeypatch, t
         torch.testing.assert_close(fast(x), model(x), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize(("at_8", "promoted"), [(1.2, True), (0.9, False)])
+def test_near_misses_are_also_timed_on_the_sample_tiled_to_a_larger_batch_size(monkeypatch, at_8, promoted):
+    """The sample gives each layer 2 rows; batch size 8 is the sample tiled 4 times, so the whole model is timed there
+    too, and layers that help at 2 rows but hurt at 8 stay dense. Batch size 3 is no multiple of 2: not tiled."""
+    model = sparsify(nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4)))
+    x = torch.randn(2, 32)
+    seen = []
+
+    def record_batch(module, args):
+        seen.append(args[0].shape[0])
+
+    model[0].register_forward_pre_hook(record_batch)
+    convert_module = importlib.import_module("sparsearch.runtime.convert")
+    # alone: layer 0 at 2, 3 and 8 rows, layer 2 likewise (all within NEAR_SPEEDUP); together on the sample 1.3x;
+    # then on the sample tiled to 8 rows; then the whole converted model
+    monkeypatch.setattr(convert_module, "paired_speedup",
+                        scripted_timings([0.9, 0.9, 0.9, 0.9, 0.9, 0.9, 1.3, at_8, 1.1]))
+    fast, report = convert_with_report(model, x, batch_sizes=(2, 3, 8), repeats=1)
+    by_name = decisions(report)
+    assert 8 in seen and 3 * 2 not in seen and 12 not in seen  # tiled to 8 rows, never to a size that is no multiple
+    for name in ("0", "2"):
+        assert by_name[name].sparse == promoted
+        if not promoted:
+            assert f"but {at_8:.2f}x on it tiled to batch size 8" in by_name[name].reason
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_tiled_sample_inputs_repeat_every_tensor_along_the_batch():
+    from sparsearch.runtime.convert import _tiled
+
+    x, mask = torch.randn(2, 5), torch.ones(2, 5, dtype=torch.long)
+    assert torch.equal(_tiled(x, 3), torch.cat([x, x, x]))
+    tiled = _tiled({"input_ids": mask, "scale": 2.0, "empty": torch.tensor(1.0)}, 4)
+    assert tiled["input_ids"].shape == (8, 5) and tiled["scale"] == 2.0 and tiled["empty"].shape == ()
+    assert [t.shape for t in _tiled((x, mask), 2)] == [(4, 5), (4, 5)]
+
+
 def test_without_sample_input_convert_warns_that_outputs_were_not_checked():
     model = sparsify(nn.Sequential(nn.Linear(16, 16)))
     with pytest.warns(UserWarning, match="not checked"):
