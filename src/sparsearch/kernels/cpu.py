@@ -54,8 +54,8 @@ OPENMP_MAX_WORK = 1 << 22
 BITMAP_MIN_DENSITY = 0.08
 # The same for float32 weights (one masked expand and FMA per 16 columns instead of three loads per non-zero, see
 # csrc/sparse_kernels.c). Bitmap time over index-loop time, batch 1, 4096x4096 and the MiniLM and GPT-2 shapes, one
-# and two threads (medians of interleaved calls, 2026-11-30): density 0.12: 1.12-1.62; 0.15: 0.91-1.09; 0.2:
-# 0.73-0.91; 0.3: 0.64-1.09 (one outlier; the others 0.64-0.71); 0.5: 0.47-0.99.
+# and two threads (medians of interleaved calls, 2026-11-30): density 0.1: 1.10-1.47; 0.12: 1.12-1.62; 0.15:
+# 0.91-1.09; 0.2: 0.73-0.91; 0.3: 0.64-1.09 (one outlier; the others 0.64-0.71); 0.5: 0.47-0.99.
 FLOAT_BITMAP_MIN_DENSITY = 0.18
 
 

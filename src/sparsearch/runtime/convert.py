@@ -371,7 +371,7 @@ def _larger_inputs(sample_input: Any, near_misses: list[tuple[str, nn.Module, nn
 def _second_look(reference: Any, converted: nn.Module, sample_input: Any,
                  near_misses: list[tuple[str, nn.Module, nn.Module]], timed_alone: dict[str, str],
                  difference: float, tolerance: float, repeats: int, min_speedup: float,
-                 larger: list[tuple[int, Any]] = ()) -> tuple[dict[str, tuple[bool, str]], float]:
+                 larger: Sequence[tuple[int, Any]] = ()) -> tuple[dict[str, tuple[bool, str]], float]:
     """Layers that were slower alone but close (>= NEAR_SPEEDUP): tried together in the whole model, kept sparse if
     the model with them is at least `min_speedup` times as fast as without them, the bar each layer failed alone
     (-> {name: (sparse, reason)}, and the output difference), on the sample input and on each of `larger` (the

@@ -834,15 +834,14 @@ static float quantise_input(const float* x, int64_t ncols, int64_t panels, int64
 }
 #endif
 
-/* Which matrix-vector code this library was compiled with (tests check that each one is exercised). */
 /* float32 bitmap kernel: the same column bitmaps for float32 weights. Each 16 columns of a segment are one masked
  * expand of the next values (vexpandps, reading as many values as the mask has bits) and one FMA with x's 16 columns,
  * loaded under the same mask (columns without a weight are never read, so a panel's last partial word reads nothing
  * past x): a cost per 16 columns where the index loop above pays per non-zero. So it wins where words hold enough
- * weights: on one thread, standalone, against the index loop (ns per non-zero, hot caches), density 0.3: 0.26-0.35
- * against 0.51-0.55; 0.2: 0.37-0.69 against 0.53-0.83; 0.1: 0.61-1.00 against 0.54-0.72 (4096x4096 and the MiniLM
- * and GPT-2 shapes): see FLOAT_BITMAP_MIN_DENSITY in cpu.py for the crossover the Python side applies. A segment
- * never reads past the values of its row chunk, whatever the bitmap says (an operator given an edited bitmap). */
+ * weights: 1.09x-1.51x the index loop at 50% to 80% sparsity on 4096x4096 and the GPT-2 layers, quiet
+ * (benchmarks/results/runtime_batch1_bitmap.md), and 1.10x-1.47x slower at 90% (FLOAT_BITMAP_MIN_DENSITY in cpu.py
+ * holds the crossover the Python side applies). A segment never reads past the values of its row chunk, whatever the bitmap
+ * says (an operator given an edited bitmap). */
 #if defined(__AVX512F__)
 #define MATVEC_BITMAP_F32 1
 static void matvec_chunk_bitmap_f32(const void* ctx, int64_t chunk, int64_t chunks) {
@@ -886,6 +885,7 @@ int panel_csr_float_bitmap(void) {
 #endif
 }
 
+/* Which matrix-vector code this library was compiled with (tests check that each one is exercised). */
 const char* panel_csr_matvec_isa(void) {
 #if defined(MATVEC_BITMAP)
     return "avx512-vnni-bitmap";
