@@ -379,7 +379,7 @@ def sparse_linear(x: torch.Tensor, matrix: PanelCSRMatrix, bias: torch.Tensor | 
     # the kernels read the bias through its pointer (`rows` floats): any float32 contiguous tensor of that shape will
     # do, requires_grad or not
     if bias is not None:
-        _check_bias(bias, rows)
+        check_bias(bias, rows)
         if bias.dtype is not torch.float32 or not bias.is_contiguous():
             bias = bias.detach().to(torch.float32).contiguous()
     if threads is not None and (not isinstance(threads, int) or threads < 1):
@@ -391,8 +391,9 @@ def sparse_linear(x: torch.Tensor, matrix: PanelCSRMatrix, bias: torch.Tensor | 
     return get_backend(backend).forward(matrix, bias, x, elements // cols, min(most, threads) if threads else most)
 
 
-def _check_bias(bias: object, rows: int) -> None:
-    # the kernels read `rows` floats from the bias's pointer whatever its size: a shorter one would be read past its end
+def check_bias(bias: object, rows: int) -> None:
+    """Raise ValueError unless `bias` is a tensor of shape (rows,): the kernels read `rows` floats from its pointer
+    whatever its size, so a shorter one would be read past its end (the sparse layers check theirs with this too)."""
     if not isinstance(bias, torch.Tensor) or bias.shape != (rows,):
         raise ValueError(f"bias must be a tensor of shape ({rows},) (out_features), got "
                          f"{tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__}")
@@ -411,7 +412,7 @@ def sparse_matmul_t(matrix: PanelCSRMatrix, xt: torch.Tensor, bias: torch.Tensor
     if xt.shape[0] != matrix.cols:
         raise ValueError(f"xt's first dimension must be in_features={matrix.cols}, got shape {tuple(xt.shape)}")
     if bias is not None:
-        _check_bias(bias, matrix.rows)
+        check_bias(bias, matrix.rows)
         bias = bias.detach().to(torch.float32).contiguous()
     batch = xt.shape[1]
     if batch == 0 or matrix.rows == 0:

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sparsearch.kernels.cpu import sparse_linear, sparse_linear_values_grad, uses_bitmap
+from sparsearch.kernels.cpu import check_bias, sparse_linear, sparse_linear_values_grad, uses_bitmap
 from sparsearch.kernels.format import PanelCSRMatrix, activation_bits_code
 from sparsearch.kernels.ops import panel_csr_linear
 
@@ -54,8 +54,8 @@ class SparseLinear(nn.Module):
     def __init__(self, matrix: PanelCSRMatrix, bias: torch.Tensor | None = None, trainable: bool = False) -> None:
         super().__init__()
         matrix.validate()
-        if bias is not None and tuple(bias.shape) != (matrix.rows,):
-            raise ValueError(f"bias must have shape ({matrix.rows},), got {tuple(bias.shape)}")
+        if bias is not None:
+            check_bias(bias, matrix.rows)
         if trainable and matrix.is_int8:
             raise ValueError("an int8 SparseLinear cannot be trainable: train the float32 layer, then quantize")
         self.in_features = matrix.cols

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparsearch.kernels.cpu import get_backend
+from sparsearch.kernels.cpu import check_bias, get_backend
 from sparsearch.kernels.format import MAX_PANEL_WIDTH, PanelCSRMatrix
 
 SIZES_KEPT = 8  # virtual matrices kept per layer (one per input spatial size seen)
@@ -65,8 +65,8 @@ class _SparseConvNd(nn.Module):
         if matrix.cols != in_channels // groups * math.prod(kernel):
             raise ValueError(f"matrix has {matrix.cols} columns; a {in_channels // groups}-channel x "
                              f"{'x'.join(map(str, kernel))} kernel needs {in_channels // groups * math.prod(kernel)}")
-        if bias is not None and tuple(bias.shape) != (matrix.rows,):
-            raise ValueError(f"bias must have shape ({matrix.rows},), got {tuple(bias.shape)}")
+        if bias is not None:
+            check_bias(bias, matrix.rows)
         if padding_mode not in ("zeros", "reflect", "replicate", "circular"):
             raise ValueError(f"padding_mode must be 'zeros', 'reflect', 'replicate' or 'circular', "
                              f"got {padding_mode!r}")
