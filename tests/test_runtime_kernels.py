@@ -112,11 +112,10 @@ def test_float32_bitmap_kernel_agrees_with_the_index_loop(monkeypatch, panel_wid
     weight[3] = 0  # and an empty row
     bitmap, loop = PanelCSRMatrix.from_dense(weight, panel_width), PanelCSRMatrix.from_dense(weight, panel_width)
     assert cpu.uses_bitmap(bitmap)
-    monkeypatch.setattr(cpu, "FLOAT_BITMAP_MIN_DENSITY", 2.0)  # the second one's layer is built without its bitmap
     x, bias = torch.randn(1500, generator=generator), torch.randn(67, generator=generator)
+    bitmap_y = sparse_linear(x, bitmap, bias, backend="c")  # its layer is built (and kept) with the default rule
+    monkeypatch.setattr(cpu, "FLOAT_BITMAP_MIN_DENSITY", 2.0)  # the second one's layer is built without its bitmap
     loop_y = sparse_linear(x, loop, bias, backend="c")
-    monkeypatch.setattr(cpu, "FLOAT_BITMAP_MIN_DENSITY", 0.18)
-    bitmap_y = sparse_linear(x, bitmap, bias, backend="c")
     assert ctypes_layer(bitmap).bitmap and not ctypes_layer(loop).bitmap
     torch.testing.assert_close(bitmap_y, loop_y, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(bitmap_y, F.linear(x, weight, bias), rtol=1e-4, atol=1e-3)
