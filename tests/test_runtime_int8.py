@@ -221,7 +221,7 @@ def test_bitmap_kernel_is_exact_at_its_overflow_bound(sign, activation_bits):
 @pytest.mark.parametrize(("cflags", "isa"), [("-mno-avx512f", "scalar"), ("-mno-avx512f -mno-avx2", "scalar")])
 def test_kernels_built_without_avx512_compute_the_same(tmp_path, cflags, isa):
     """The C kernels compile and agree without AVX-512 (the int8 bitmap kernel needs AVX-512 VBMI2 + VNNI, the float32
-    one AVX-512F: a float32 matrix dense enough for it computes with the index loop)."""
+    one AVX-512F: a float32 matrix dense enough for it computes with the index loop), fused activations included."""
     import os
     import subprocess
     import sys
@@ -240,6 +240,10 @@ def test_kernels_built_without_avx512_compute_the_same(tmp_path, cflags, isa):
         "    for batch in (1, 5, 70):\n"
         "        x = torch.randn(batch, 1500, generator=g)\n"
         "        torch.testing.assert_close(sparse_linear(x, m), F.linear(x, m.to_dense()), rtol=1e-4, atol=1e-3)\n"
+        # the fused activations' generic-vector code, as AVX2 or scalar code
+        "        for act, f in (('gelu', F.gelu), ('gelu_tanh', lambda y: F.gelu(y, approximate='tanh'))):\n"
+        "            torch.testing.assert_close(sparse_linear(x, m, activation=act), f(F.linear(x, m.to_dense())),\n"
+        "                                       rtol=1e-4, atol=1e-3)\n"
     )
     env = {**os.environ, "SPARSEARCH_KERNEL_CFLAGS": cflags, "SPARSEARCH_CACHE": str(tmp_path),
            "SPARSEARCH_KERNEL_BACKEND": "c"}

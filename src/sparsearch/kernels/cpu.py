@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from sparsearch.kernels.format import PanelCSRMatrix, activation_bits_code
 
@@ -57,6 +58,28 @@ BITMAP_MIN_DENSITY = 0.08
 # and two threads (medians of interleaved calls, 2026-11-30): density 0.1: 1.10-1.47; 0.12: 1.12-1.62; 0.15:
 # 0.91-1.09; 0.2: 0.73-0.91; 0.3: 0.64-1.09 (one outlier; the others 0.64-0.71); 0.5: 0.47-0.99.
 FLOAT_BITMAP_MIN_DENSITY = 0.18
+
+
+# Activations the kernels apply to a layer's outputs in the same call (`sparse_linear(..., activation=)`); the
+# position is the code csrc/sparse_kernels.c knows them by. "gelu" is erf GELU (`F.gelu`), "gelu_tanh" its tanh
+# approximation (`F.gelu(approximate="tanh")`, GPT-2's); both agree with PyTorch's to about 1e-6.
+ACTIVATIONS = (None, "relu", "gelu", "gelu_tanh")
+
+
+def activation_code(activation: str | None) -> int:
+    """The kernels' code of `activation` (one of ACTIVATIONS); ValueError naming the allowed ones otherwise."""
+    if activation is not None and (not isinstance(activation, str) or activation not in ACTIVATIONS):
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    return ACTIVATIONS.index(activation)
+
+
+def apply_activation(y: torch.Tensor, code: int) -> torch.Tensor:
+    """PyTorch's own version of the kernels' activation `code` (for the paths that do not fuse it)."""
+    if code == 1:
+        return F.relu(y)
+    if code >= 2:
+        return F.gelu(y, approximate="tanh" if code == 3 else "none")
+    return y
 
 
 def uses_bitmap(matrix: PanelCSRMatrix) -> bool:
@@ -147,7 +170,7 @@ class _CBackend:
         self.isa = lib.panel_csr_matvec_isa().decode()  # the vector code the int8 batch-1 kernel was built with
         self.float_bitmap = bool(lib.panel_csr_float_bitmap())  # float32 batch 1 can read bitmaps (AVX-512)
         lib.panel_csr_allow_openmp.argtypes = [c_int]
-        lib.sparse_layer_forward.argtypes = [ptr, ptr, ptr, i64, ptr, c_int]
+        lib.sparse_layer_forward.argtypes = [ptr, ptr, ptr, i64, ptr, c_int, c_int]
         lib.sparse_layer_forward.restype = None
         lib.panel_csr_set_grains.argtypes = [i64, i64]
         lib.panel_csr_set_grains.restype = None
@@ -181,17 +204,18 @@ class _CBackend:
         return cached[1]
 
     def forward(self, m: PanelCSRMatrix, bias: torch.Tensor | None, x: torch.Tensor, batch: int,
-                max_threads: int) -> torch.Tensor:
-        """y = x W^T + b (contiguous, x's leading shape) for x holding `batch` rows of m.cols floats, any strides;
-        the library picks up to max_threads threads (see _threads_for)."""
+                max_threads: int, activation: int = 0) -> torch.Tensor:
+        """y = act(x W^T + b) (contiguous, x's leading shape) for x holding `batch` rows of m.cols floats, any
+        strides, `activation` a code of ACTIVATIONS; the library picks up to max_threads threads (see _threads_for)."""
         y = _empty_output(x.shape, m.shape[0])
         if not x.is_contiguous():
             if batch > 1:
-                return self.linear(m, bias, x, batch, min(_threads_for(m.nnz * batch, self), max_threads), y)
+                threads = min(_threads_for(m.nnz * batch, self), max_threads)
+                return apply_activation(self.linear(m, bias, x, batch, threads, y), activation)
             x = x.contiguous()
         # one pointer for the matrix, the thread rule in C: the fewest conversions ctypes makes per call
         self._lib.sparse_layer_forward(self._layer(m), None if bias is None else bias.data_ptr(), x.data_ptr(), batch,
-                                       y.data_ptr(), max_threads)
+                                       y.data_ptr(), max_threads, activation)
         return y
 
     def linear(self, m: PanelCSRMatrix, bias: torch.Tensor | None, x: torch.Tensor, batch: int, threads: int,
@@ -265,13 +289,13 @@ class _NumbaBackend:
         return count
 
     def forward(self, m: PanelCSRMatrix, bias: torch.Tensor | None, x: torch.Tensor, batch: int,
-                max_threads: int) -> torch.Tensor:
+                max_threads: int, activation: int = 0) -> torch.Tensor:
         threads = min(_threads_for(m.nnz * batch, self), max_threads)
         y = _empty_output(x.shape, m.rows)
         if batch > 1:
-            return self.linear(m, bias, x, batch, threads, y)
+            return apply_activation(self.linear(m, bias, x, batch, threads, y), activation)
         self.matvec(m, bias, x if x.is_contiguous() else x.contiguous(), y, threads)
-        return y
+        return apply_activation(y, activation)
 
     def linear(self, m: PanelCSRMatrix, bias: torch.Tensor | None, x: torch.Tensor, batch: int, threads: int,
                y: torch.Tensor) -> torch.Tensor:
@@ -357,11 +381,13 @@ def set_grains(parallel: int, openmp: int) -> None:
 
 
 def sparse_linear(x: torch.Tensor, matrix: PanelCSRMatrix, bias: torch.Tensor | None = None,
-                  backend: str | None = None, threads: int | None = None) -> torch.Tensor:
+                  backend: str | None = None, threads: int | None = None, activation: str | None = None
+                  ) -> torch.Tensor:
     """y = x W^T + bias like `F.linear`, for any leading batch shape and any strides of x; y is contiguous.
 
     `threads` caps the threads (default: `torch.get_num_threads()`); the C kernels still run a layer on one
-    thread when they measure that to be faster (a busy machine)."""
+    thread when they measure that to be faster (a busy machine). `activation` (one of ACTIVATIONS) is applied to y
+    in the same call, as `F.relu(y)`, `F.gelu(y)` or `F.gelu(y, approximate="tanh")` would be."""
     # the checks and the call stay lean: for a transformer's small layers at one sentence, Python costs per call
     # were a tenth of the model's time (about 40 us before reshapes and .detach() were removed from this path).
     # A near-empty 384x384 layer at 16 tokens, old and new code interleaved in one process: 12.4 us a call with the
@@ -384,11 +410,13 @@ def sparse_linear(x: torch.Tensor, matrix: PanelCSRMatrix, bias: torch.Tensor | 
             bias = bias.detach().to(torch.float32).contiguous()
     if threads is not None and (not isinstance(threads, int) or threads < 1):
         raise ValueError(f"threads must be a positive int or None, got {threads!r}")
+    code = activation_code(activation) if activation is not None else 0
     elements = x.numel()
     if elements == 0 or rows == 0:
-        return x.new_zeros((*shape[:-1], rows)) + (0 if bias is None else bias.detach())
+        return apply_activation(x.new_zeros((*shape[:-1], rows)) + (0 if bias is None else bias.detach()), code)
     most = torch.get_num_threads()
-    return get_backend(backend).forward(matrix, bias, x, elements // cols, min(most, threads) if threads else most)
+    return get_backend(backend).forward(matrix, bias, x, elements // cols, min(most, threads) if threads else most,
+                                        code)
 
 
 def check_bias(bias: object, rows: int) -> None:

@@ -9,7 +9,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from sparsearch.kernels.cpu import check_bias, sparse_linear, sparse_linear_values_grad, uses_bitmap
+from sparsearch.kernels.cpu import (
+    activation_code,
+    apply_activation,
+    check_bias,
+    sparse_linear,
+    sparse_linear_values_grad,
+    uses_bitmap,
+)
 from sparsearch.kernels.format import PanelCSRMatrix, activation_bits_code
 from sparsearch.kernels.ops import panel_csr_linear
 
@@ -49,11 +56,17 @@ class SparseLinear(nn.Module):
     trainable). The kernels read the values array in place, so optimizers must update parameters in place (all of
     torch.optim's do); int8 layers are inference-only. The first backward pass derives W^T's structure and keeps it
     (about as many bytes again as the layer's sparse arrays).
+
+    `activation` (one of `sparsearch.kernels.cpu.ACTIVATIONS`: "relu", "gelu", "gelu_tanh") makes the layer
+    compute act(x W^T + b), in the kernels' own call when it runs on them. `fusion_key` pairs the layer with the
+    `FusedActivation` that stands in for the model's activation module after it (see `sparsearch.runtime.fusion`).
     """
 
-    def __init__(self, matrix: PanelCSRMatrix, bias: torch.Tensor | None = None, trainable: bool = False) -> None:
+    def __init__(self, matrix: PanelCSRMatrix, bias: torch.Tensor | None = None, trainable: bool = False,
+                 activation: str | None = None, fusion_key: int | None = None) -> None:
         super().__init__()
         matrix.validate()
+        self.set_activation(activation, fusion_key)
         if bias is not None:
             check_bias(bias, matrix.rows)
         if trainable and matrix.is_int8:
@@ -77,11 +90,22 @@ class SparseLinear(nn.Module):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        if "_activation_code" not in self.__dict__:  # pickled before layers had activations
+            self.set_activation(None)
         # copy.deepcopy clones a Parameter's data on its own (nn.Parameter.__deepcopy__), apart from the matrix's
         # copy of the same array: share the trained values with the kernels again
         values = (self._parameters if "values" in self._parameters else self._buffers)["values"]
         if values.data_ptr() != self._matrix.values.data_ptr():
             self._matrix = dataclasses.replace(self._matrix, values=values.detach())
+
+    def set_activation(self, activation: str | None, fusion_key: int | None = None) -> None:
+        """Apply `activation` (None: none) to this layer's outputs; `fusion_key`: the key of the `FusedActivation`
+        that skips its own work on them (None: no such module)."""
+        code = activation_code(activation)
+        if fusion_key is not None and (code == 0 or isinstance(fusion_key, bool) or not isinstance(fusion_key, int)):
+            raise ValueError(f"fusion_key must be an int, given with an activation; got {fusion_key!r} with "
+                             f"activation {activation!r}")
+        self.activation, self.fusion_key, self._activation_code = activation, fusion_key, code
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, panel_width: int | None = None, trainable: bool = False
@@ -123,8 +147,11 @@ class SparseLinear(nn.Module):
         values, bias, matrix = tensors["values"], tensors.get("bias"), self._matrix
         wants_grad = torch.is_grad_enabled() and (x.requires_grad or values.requires_grad
                                                   or (bias is not None and bias.requires_grad))
+        code = self._activation_code
         if torch.compiler.is_compiling() and not wants_grad:
-            return self._operator_forward(x, values, bias)
+            y = self._operator_forward(x, values, bias)
+            # a traced graph cannot carry the mark below, so the FusedActivation after a fused layer does the work
+            return y if self.fusion_key is not None else apply_activation(y, code)
         if values.data_ptr() != matrix.values.data_ptr():
             raise RuntimeError("SparseLinear.values is no longer the array the kernels read: it was replaced (by "
                                "assigning .data, or by .to() / .half() / .double()) instead of updated in place; "
@@ -133,8 +160,12 @@ class SparseLinear(nn.Module):
             if matrix.is_int8:
                 raise RuntimeError("an int8 SparseLinear is inference-only: gradients do not flow through the int8 "
                                    "kernels; call it under torch.no_grad() or on an input without requires_grad")
-            return _SparseLinearFunction.apply(x, values, bias, matrix)
-        return sparse_linear(x, matrix, bias)
+            y = apply_activation(_SparseLinearFunction.apply(x, values, bias, matrix), code)
+        else:
+            y = sparse_linear(x, matrix, bias, activation=self.activation)
+        if self.fusion_key is not None:  # read by the FusedActivation of this key: this output is activated
+            y.__dict__[FUSION_MARK] = self.fusion_key
+        return y
 
     def _operator_forward(self, x: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """The layer as one `torch.ops.sparsearch.panel_csr_linear` node (for torch.compile and torch.export), on
@@ -147,7 +178,11 @@ class SparseLinear(nn.Module):
                                 matrix.cols, matrix.panel_width, activation_bits_code(matrix.activation_bits))
 
     def to_dense_linear(self) -> nn.Linear:
-        """The equivalent dense `nn.Linear` (for comparisons and for exporting to tools without sparse support)."""
+        """The equivalent dense `nn.Linear` (for comparisons and for exporting to tools without sparse support); a
+        layer with an activation has none (ValueError: the Linear would not apply it)."""
+        if self.activation is not None and self.fusion_key is None:
+            raise ValueError(f"this layer applies {self.activation!r} itself, which an nn.Linear does not: follow "
+                             f"the Linear by the activation")
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
         with torch.no_grad():
             linear.weight.copy_(self._matrix.to_dense())
@@ -159,7 +194,34 @@ class SparseLinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, nnz={self.nnz}, "
                 f"density={self._matrix.density:.3f}, bias={self.bias is not None}"
                 + (f", int8 (batch-1 inputs in {_input_bits(self._matrix.activation_bits)})" if self._matrix.is_int8
-                   else ""))
+                   else "")
+                + (f", activation={self.activation}" if self.activation else "")
+                + (f" (fused, key {self.fusion_key})" if self.fusion_key is not None else ""))
+
+
+# the attribute a fused layer sets on its output tensor (its key), which its FusedActivation looks for
+FUSION_MARK = "_sparsearch_fusion_key"
+
+
+class FusedActivation(nn.Module):
+    """Stands in for an activation module whose work the `SparseLinear` before it (same `fusion_key`) does in its own
+    kernel call: an output of that layer passes through unchanged; any other input (a dense layer's, a traced
+    graph's, anything the model feeds it that the conversion did not see) gets the original `activation`."""
+
+    def __init__(self, activation: nn.Module, fusion_key: int) -> None:
+        super().__init__()
+        self.activation = activation
+        self.fusion_key = fusion_key
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.compiler.is_compiling() and x.__dict__.get(FUSION_MARK) == self.fusion_key:
+            # a view, not x: the mark stays with x (activated however often x comes here) but not with what this
+            # returns (which, given to this module again, gets the activation again)
+            return x.view_as(x)
+        return self.activation(x)
+
+    def extra_repr(self) -> str:
+        return f"fusion_key={self.fusion_key}"
 
 
 def _input_bits(activation_bits: int | str) -> str:

@@ -43,6 +43,7 @@ from sparsearch.kernels.cpu import get_backend, sparse_linear
 from sparsearch.kernels.format import ACTIVATION_BITS, PanelCSRMatrix, check_activation_bits
 from sparsearch.kernels.modules import SparseLinear, linear_like
 from sparsearch.runtime.conv import SparseConv1d, SparseConv2d, sparse_conv_for
+from sparsearch.runtime.fusion import find_fusable, fuse, fused_pairs, unfuse
 from sparsearch.runtime.storage import compact_state, write_sparse_file
 from sparsearch.runtime.timing import PairedTiming, paired_speedup
 
@@ -82,6 +83,10 @@ class ConversionReport:
     layers: list[LayerDecision]
     output_check: str = "not checked: no sample_input given"
     model_timing: PairedTiming | None = None
+    # "activation module (kind) into sparse layer" for each activation fused (see sparsearch.runtime.fusion), and why
+    # none was where fusion was tried and undone
+    fused_activations: list[str] = field(default_factory=list)
+    fusion_check: str = ""
 
     @property
     def sparse_layers(self) -> list[str]:
@@ -101,6 +106,11 @@ class ConversionReport:
             lines.append(f"| {d.name} | {d.layer_type} | {shape} | {d.density:.3f} | "
                          f"{'sparse' if d.sparse else 'dense'} | {speedups} | {confidence} | {d.reason} |")
         lines.append("")
+        if self.fused_activations:
+            lines.append(f"Activations computed by the sparse layer before them, in its kernel call "
+                         f"({len(self.fused_activations)}): {'; '.join(self.fused_activations)}.")
+        if self.fusion_check:
+            lines.append(f"Activations: {self.fusion_check}.")
         lines.append(f"Outputs: {self.output_check}.")
         if self.model_timing is not None:
             t = self.model_timing
@@ -426,10 +436,28 @@ def _second_look(reference: Any, converted: nn.Module, sample_input: Any,
                           f"{NEAR_SPEEDUP}x of dense, and {why}: kept dense") for name, _, _ in near_misses}, difference
 
 
+def _fuse_activations(reference: Any, converted: nn.Module, sample_input: Any, difference: float,
+                      tolerance: float) -> tuple[float, str]:
+    """Fuse the activation modules that take nothing but a sparse layer's outputs into that layer (see
+    sparsearch.runtime.fusion), unless the outputs then differ from the original's: (output difference, and why
+    nothing was fused where fusion was undone, else "")."""
+    pairs = find_fusable(converted, lambda: _run(converted, sample_input))
+    if not pairs:
+        return difference, ""
+    fuse(converted, pairs)
+    fused_difference, failure = _try(reference, converted, sample_input)
+    if fused_difference <= tolerance:
+        return fused_difference, ""
+    unfuse(converted)
+    why = failure or f"by {fused_difference:.2e} > tolerance {tolerance}"
+    return difference, (f"not fused into the sparse layers before them: with {len(pairs)} fused the outputs differed "
+                        f"from the original's ({why}; a layer's output is used elsewhere too?)")
+
+
 def convert_with_report(model: nn.Module, sample_input: Any = None, *, batch_sizes: Sequence[int] = (1, 64, 256),
                         min_speedup: float = 1.05, max_density: float = 0.7, repeats: int = 5,
                         tolerance: float | None = None, int8: bool = False, int8_activation_bits: int | str = "auto",
-                        inplace: bool = False) -> tuple[nn.Module, ConversionReport]:
+                        inplace: bool = False, fuse_activations: bool = True) -> tuple[nn.Module, ConversionReport]:
     """Like `convert`, and also return the per-layer `ConversionReport`."""
     if isinstance(int8_activation_bits, bool) or int8_activation_bits not in ACTIVATION_BITS \
             or (int8_activation_bits != "auto" and not int8):
@@ -500,7 +528,7 @@ def convert_with_report(model: nn.Module, sample_input: Any = None, *, batch_siz
             decisions.extend(_unsupported(name, module))
     for name, _, sparse in replacements:
         replace_module(converted, name, sparse)
-    output_check, model_timing = "not checked: no sample_input given", None
+    output_check, model_timing, fusion_check = "not checked: no sample_input given", None, ""
     if sample_input is not None:
         reasons, difference = _check_replacements(reference, converted, sample_input, replacements, tolerance)
         promoted: set[str] = set()  # near misses that the whole model made sparse
@@ -514,11 +542,14 @@ def convert_with_report(model: nn.Module, sample_input: Any = None, *, batch_siz
             promoted = {name for name, (sparse, _) in second.items() if sparse}
             replacements += [r for r in near_misses if r[0] in promoted]
             reasons.update({name: why for name, (_, why) in second.items()})
+        if fuse_activations and replacements:
+            difference, fusion_check = _fuse_activations(reference, converted, sample_input, difference, tolerance)
         output_check = (f"converted model matches the original on the sample input (largest difference "
                         f"{difference:.2e} relative to max(1, |output|), tolerance {tolerance})")
         if replacements:
             if inplace:  # the original is gone: rebuild it from the replaced modules
                 original = copy.deepcopy(converted)
+                unfuse(original)
                 for name, module, _ in replacements:
                     replace_module(original, name, module)
             else:
@@ -533,6 +564,7 @@ def convert_with_report(model: nn.Module, sample_input: Any = None, *, batch_siz
                 for name, m in original.named_modules():
                     m.training = modes.get(name, m.training)
             if model_timing.speedup < min(1.0, min_speedup):
+                unfuse(converted)
                 for name, module, _ in replacements:
                     replace_module(converted, name, module)
                     promoted.discard(name)
@@ -543,7 +575,10 @@ def convert_with_report(model: nn.Module, sample_input: Any = None, *, batch_siz
     converted.requires_grad_(False)
     if holder is not None:
         converted, decisions = converted[0], _unheld(decisions)
-    report = ConversionReport(decisions, output_check, model_timing)
+    fused = fused_pairs(converted)
+    kinds = {name: m.activation for name, m in converted.named_modules() if name in fused}
+    report = ConversionReport(decisions, output_check, model_timing,
+                              [f"{act} ({kinds[layer]}) into {layer}" for layer, act in fused.items()], fusion_check)
     unsupported = [d for d in decisions if d.layer_type not in SUPPORTED_TYPES
                    and not d.reason.startswith("embedding table")]
     unsampled = [d for d in decisions if d.reason.startswith("no sample_input")]
@@ -564,7 +599,8 @@ def convert_with_report(model: nn.Module, sample_input: Any = None, *, batch_siz
 
 def convert(model: nn.Module, sample_input: Any = None, *, batch_sizes: Sequence[int] = (1, 64, 256),
             min_speedup: float = 1.05, max_density: float = 0.7, repeats: int = 5, tolerance: float | None = None,
-            int8: bool = False, int8_activation_bits: int | str = "auto", inplace: bool = False) -> nn.Module:
+            int8: bool = False, int8_activation_bits: int | str = "auto", inplace: bool = False,
+            fuse_activations: bool = True) -> nn.Module:
     """Return an inference copy of `model` whose Linear and Conv1d/Conv2d layers use sparse kernels where faster.
 
     A layer goes sparse only if its non-zeros are at most `max_density` of the weight and the sparse kernel
@@ -577,13 +613,16 @@ def convert(model: nn.Module, sample_input: Any = None, *, batch_sizes: Sequence
     `int8_activation_bits` is how their batch-1 kernel quantises each input: "auto" (8 bits unless that moves the
     input by more than 2% of its norm, then 16), 8 (W8A8: fastest, least exact) or 16; see
     `PanelCSRMatrix.quantize`. Masked models need nothing special: the exact zeros in the weights
-    are the mask. The result is in eval mode with gradients off. A bare layer (an `nn.Linear` or convolution as the
-    model itself) is returned as its replacement, even with `inplace=True` (a module cannot replace itself).
+    are the mask. Given a sample input, an activation module (ReLU, GELU, transformers' GELU variants) that takes
+    nothing but one sparse layer's outputs is computed by that layer in its kernel call (`fuse_activations=False`
+    keeps them apart; see `sparsearch.runtime.fusion`). The result is in eval mode with gradients off. A bare layer
+    (an `nn.Linear` or convolution as the model itself) is returned as its replacement, even with `inplace=True` (a
+    module cannot replace itself).
     """
     converted, _ = convert_with_report(model, sample_input, batch_sizes=batch_sizes, min_speedup=min_speedup,
                                        max_density=max_density, repeats=repeats, tolerance=tolerance, int8=int8,
-                                       int8_activation_bits=int8_activation_bits,
-                                       inplace=inplace)
+                                       int8_activation_bits=int8_activation_bits, inplace=inplace,
+                                       fuse_activations=fuse_activations)
     return converted
 
 
@@ -595,7 +634,8 @@ def to_int8(model: nn.Module, activation_bits: int | str = "auto") -> nn.Module:
     quantized = copy.deepcopy(model)
     for name, module in list(quantized.named_modules()):
         if isinstance(module, SparseLinear):
-            replace_module(quantized, name, SparseLinear(module.matrix.quantize(activation_bits), module.bias))
+            replace_module(quantized, name, SparseLinear(module.matrix.quantize(activation_bits), module.bias,
+                                                         activation=module.activation, fusion_key=module.fusion_key))
     return quantized
 
 

@@ -108,7 +108,7 @@ def convert_transformers(model_or_path: nn.Module | str | Path, *, tokenizer: An
                          sample_input: dict[str, torch.Tensor] | None = None,
                          batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES, min_speedup: float = 1.05,
                          max_density: float = 0.7, repeats: int = 5, tolerance: float | None = None,
-                         int8: bool = False, int8_activation_bits: int | str = "auto"
+                         int8: bool = False, int8_activation_bits: int | str = "auto", fuse_activations: bool = True
                          ) -> tuple[nn.Module, Any, ConversionReport]:
     """(converted model, tokenizer, report) for a transformers model or model directory with zeros in its weights.
 
@@ -116,7 +116,8 @@ def convert_transformers(model_or_path: nn.Module | str | Path, *, tokenizer: An
     default (`sample_inputs`) is a sentence, or one token per sequence for a decoder that generates: pass your own
     for another use (a decoder serving long prompts, say). `int8=True` stores the sparse layers' values as int8
     with a scale per segment, and `int8_activation_bits` sets how their one-row inputs are quantised (see
-    `convert`). Raises ValueError for a directory that is not a transformers model
+    `convert`); `fuse_activations`: the feed-forward GELU computed by the sparse layer before it (see `convert`).
+    Raises ValueError for a directory that is not a transformers model
     and for a model whose Linear/Conv1D weights have no layer at or below `max_density` (nothing to gain: prune it
     first, e.g. `sparsearch prune`).
     """
@@ -140,7 +141,8 @@ def convert_transformers(model_or_path: nn.Module | str | Path, *, tokenizer: An
     sample = sample_input if sample_input is not None else sample_inputs(model, tokenizer)
     converted, report = convert_with_report(model, sample, batch_sizes=tuple(batch_sizes), min_speedup=min_speedup,
                                             max_density=max_density, repeats=repeats, tolerance=tolerance,
-                                            int8=int8, int8_activation_bits=int8_activation_bits)
+                                            int8=int8, int8_activation_bits=int8_activation_bits,
+                                            fuse_activations=fuse_activations)
     return converted, tokenizer, report
 
 

@@ -7,7 +7,8 @@ out_channels x in_channels/groups * kernel positions, the conv's shape in `weigh
 name and it runs sparse after loading; for any other weight of 2 or more dims (a layer kept dense because dense
 was faster, flattened to 2-D) the prefix is the parameter's name and it is expanded to dense on load. So the file
 size follows the non-zeros whatever ran faster. Other tensors are stored dense. The header metadata records the
-format version, each sparse entry's shape, panel width and execution mode, and a CRC32 of every tensor, so a
+format version, each sparse entry's shape, panel width and execution mode (and the activation a layer applies itself,
+with the activation module it stands in for: see sparsearch.runtime.fusion), and a CRC32 of every tensor, so a
 corrupted or truncated file raises a ValueError instead of producing wrong numbers. Loading needs no pickle:
 `load_sparse(path, model)` fills an instance of the model's architecture.
 """
@@ -27,9 +28,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from sparsearch.engine.replaceable import reason_to_keep_dense, replace_module, shared_parameters
+from sparsearch.kernels.cpu import ACTIVATIONS
 from sparsearch.kernels.format import ACTIVATION_BITS, INT8_SCALES, PanelCSRMatrix
-from sparsearch.kernels.modules import SparseLinear, linear_like
+from sparsearch.kernels.modules import FusedActivation, SparseLinear, linear_like
 from sparsearch.runtime.conv import SparseConv1d, SparseConv2d, sparse_conv_for
+from sparsearch.runtime.fusion import activation_kind, fused_pairs, new_fusion_key
 
 SparseModule = SparseLinear | SparseConv1d | SparseConv2d
 
@@ -65,13 +68,18 @@ def _arrays(matrix: PanelCSRMatrix) -> dict[str, torch.Tensor]:
     return arrays
 
 
-def compact_state(state: dict[str, torch.Tensor], sparse_modules: dict[str, SparseModule]
-                  ) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]]]:
-    """State dict -> (tensors to write, sparse entries): weights stored sparse where that takes fewer bytes."""
+def compact_state(state: dict[str, torch.Tensor], sparse_modules: dict[str, SparseModule],
+                  fused: dict[str, str] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]]]:
+    """State dict -> (tensors to write, sparse entries): weights stored sparse where that takes fewer bytes; `fused`:
+    {sparse layer: the activation module fused into it} (`fusion.fused_pairs`)."""
     tensors: dict[str, torch.Tensor] = {}
     entries: dict[str, dict[str, Any]] = {}
     for name, module in sparse_modules.items():
         entries[name] = _entry(module.matrix, "sparse", module.weight_shape)
+        if getattr(module, "activation", None) is not None:
+            entries[name]["activation"] = module.activation
+            if fused and name in fused:
+                entries[name]["fused_activation"] = fused[name]
         tensors.update({_key(name, array): value for array, value in _arrays(module.matrix).items()})
     for key, value in state.items():
         owner, _, leaf = key.rpartition(".")
@@ -93,7 +101,7 @@ def save_sparse(model: nn.Module, path: str | Path) -> int:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     sparse_modules = {name: m for name, m in model.named_modules() if isinstance(m, SparseModule)}
-    tensors, entries = compact_state(model.state_dict(), sparse_modules)
+    tensors, entries = compact_state(model.state_dict(), sparse_modules, fused_pairs(model))
     return write_sparse_file(tensors, entries, path)
 
 
@@ -174,6 +182,10 @@ def read_sparse_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[st
             weight_shape = [int(d) for d in info["weight_shape"]]
             if info["execute"] not in ("sparse", "dense") or math.prod(weight_shape) != shape[0] * shape[1]:
                 raise ValueError(f"execute={info['execute']!r}, weight_shape={weight_shape}")
+            if info.get("activation") not in ACTIVATIONS or ("fused_activation" in info) != (
+                    info.get("activation") is not None and isinstance(info.get("fused_activation"), str)):
+                raise ValueError(f"activation={info.get('activation')!r} (one of {ACTIVATIONS}), "
+                                 f"fused_activation={info.get('fused_activation')!r} (a module name, only with one)")
         except (KeyError, TypeError, IndexError, RuntimeError, ValueError) as error:
             raise ValueError(f"{str(path)!r}: sparse entry {prefix!r} is invalid: {error}") from error
         matrices[prefix] = matrix
@@ -214,6 +226,27 @@ def _placed(model: nn.Module, prefix: str, module: nn.Module) -> nn.Module:
         return module
     replace_module(model, prefix, module)
     return model
+
+
+def _loaded_layer(model: nn.Module, prefix: str, matrix: PanelCSRMatrix, bias: torch.Tensor | None,
+                  entry: dict[str, Any]) -> SparseLinear:
+    """The `SparseLinear` of a sparse entry, with its activation; the activation module fused into it (named by the
+    entry) is made its `FusedActivation` in `model`."""
+    activation, fused = entry.get("activation"), entry.get("fused_activation")
+    if fused is None:
+        return SparseLinear(matrix, bias, activation=activation)
+    try:
+        module = model.get_submodule(fused)
+    except AttributeError as error:
+        raise ValueError(f"sparse layer {prefix!r} computes the activation module {fused!r}, which the model "
+                         f"lacks") from error
+    original = module.activation if isinstance(module, FusedActivation) else module
+    if activation_kind(original) != activation:
+        raise ValueError(f"sparse layer {prefix!r} computes {activation!r} for the module {fused!r}, but the "
+                         f"model's {type(original).__name__} there computes {activation_kind(original)!r}")
+    key = new_fusion_key()
+    replace_module(model, fused, FusedActivation(original, key))
+    return SparseLinear(matrix, bias, activation=activation, fusion_key=key)
 
 
 def load_sparse(path: str | Path, model: nn.Module) -> nn.Module:
@@ -261,14 +294,17 @@ def load_sparse(path: str | Path, model: nn.Module) -> nn.Module:
         reason = None if isinstance(module, SparseLinear) else (
             f"{type(module).__name__} is not a layer SparseLinear can replace" if view is None
             else reason_to_keep_dense(model, prefix, owners))
-        if reason is not None:  # the file stays loadable: this layer runs dense
+        if reason is not None and entries[prefix].get("activation") and "fused_activation" not in entries[prefix]:
+            raise ValueError(f"sparse layer {prefix!r} applies {entries[prefix]['activation']!r} itself, but it cannot "
+                             f"be replaced in this model ({reason}) and an nn.Linear would not apply it")
+        if reason is not None:  # the file stays loadable: this layer runs dense (a fused activation module stays)
             weight = matrix.to_dense()
             dense_state[_key(prefix, "weight")] = weight.t() if view is not None and view[0] == "Conv1D" else \
                 weight.reshape(module.weight.shape)
             ran_dense.append(f"{prefix} ({reason})")
             continue
         bias = dense_state.pop(_key(prefix, "bias"), None)
-        model = _placed(model, prefix, SparseLinear(matrix, bias))
+        model = _placed(model, prefix, _loaded_layer(model, prefix, matrix, bias, entries[prefix]))
         sparse_names.add(prefix)
     if ran_dense:
         warnings.warn(f"sparsearch.runtime.load_sparse: layers stored sparse run dense in this model: "
