@@ -101,7 +101,7 @@ def measure(passes: int) -> dict:
                 layer_ns = sum(t for kind in LINEAR_KINDS for *_, t in recorder.calls[kind])
                 linear[name].append(layer_ns / len(sentences) / 1e6)
     result = {"sentences": len(sentences), "tokens": counts, "sparse_layers": len(report.sparse_layers),
-              "passes": passes, "models": {}}
+              "fused_activations": len(report.fused_activations), "passes": passes, "models": {}}
     for name in models:
         calls = recorders[name].calls  # the last pass, one call per layer and sentence
         layer_calls = [call for kind in LINEAR_KINDS for call in calls[kind]]
@@ -132,6 +132,9 @@ def to_markdown(payload: dict) -> str:
              f"`convert_transformers`; {r['sentences']} sentences of {r['tokens'][0]} to {r['tokens'][-1]} tokens, one "
              f"per call; medians over {r['passes']} passes, the two models alternating. Produced by "
              "benchmarks/runtime_minilm_breakdown.py.", "",
+             f"The converted model computes {r.get('fused_activations', 0)} of its GELUs inside the sparse layers "
+             "before them (fused), so there they count in the layers' time; the dense model's count in the rest.",
+             "",
              "| ms per sentence | dense | converted | dense / converted |", "|---|---|---|---|"]
     for key, label in (("whole_ms_per_sentence", "whole model"),
                        ("linear_ms_per_sentence", "its Linear / SparseLinear layers, timed inside the model"),

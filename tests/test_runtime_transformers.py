@@ -6,6 +6,7 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from sparsearch.cli import app
+from sparsearch.kernels.modules import FusedActivation
 from sparsearch.runtime import SparseLinear
 from sparsearch.runtime.hf import convert_transformers, load_transformers, sample_inputs, save_transformers
 
@@ -95,11 +96,18 @@ def test_cli_converts_a_model_directory_and_refuses_a_non_model(tmp_path):
     result = CliRunner().invoke(app, ["convert", str(source), "-o", str(tokenizer_free), "--batch-sizes", "4",
                                       "--min-speedup", "1e-9"])
     assert result.exit_code == 0, result.output
+    assert "Activations computed by the sparse layer before them: transformer.h.0.mlp.act" in result.output
     assert (tokenizer_free / "model.sparse.safetensors").is_file() and (tokenizer_free / "config.json").is_file()
     loaded, _ = load_transformers(tokenizer_free)
+    assert isinstance(loaded.transformer.h[1].mlp.act, FusedActivation)
     ids = torch.tensor([[3, 1, 4, 1, 5]])
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-4)
+    result = CliRunner().invoke(app, ["convert", str(source), "-o", str(tmp_path / "unfused"), "--batch-sizes", "4",
+                                      "--min-speedup", "1e-9", "--no-fuse-activations"])
+    assert result.exit_code == 0 and "Activations computed" not in result.output, result.output
+    unfused, _ = load_transformers(tmp_path / "unfused")
+    assert not any(isinstance(m, FusedActivation) for m in unfused.modules())
     not_a_model = tmp_path / "not_a_model"
     not_a_model.mkdir()
     save_file({"w": torch.zeros(2, 2)}, str(not_a_model / "weights.safetensors"))

@@ -41,6 +41,9 @@ def convert_command(
         help="With --int8: bits of each one-row input (a decoder's generation step) in the int8 kernel: auto (8 "
              "unless that moves the input by more than 2% of its norm, then 16), 8 (W8A8: fastest, least exact) "
              "or 16.")] = "auto",
+    fuse_activations: Annotated[bool, typer.Option(
+        help="Transformers directories: compute each feed-forward GELU in the sparse layer before it (checked on "
+             "the sample; the report lists them).")] = True,
 ) -> None:
     """Make a pruned model run on sparse kernels where they are measured faster on this CPU.
 
@@ -55,7 +58,8 @@ def convert_command(
             with console.status(f"timing dense vs sparse layers of {model_file}"):
                 model, tokenizer, report = convert_transformers(model_file, batch_sizes=sizes, min_speedup=min_speedup,
                                                                 max_density=max_density, int8=int8,
-                                                                int8_activation_bits=bits)
+                                                                int8_activation_bits=bits,
+                                                                fuse_activations=fuse_activations)
             size = save_transformers(model, out, source_dir=model_file, tokenizer=tokenizer, report=report)
         else:
             if int8 or bits != "auto":
@@ -74,4 +78,8 @@ def convert_command(
         table.add_row(d.name, "x".join(map(str, d.shape)), f"{d.density:.3f}", "sparse" if d.sparse else "dense",
                       d.reason)
     console.print(table)
+    for line in ([f"Activations computed by the sparse layer before them: {'; '.join(report.fused_activations)}."]
+                 if report.fused_activations else []) + ([f"Activations: {report.fusion_check}."]
+                                                         if report.fusion_check else []):
+        console.print(line)
     console.print(f"Outputs: {report.output_check}.")

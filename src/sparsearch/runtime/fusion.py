@@ -2,9 +2,9 @@
 kernel call, and the model's activation module becomes a `FusedActivation` that lets that layer's outputs through.
 
 A separate activation is another PyTorch op per layer: another pass over the output, an allocation, a dispatch.
-In all-MiniLM-L6-v2 at 90%, one sentence per call, its six GELU calls cost 1.1-1.8 ms of the converted model's
-9.7-10.3 ms per sentence (the model timed with and without them, one process; benchmarks/runtime_fusion.py measures
-the fused model against the unfused one).
+all-MiniLM-L6-v2 at 90%, one sentence per call, five fresh processes: the converted model ran 2.04x the dense one
+with its six GELUs fused and 1.93x with them unfused, timed in the same rounds (benchmarks/runtime_targets.py,
+results/runtime_targets.md, 2026-11-30).
 
 Which pairs are fused is seen, not assumed from a model's class: on the sample input, every call of the activation
 module must get, as that very tensor, the output of the same sparse layer's call just made, and that layer's every
