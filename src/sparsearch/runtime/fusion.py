@@ -7,11 +7,12 @@ with its six GELUs fused and 1.93x with them unfused, timed in the same rounds (
 results/runtime_targets.md, 2026-11-30).
 
 Which pairs are fused is seen, not assumed from a model's class: on the sample input, every call of the activation
-module must get, as that very tensor, the output of the same sparse layer's call just made, and that layer's every
-call must go to it (so a layer whose output is also used before the activation, as a residual say, is detected only
-by the output check that `convert` makes afterwards, which undoes the fusion if the outputs differ). Whatever the
-model does later, the fusion cannot apply an activation twice or skip one: the `FusedActivation` passes only tensors
-marked by its own layer's call and applies the original activation to anything else.
+module must get, as that very tensor and from no other module in between, the output of the same sparse layer's call
+just made, and that layer's every call must go to it. A layer whose output is also used elsewhere (a residual taken
+before the activation, say) is caught only by the output check that `convert` makes afterwards, which undoes the
+fusion if the outputs differ. The `FusedActivation` passes only tensors marked by its own layer's call and applies the
+original activation to anything else, so an input the sample did not show it (another layer's output, a traced
+graph's) still gets the activation.
 """
 
 from __future__ import annotations
@@ -47,7 +48,9 @@ def activation_kind(module: nn.Module) -> str | None:
 
 def find_fusable(model: nn.Module, run: Callable[[], Any]) -> list[tuple[str, str, str]]:
     """(sparse layer, activation module, kind) for each activation module that, while `run()` runs the model, is
-    called on nothing but outputs of one float32 or int8 `SparseLinear`, one call for each of that layer's calls."""
+    called on nothing but outputs of one float32 or int8 `SparseLinear`, one call for each of that layer's calls, and
+    gets them straight from the layer: a module that passes the output on as it is (a Dropout in eval mode, an
+    Identity) may not in another mode, so such a layer is not fused."""
     layers = {name: m for name, m in model.named_modules()
               if isinstance(m, SparseLinear) and m.activation is None}
     activations = {name: m for name, m in model.named_modules() if activation_kind(m) is not None}
@@ -56,12 +59,16 @@ def find_fusable(model: nn.Module, run: Callable[[], Any]) -> list[tuple[str, st
     last_output: dict[str, torch.Tensor] = {}
     layer_calls: dict[str, int] = defaultdict(int)
     fed_by: dict[str, list[str | None]] = defaultdict(list)
+    passed_on: set[str] = set()  # layers whose output another module returned as its own
 
     def after_layer(name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
             layer_calls[name] += 1
             last_output[name] = output
         return hook
+
+    def after_other(module: nn.Module, args: tuple, output: Any) -> None:
+        passed_on.update(layer for layer, out in last_output.items() if out is output)
 
     def before_activation(name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple) -> None:
@@ -72,6 +79,9 @@ def find_fusable(model: nn.Module, run: Callable[[], Any]) -> list[tuple[str, st
 
     handles = [m.register_forward_hook(after_layer(n)) for n, m in layers.items()]
     handles += [m.register_forward_pre_hook(before_activation(n)) for n, m in activations.items()]
+    # an activation may return its input itself (ReLU(inplace=True)): that is what it computes, not a pass-through
+    handles += [m.register_forward_hook(after_other) for m in model.modules()
+                if not isinstance(m, SparseLinear) and activation_kind(m) is None]
     try:
         with torch.no_grad():
             run()
@@ -81,7 +91,7 @@ def find_fusable(model: nn.Module, run: Callable[[], Any]) -> list[tuple[str, st
     pairs, taken = [], set()
     for name, producers in fed_by.items():
         layer = producers[0]
-        if layer is None or layer in taken or any(p != layer for p in producers) \
+        if layer is None or layer in taken or layer in passed_on or any(p != layer for p in producers) \
                 or layer_calls[layer] != len(producers):
             continue
         taken.add(layer)
