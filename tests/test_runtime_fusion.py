@@ -1,6 +1,7 @@
 """Activations computed by the sparse layer before them (sparse_linear(activation=), SparseLinear, convert's fusion
 and the sparse file): the same numbers as the separate activation, on every path, and never applied twice."""
 
+import copy
 import dataclasses
 import json
 
@@ -114,6 +115,12 @@ def test_convert_fuses_each_activation_into_the_layer_before_it(tmp_path):
         torch.testing.assert_close(fast.act(fast.act(fast.up(x))), F.gelu(F.gelu(model.up(x))), rtol=1e-4, atol=1e-5)
         up = fast.up(x)  # one layer output given to it twice: activated once each time
         torch.testing.assert_close(fast.act(up) + fast.act(up), 2 * F.gelu(model.up(x)), rtol=1e-4, atol=1e-5)
+    in_place_copy = copy.deepcopy(model)
+    in_place, in_place_report = convert_with_report(in_place_copy, x, inplace=True, **FORCE)
+    assert in_place is in_place_copy and isinstance(in_place.act, FusedActivation)
+    assert in_place_report.model_timing is not None  # against the original rebuilt unfused from the replaced layers
+    with torch.no_grad():
+        torch.testing.assert_close(in_place(x), model(x), rtol=1e-4, atol=1e-5)
     unfused, plain = convert_with_report(model, x, fuse_activations=False, **FORCE)
     assert isinstance(unfused.act, nn.GELU) and unfused.up.activation is None and plain.fused_activations == []
     # saved and loaded into a fresh dense instance: fused again, same outputs

@@ -2,9 +2,9 @@
 kernel call, and the model's activation module becomes a `FusedActivation` that lets that layer's outputs through.
 
 A separate activation is another PyTorch op per layer: another pass over the output, an allocation, a dispatch.
-all-MiniLM-L6-v2 at 90%, one sentence per call, five fresh processes: the converted model ran 2.04x the dense one
-with its six GELUs fused and 1.93x with them unfused, timed in the same rounds (benchmarks/runtime_targets.py,
-results/runtime_targets.md, 2026-11-30).
+all-MiniLM-L6-v2 at 90%, one sentence per call, medians of five fresh processes: the converted model ran 2.04x and
+2.05x the dense one (two sets) with its six GELUs fused and 1.93x with them unfused, timed in the same rounds
+(benchmarks/runtime_targets.py, results/runtime_targets.md, 2026-11-30).
 
 Which pairs are fused is seen, not assumed from a model's class: on the sample input, every call of the activation
 module must get, as that very tensor and from no other module in between, the output of the same sparse layer's call

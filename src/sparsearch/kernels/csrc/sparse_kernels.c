@@ -34,8 +34,8 @@ typedef float vec16 __attribute__((vector_size(64), aligned(4)));
 /* ---- Activations fused into a layer's output -------------------------------------------------------------
  * y = act(x W^T + b) in one call: a transformer's feed-forward layer is followed by GELU, and as a separate PyTorch
  * op that was another pass over the layer's output, another allocation and another dispatch; here it is a pass over
- * each chunk's outputs while they are in L1. all-MiniLM-L6-v2 at 90%, one sentence per call: 2.04x the dense model
- * fused, 1.93x unfused, in the same rounds (medians of five processes, benchmarks/results/runtime_targets.md).
+ * each chunk's outputs while they are in L1. all-MiniLM-L6-v2 at 90%, one sentence per call: 2.04x-2.05x the dense
+ * model fused, 1.93x unfused, in the same rounds (medians of five processes, benchmarks/results/runtime_targets.md).
  * Codes: the positions in sparsearch.kernels.cpu.ACTIVATIONS. Written with GCC's generic vectors, so the
  * AVX-512, AVX2 and scalar builds share the code. */
 #define ACT_NONE 0
