@@ -165,18 +165,19 @@ class DropoutBetween(nn.Module):
         super().__init__()
         self.linear, self.dropout, self.act = nn.Linear(16, 16), nn.Dropout(0.5), nn.GELU()
         self.inner, self.inplace = nn.Linear(16, 16), nn.ReLU(inplace=True)
+        self.block = nn.Sequential(nn.Linear(16, 16), nn.ReLU(inplace=True))  # returns the Linear's output object
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.inner(x)
         self.inplace(h)  # relies on the in-place update
-        return self.act(self.dropout(self.linear(h)))
+        return self.act(self.dropout(self.linear(self.block(h))))
 
 
 def test_an_output_passed_on_by_another_module_is_not_fused_and_an_inplace_relu_is():
     x = torch.randn(4, 16)
     model = sparsify(DropoutBetween())
     fast, report = convert_with_report(model, x, **FORCE)
-    assert report.fused_activations == ["inplace (relu) into inner"]
+    assert report.fused_activations == ["inplace (relu) into inner", "block.1 (relu) into block.0"]
     assert isinstance(fast.act, nn.GELU) and fast.linear.activation is None
     with torch.no_grad():
         torch.testing.assert_close(fast(x), model(x), rtol=1e-4, atol=1e-5)

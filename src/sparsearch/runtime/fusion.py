@@ -57,29 +57,32 @@ def find_fusable(model: nn.Module, run: Callable[[], Any]) -> list[tuple[str, st
     if not layers or not activations:
         return []
     last_output: dict[str, torch.Tensor] = {}
+    relayed: dict[str, bool] = {}  # the layer's last output was returned by another module since
     layer_calls: dict[str, int] = defaultdict(int)
     fed_by: dict[str, list[str | None]] = defaultdict(list)
-    passed_on: set[str] = set()  # layers whose output another module returned as its own
 
     def after_layer(name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
             layer_calls[name] += 1
-            last_output[name] = output
+            last_output[name], relayed[name] = output, False
         return hook
 
     def after_other(module: nn.Module, args: tuple, output: Any) -> None:
-        passed_on.update(layer for layer, out in last_output.items() if out is output)
+        for layer, out in last_output.items():
+            if out is output:
+                relayed[layer] = True
 
     def before_activation(name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple) -> None:
             x = args[0] if args else None
-            producers = [layer for layer, output in last_output.items() if output is x]
+            producers = [layer for layer, output in last_output.items() if output is x and not relayed[layer]]
             fed_by[name].append(producers[0] if len(producers) == 1 else None)
         return hook
 
     handles = [m.register_forward_hook(after_layer(n)) for n, m in layers.items()]
     handles += [m.register_forward_pre_hook(before_activation(n)) for n, m in activations.items()]
-    # an activation may return its input itself (ReLU(inplace=True)): that is what it computes, not a pass-through
+    # an activation may return its input itself (ReLU(inplace=True)): that is what it computes, not a pass-through;
+    # a parent returning it (nn.Sequential(Linear, ReLU(inplace=True))) does so after the activation has taken it
     handles += [m.register_forward_hook(after_other) for m in model.modules()
                 if not isinstance(m, SparseLinear) and activation_kind(m) is None]
     try:
@@ -91,7 +94,7 @@ def find_fusable(model: nn.Module, run: Callable[[], Any]) -> list[tuple[str, st
     pairs, taken = [], set()
     for name, producers in fed_by.items():
         layer = producers[0]
-        if layer is None or layer in taken or layer in passed_on or any(p != layer for p in producers) \
+        if layer is None or layer in taken or any(p != layer for p in producers) \
                 or layer_calls[layer] != len(producers):
             continue
         taken.add(layer)
