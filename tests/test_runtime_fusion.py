@@ -279,3 +279,21 @@ def test_bert_feed_forward_gelu_is_fused_and_survives_save_and_load(tmp_path):
         expected = model(input_ids=ids).last_hidden_state
         torch.testing.assert_close(fast(input_ids=ids).last_hidden_state, expected, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(loaded(input_ids=ids).last_hidden_state, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_a_model_not_ours_with_attention_batchnorm_and_a_tied_head_fuses_its_mlp():
+    from test_runtime_training import TiedAttentionModel
+
+    torch.manual_seed(0)
+    model = TiedAttentionModel().eval()
+    with torch.no_grad():
+        for layer in model.mlp[0], model.mlp[2]:
+            layer.weight.mul_(torch.rand(layer.weight.shape) < 0.1)
+    tokens = torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(1))
+    fast, report = convert_with_report(model, tokens, **FORCE)
+    assert report.fused_activations == ["mlp.1 (gelu) into mlp.0"]
+    assert isinstance(fast.mlp[1], FusedActivation) and fast.head.weight is fast.embed.weight
+    with torch.no_grad():
+        for shape in ((1, 1), (3, 9)):
+            x = torch.randint(0, 50, shape, generator=torch.Generator().manual_seed(sum(shape)))
+            torch.testing.assert_close(fast(x), model(x), rtol=1e-4, atol=1e-4)
