@@ -12,7 +12,7 @@ in `sparsearch.kernels` (below the training loop, which trains on them) and are 
 
 from sparsearch.kernels.cpu import get_backend, sparse_linear, sparse_linear_values_grad, sparse_matmul_t
 from sparsearch.kernels.format import PanelCSRMatrix
-from sparsearch.kernels.modules import SparseLinear
+from sparsearch.kernels.modules import FusedActivation, SparseLinear
 from sparsearch.runtime.conv import SparseConv1d, SparseConv2d
 from sparsearch.runtime.convert import (
     ConversionReport,
@@ -28,6 +28,7 @@ from sparsearch.runtime.storage import load_sparse, read_sparse_file, save_spars
 
 __all__ = [
     "ConversionReport",
+    "FusedActivation",
     "LayerDecision",
     "PanelCSRMatrix",
     "SparseConv1d",
