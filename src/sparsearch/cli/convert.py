@@ -78,8 +78,6 @@ def convert_command(
         table.add_row(d.name, "x".join(map(str, d.shape)), f"{d.density:.3f}", "sparse" if d.sparse else "dense",
                       d.reason)
     console.print(table)
-    for line in ([f"Activations computed by the sparse layer before them: {'; '.join(report.fused_activations)}."]
-                 if report.fused_activations else []) + ([f"Activations: {report.fusion_check}."]
-                                                         if report.fusion_check else []):
+    for line in report.fusion_lines():
         console.print(line)
     console.print(f"Outputs: {report.output_check}.")

@@ -410,7 +410,7 @@ def sparse_linear(x: torch.Tensor, matrix: PanelCSRMatrix, bias: torch.Tensor | 
             bias = bias.detach().to(torch.float32).contiguous()
     if threads is not None and (not isinstance(threads, int) or threads < 1):
         raise ValueError(f"threads must be a positive int or None, got {threads!r}")
-    code = activation_code(activation) if activation is not None else 0
+    code = activation_code(activation)
     elements = x.numel()
     if elements == 0 or rows == 0:
         return apply_activation(x.new_zeros((*shape[:-1], rows)) + (0 if bias is None else bias.detach()), code)

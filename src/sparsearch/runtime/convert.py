@@ -96,6 +96,16 @@ class ConversionReport:
     def dense_layers(self) -> list[str]:
         return [d.name for d in self.layers if not d.sparse]
 
+    def fusion_lines(self) -> list[str]:
+        """What the report says about fused activations (for `to_markdown` and the CLI): none where none were."""
+        lines = []
+        if self.fused_activations:
+            lines.append(f"Activations computed by the sparse layer before them: "
+                         f"{'; '.join(self.fused_activations)}.")
+        if self.fusion_check:
+            lines.append(f"Activations: {self.fusion_check}.")
+        return lines
+
     def to_markdown(self) -> str:
         lines = ["| layer | type | shape | density | kept as | speed-up (median) | confidence | reason |",
                  "|---|---|---|---|---|---|---|---|"]
@@ -106,11 +116,7 @@ class ConversionReport:
             lines.append(f"| {d.name} | {d.layer_type} | {shape} | {d.density:.3f} | "
                          f"{'sparse' if d.sparse else 'dense'} | {speedups} | {confidence} | {d.reason} |")
         lines.append("")
-        if self.fused_activations:
-            lines.append(f"Activations computed by the sparse layer before them, in its kernel call "
-                         f"({len(self.fused_activations)}): {'; '.join(self.fused_activations)}.")
-        if self.fusion_check:
-            lines.append(f"Activations: {self.fusion_check}.")
+        lines += self.fusion_lines()
         lines.append(f"Outputs: {self.output_check}.")
         if self.model_timing is not None:
             t = self.model_timing
